@@ -1,0 +1,390 @@
+//! The configuration file (`FLEET_CONFIG`, TOML, contract section 6): what a worker does.
+//! Connections come from flags and environment variables (see [`crate::cli`]).
+//!
+//! Unknown fields and bad values are errors that name the field, so a typo never silently
+//! falls back to a default.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::pattern::{ChannelPattern, PatternTable};
+
+/// A configuration problem; its message is one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where a consumer group that does not exist yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// From the first entry (`0`): nothing already published is skipped.
+    Oldest,
+    /// From new entries only (`$`).
+    Newest,
+}
+
+impl StartFrom {
+    /// The XGROUP CREATE id.
+    pub fn as_id(self) -> &'static str {
+        match self {
+            StartFrom::Oldest => "0",
+            StartFrom::Newest => "$",
+        }
+    }
+}
+
+/// `[tuning]`: how the pipeline reads and bounds work. Every field has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tuning {
+    /// Entries per XREADGROUP (split across streams when reading many).
+    pub batch_size: usize,
+    /// XREADGROUP BLOCK, in milliseconds.
+    pub block_ms: u64,
+    /// Bound on entries read but not yet acknowledged.
+    pub max_in_flight: usize,
+    /// Longest a handler may take for one batch before the attempt counts as failed.
+    pub handler_timeout_ms: u64,
+    /// Pending entries idle longer than this are reclaimed from other consumers.
+    pub claim_idle_ms: u64,
+    /// Deliveries after which an entry goes to the dead letter stream.
+    pub max_deliveries: u64,
+    /// How long an event id is remembered for Redis-side effects.
+    pub dedup_ttl_s: u64,
+    /// Where a group that does not exist yet starts.
+    pub start_from: StartFrom,
+    /// Largest accepted `data`, in bytes.
+    pub max_data_bytes: usize,
+    /// How often glob stream patterns are re-scanned for new streams.
+    pub discover_interval_ms: u64,
+    /// How often lag and pending counts are sampled for metrics.
+    pub lag_interval_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            batch_size: 500,
+            block_ms: 1000,
+            max_in_flight: 5000,
+            handler_timeout_ms: 5000,
+            claim_idle_ms: 30_000,
+            max_deliveries: 5,
+            dedup_ttl_s: 86_400,
+            start_from: StartFrom::Oldest,
+            max_data_bytes: crate::event::DEFAULT_MAX_DATA_BYTES,
+            discover_interval_ms: 5000,
+            lag_interval_ms: 5000,
+        }
+    }
+}
+
+/// A projector action (declared effects); parsed here so every worker rejects typos alike.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum Action {
+    /// Out-of-order safe latest state under a key template.
+    Latest {
+        latest: String,
+        #[serde(default)]
+        version: Option<String>,
+    },
+    /// Cache keys deleted on change.
+    Invalidate { invalidate: Vec<String> },
+    /// Per-minute counters.
+    Count {
+        count: String,
+        #[serde(default)]
+        ttl_s: Option<u64>,
+    },
+}
+
+/// `[[route]]`: what a worker does with events on matching channels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub pattern: ChannelPattern,
+    /// User events: acknowledged only after they are committed to PostgreSQL.
+    #[serde(default)]
+    pub strict: bool,
+    #[serde(default)]
+    pub actions: Vec<Action>,
+}
+
+/// What to do when a rate limit is exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverLimit {
+    Block,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ModeName {
+    Block,
+    Drop,
+    Coalesce,
+    RateLimit,
+}
+
+/// `[[backpressure]]` as written; validated into [`Backpressure`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackpressure {
+    pattern: ChannelPattern,
+    mode: ModeName,
+    window_ms: Option<u64>,
+    max_age_ms: Option<u64>,
+    per_second: Option<u32>,
+    burst: Option<u32>,
+    over_limit: Option<OverLimit>,
+}
+
+/// A per-channel backpressure mode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backpressure {
+    /// Never skip: the reader simply waits (the default for unmatched channels).
+    Block,
+    /// Shed load: skip events older than `max_age_ms` when they are finally read.
+    Drop { max_age_ms: u64 },
+    /// Keep only the newest event per key among those read within `window_ms`.
+    Coalesce { window_ms: u64 },
+    /// At most `per_second` events (bursts of `burst`); beyond, wait or skip.
+    RateLimit {
+        per_second: u32,
+        burst: u32,
+        over_limit: OverLimit,
+    },
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    tuning: Tuning,
+    #[serde(default)]
+    route: Option<Vec<Route>>,
+    #[serde(default)]
+    backpressure: Vec<RawBackpressure>,
+}
+
+/// The validated file configuration.
+#[derive(Debug, Clone)]
+pub struct FileConfig {
+    pub tuning: Tuning,
+    pub routes: PatternTable<Route>,
+    pub backpressure: PatternTable<Backpressure>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig::parse("", "<defaults>").expect("the defaults are valid")
+    }
+}
+
+/// The routes used when the file declares none: `user.#` is strict.
+pub const DEFAULT_STRICT_PATTERN: &str = "user.#";
+
+impl FileConfig {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("FLEET_CONFIG {}: {e}", path.display())))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(" line {}:", text[..s.start].lines().count().max(1)))
+                .unwrap_or_default();
+            ConfigError(format!(
+                "FLEET_CONFIG {origin}:{line} {}",
+                e.message().replace('\n', " ")
+            ))
+        })?;
+        let fail = |msg: String| ConfigError(format!("FLEET_CONFIG {origin}: {msg}"));
+        let t = &raw.tuning;
+        if t.batch_size == 0 {
+            return Err(fail("tuning.batch_size must be at least 1".into()));
+        }
+        if t.max_in_flight < t.batch_size {
+            return Err(fail(format!(
+                "tuning.max_in_flight ({}) must be at least tuning.batch_size ({})",
+                t.max_in_flight, t.batch_size
+            )));
+        }
+        if t.handler_timeout_ms == 0 {
+            return Err(fail("tuning.handler_timeout_ms must be at least 1".into()));
+        }
+        if t.claim_idle_ms <= t.handler_timeout_ms {
+            return Err(fail(format!(
+                "tuning.claim_idle_ms ({}) must be greater than tuning.handler_timeout_ms ({}), or entries still being handled would be claimed by another consumer",
+                t.claim_idle_ms, t.handler_timeout_ms
+            )));
+        }
+        if t.max_deliveries == 0 {
+            return Err(fail("tuning.max_deliveries must be at least 1".into()));
+        }
+        if t.max_data_bytes == 0 {
+            return Err(fail("tuning.max_data_bytes must be at least 1".into()));
+        }
+        let routes = raw.route.unwrap_or_else(|| {
+            vec![Route {
+                pattern: DEFAULT_STRICT_PATTERN.parse().expect("valid pattern"),
+                strict: true,
+                actions: Vec::new(),
+            }]
+        });
+        let mut rules = Vec::new();
+        for (i, r) in raw.backpressure.into_iter().enumerate() {
+            rules.push((
+                r.pattern.clone(),
+                validate_backpressure(i, r).map_err(fail)?,
+            ));
+        }
+        Ok(FileConfig {
+            tuning: raw.tuning,
+            routes: PatternTable::new(routes.into_iter().map(|r| (r.pattern.clone(), r))),
+            backpressure: PatternTable::new(rules),
+        })
+    }
+
+    /// Whether any route is strict, i.e. whether PostgreSQL is required.
+    pub fn has_strict_route(&self) -> bool {
+        self.routes.iter().any(|(_, r)| r.strict)
+    }
+}
+
+fn validate_backpressure(i: usize, r: RawBackpressure) -> Result<Backpressure, String> {
+    let name = |field: &str| format!("backpressure[{i}].{field}");
+    let require = |v: Option<u64>, field: &str, mode: &str| {
+        v.filter(|v| *v > 0)
+            .ok_or_else(|| format!("{} must be set above 0 for mode {mode}", name(field)))
+    };
+    let forbid = |present: bool, field: &str, mode: &str| {
+        if present {
+            Err(format!("{} does not apply to mode {mode}", name(field)))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match r.mode {
+        ModeName::Block => {
+            forbid(r.window_ms.is_some(), "window_ms", "block")?;
+            forbid(r.per_second.is_some(), "per_second", "block")?;
+            Backpressure::Block
+        }
+        ModeName::Drop => Backpressure::Drop {
+            max_age_ms: require(r.max_age_ms, "max_age_ms", "drop")?,
+        },
+        ModeName::Coalesce => {
+            forbid(r.per_second.is_some(), "per_second", "coalesce")?;
+            Backpressure::Coalesce {
+                window_ms: require(r.window_ms, "window_ms", "coalesce")?,
+            }
+        }
+        ModeName::RateLimit => {
+            forbid(r.window_ms.is_some(), "window_ms", "rate_limit")?;
+            let per_second =
+                require(r.per_second.map(u64::from), "per_second", "rate_limit")? as u32;
+            Backpressure::RateLimit {
+                per_second,
+                burst: r.burst.unwrap_or(per_second).max(1),
+                over_limit: r.over_limit.unwrap_or(OverLimit::Block),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT_SKETCH: &str = r#"
+[tuning]
+batch_size = 500
+block_ms = 1000
+max_in_flight = 5000
+handler_timeout_ms = 5000
+claim_idle_ms = 30000
+max_deliveries = 5
+dedup_ttl_s = 86400
+start_from = "oldest"
+
+[[route]]
+pattern = "user.#"
+strict = true
+
+[[route]]
+pattern = "flow.*.progress"
+actions = [
+  { latest = "flow:{channel[1]}:state", version = "time" },
+  { invalidate = ["cache:flow:{channel[1]}"] },
+  { count = "stats:{type}:{minute}", ttl_s = 86400 },
+]
+
+[[backpressure]]
+pattern = "flow.*.progress"
+mode = "coalesce"
+window_ms = 100
+[[backpressure]]
+pattern = "user.#"
+mode = "rate_limit"
+per_second = 200
+burst = 50
+over_limit = "block"
+"#;
+
+    #[test]
+    fn parses_the_contract_sketch() {
+        let c = FileConfig::parse(CONTRACT_SKETCH, "sketch").unwrap();
+        assert!(c.has_strict_route());
+        let (_, flow) = c.routes.lookup("flow.7f3c.progress").unwrap();
+        assert_eq!(flow.actions.len(), 3);
+        assert_eq!(
+            c.backpressure.lookup("user.1").unwrap().1,
+            &Backpressure::RateLimit {
+                per_second: 200,
+                burst: 50,
+                over_limit: OverLimit::Block
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_make_user_events_strict() {
+        let c = FileConfig::default();
+        assert_eq!(c.tuning.batch_size, 500);
+        assert!(c.routes.lookup("user.42").unwrap().1.strict);
+        assert!(c.routes.lookup("flow.1.progress").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = |text: &str| FileConfig::parse(text, "f.toml").unwrap_err().to_string();
+        assert!(err("[tuning]\nbatch_sise = 3").contains("batch_sise"));
+        assert!(err("[tuning]\nbatch_size = \"many\"").contains("line 2"));
+        assert!(
+            err("[tuning]\nclaim_idle_ms = 10\nhandler_timeout_ms = 20").contains("claim_idle_ms")
+        );
+        assert!(err("[tuning]\nstart_from = \"middle\"").contains("middle"));
+        assert!(err("[[route]]\npattern = \"User.#\"").contains("User.#"));
+        assert!(
+            err("[[backpressure]]\npattern = \"a\"\nmode = \"coalesce\"")
+                .contains("backpressure[0].window_ms")
+        );
+        assert!(err("[[backpressure]]\npattern = \"a\"\nmode = \"flood\"").contains("flood"));
+        for e in [
+            err("[tuning]\nbatch_sise = 3"),
+            err("[[route]]\nstrict = true"),
+        ] {
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+}

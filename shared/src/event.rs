@@ -1,0 +1,475 @@
+//! The v1 event (contract section 1): decoding one stream entry into a typed [`Event`], checking
+//! every rule, so that nothing malformed ever reaches a handler.
+//!
+//! Each broken rule is its own [`DecodeError`] with a human-readable message and a dead letter
+//! reason; a decode error is final (never retried), because retrying cannot fix the input.
+
+use serde::de::IgnoredAny;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::channel::{self, ChannelError};
+use crate::dlq::DlqReason;
+use crate::legacy;
+
+/// The only schema major version this build reads.
+pub const SUPPORTED_VERSION: &str = "1";
+/// Default limit on the size of `data`, in bytes.
+pub const DEFAULT_MAX_DATA_BYTES: usize = 1024 * 1024;
+/// Room for the other fields beyond `data` before an entry counts as too large.
+const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+const MAX_TYPE_LEN: usize = 255;
+const MAX_SOURCE_LEN: usize = 128;
+const MAX_KEY_LEN: usize = 256;
+const MAX_CORRELATION_LEN: usize = 128;
+
+/// One stream entry's fields as Redis returned them, in order.
+pub type Fields = [(Vec<u8>, Vec<u8>)];
+
+/// A valid v1 event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Fleet-wide deduplication key.
+    pub id: Uuid,
+    /// Lowercase dotted event type, e.g. `user.signup`.
+    pub event_type: String,
+    /// Routing channel, valid by [`channel::check`].
+    pub channel: String,
+    /// Producing service.
+    pub source: String,
+    /// When the event happened.
+    pub time: OffsetDateTime,
+    /// The `data` object as JSON text, kept verbatim so it is never re-serialised.
+    pub data: String,
+    /// Ordering / coalescing key, if the producer gave one.
+    pub key: Option<String>,
+    /// Carried into logs and PostgreSQL.
+    pub correlation_id: Option<String>,
+}
+
+impl Event {
+    /// The ordering / coalescing key: `key`, or the channel when absent.
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.channel)
+    }
+
+    /// The event as the contract's JSON object (CLI, dead letter view, PostgreSQL row).
+    pub fn to_json(&self) -> serde_json::Value {
+        let data: serde_json::Value =
+            serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "v": 1,
+            "id": self.id.to_string(),
+            "type": self.event_type,
+            "channel": self.channel,
+            "source": self.source,
+            "time": self.time.format(&Rfc3339).unwrap_or_default(),
+            "data": data,
+            "key": self.key,
+            "correlation_id": self.correlation_id,
+        })
+    }
+}
+
+/// Limits applied while decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest accepted `data` (or legacy `payload`), in bytes.
+    pub max_data_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_data_bytes: DEFAULT_MAX_DATA_BYTES,
+        }
+    }
+}
+
+/// Why an entry is not a valid event. Every variant maps to one dead letter reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unsupported schema version {0:?}: this worker reads v{SUPPORTED_VERSION}")]
+    UnsupportedVersion(String),
+    #[error("entry is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("missing required field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{0}` appears more than once")]
+    Repeated(&'static str),
+    #[error("field `{0}` is not valid UTF-8")]
+    NotUtf8(&'static str),
+    #[error("field `id`: {0:?} is not a UUID in canonical 8-4-4-4-12 form")]
+    BadId(String),
+    #[error("field `type`: {0:?} is not lowercase dotted ([a-z0-9_] segments joined by '.', at most 255 bytes)")]
+    BadType(String),
+    #[error("field `channel`: {value:?}: {cause}")]
+    BadChannel { value: String, cause: ChannelError },
+    #[error("field `source`: {0:?} must be 1 to 128 characters of [A-Za-z0-9._:/@-]")]
+    BadSource(String),
+    #[error("field `time`: {0:?} is not an RFC 3339 time")]
+    BadTime(String),
+    #[error("field `{field}`: not valid JSON: {cause}")]
+    DataNotJson { field: &'static str, cause: String },
+    #[error("field `{0}`: must be a JSON object")]
+    DataNotObject(&'static str),
+    #[error("field `key`: must be 1 to 256 bytes")]
+    BadKey,
+    #[error("field `correlation_id`: {0} bytes, over the limit of 128")]
+    CorrelationTooLong(usize),
+    #[error("legacy entry: {0}")]
+    Legacy(String),
+}
+
+impl DecodeError {
+    /// The dead letter reason this error is filed under.
+    pub fn reason(&self) -> DlqReason {
+        match self {
+            DecodeError::UnsupportedVersion(_) => DlqReason::UnsupportedVersion,
+            DecodeError::TooLarge { .. } => DlqReason::TooLarge,
+            _ => DlqReason::Invalid,
+        }
+    }
+}
+
+/// The v1 fields of an entry, looked up in one pass.
+#[derive(Default)]
+struct V1Fields<'a> {
+    v: Option<&'a [u8]>,
+    id: Option<&'a [u8]>,
+    event_type: Option<&'a [u8]>,
+    channel: Option<&'a [u8]>,
+    source: Option<&'a [u8]>,
+    time: Option<&'a [u8]>,
+    data: Option<&'a [u8]>,
+    key: Option<&'a [u8]>,
+    correlation_id: Option<&'a [u8]>,
+    legacy_event_type: bool,
+}
+
+fn set<'a>(
+    slot: &mut Option<&'a [u8]>,
+    name: &'static str,
+    v: &'a [u8],
+) -> Result<(), DecodeError> {
+    if slot.replace(v).is_some() {
+        return Err(DecodeError::Repeated(name));
+    }
+    Ok(())
+}
+
+/// Decodes one stream entry. `stream` and `entry_id` matter only for legacy entries, whose
+/// id and channel are derived from them.
+pub fn decode(
+    stream: &str,
+    entry_id: &str,
+    fields: &Fields,
+    limits: &Limits,
+) -> Result<Event, DecodeError> {
+    // Size first, before anything is parsed: a huge entry must cost as little as possible.
+    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > limits.max_data_bytes + ENVELOPE_ALLOWANCE {
+        return Err(DecodeError::TooLarge {
+            size,
+            limit: limits.max_data_bytes + ENVELOPE_ALLOWANCE,
+        });
+    }
+    let mut f = V1Fields::default();
+    for (name, value) in fields {
+        match name.as_slice() {
+            b"v" => set(&mut f.v, "v", value)?,
+            b"id" => set(&mut f.id, "id", value)?,
+            b"type" => set(&mut f.event_type, "type", value)?,
+            b"channel" => set(&mut f.channel, "channel", value)?,
+            b"source" => set(&mut f.source, "source", value)?,
+            b"time" => set(&mut f.time, "time", value)?,
+            b"data" => set(&mut f.data, "data", value)?,
+            b"key" => set(&mut f.key, "key", value)?,
+            b"correlation_id" => set(&mut f.correlation_id, "correlation_id", value)?,
+            b"event_type" => f.legacy_event_type = true,
+            _ => {} // forward compatible: unknown fields are ignored
+        }
+    }
+    let Some(v) = f.v else {
+        if f.legacy_event_type {
+            return legacy::upcast(stream, entry_id, fields, limits);
+        }
+        return Err(DecodeError::Missing("v"));
+    };
+    if v != SUPPORTED_VERSION.as_bytes() {
+        return Err(DecodeError::UnsupportedVersion(
+            String::from_utf8_lossy(v).into_owned(),
+        ));
+    }
+    let id = parse_id(text("id", f.id)?)?;
+    let event_type = check_type(text("type", f.event_type)?)?;
+    let channel_text = text("channel", f.channel)?;
+    channel::check(channel_text).map_err(|cause| DecodeError::BadChannel {
+        value: channel_text.to_owned(),
+        cause,
+    })?;
+    let source = check_source(text("source", f.source)?)?;
+    let time_text = text("time", f.time)?;
+    let time = OffsetDateTime::parse(time_text, &Rfc3339)
+        .map_err(|_| DecodeError::BadTime(time_text.to_owned()))?;
+    let data = check_data("data", text("data", f.data)?, limits)?;
+    let key = match f.key {
+        None => None,
+        Some(k) => {
+            let k = utf8("key", k)?;
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                return Err(DecodeError::BadKey);
+            }
+            Some(k.to_owned())
+        }
+    };
+    let correlation_id = correlation(f.correlation_id)?;
+    Ok(Event {
+        id,
+        event_type: event_type.to_owned(),
+        channel: channel_text.to_owned(),
+        source: source.to_owned(),
+        time,
+        data: data.to_owned(),
+        key,
+        correlation_id,
+    })
+}
+
+/// A required field as text.
+pub(crate) fn text<'a>(name: &'static str, v: Option<&'a [u8]>) -> Result<&'a str, DecodeError> {
+    utf8(name, v.ok_or(DecodeError::Missing(name))?)
+}
+
+pub(crate) fn utf8<'a>(name: &'static str, v: &'a [u8]) -> Result<&'a str, DecodeError> {
+    std::str::from_utf8(v).map_err(|_| DecodeError::NotUtf8(name))
+}
+
+fn parse_id(s: &str) -> Result<Uuid, DecodeError> {
+    // Canonical hyphenated form only, as the JSON Schema's `uuid` format requires.
+    let canonical = s.len() == 36 && s.as_bytes()[8] == b'-';
+    match Uuid::try_parse(s) {
+        Ok(id) if canonical && !id.is_nil() => Ok(id),
+        _ => Err(DecodeError::BadId(s.to_owned())),
+    }
+}
+
+/// Checks the `type` grammar: `[a-z0-9_]+` segments joined by `.`.
+pub(crate) fn check_type(s: &str) -> Result<&str, DecodeError> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_TYPE_LEN
+        && s.split('.').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+    if ok {
+        Ok(s)
+    } else {
+        Err(DecodeError::BadType(s.to_owned()))
+    }
+}
+
+pub(crate) fn check_source(s: &str) -> Result<&str, DecodeError> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_SOURCE_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
+    if ok {
+        Ok(s)
+    } else {
+        Err(DecodeError::BadSource(s.to_owned()))
+    }
+}
+
+/// Checks that `s` is one JSON object within the size limit, without building a tree.
+pub(crate) fn check_data<'a>(
+    field: &'static str,
+    s: &'a str,
+    limits: &Limits,
+) -> Result<&'a str, DecodeError> {
+    if s.len() > limits.max_data_bytes {
+        return Err(DecodeError::TooLarge {
+            size: s.len(),
+            limit: limits.max_data_bytes,
+        });
+    }
+    serde_json::from_str::<IgnoredAny>(s).map_err(|e| DecodeError::DataNotJson {
+        field,
+        cause: e.to_string(),
+    })?;
+    if !s.trim_start().starts_with('{') {
+        return Err(DecodeError::DataNotObject(field));
+    }
+    Ok(s)
+}
+
+/// An optional correlation id; an empty one counts as absent.
+pub(crate) fn correlation(v: Option<&[u8]>) -> Result<Option<String>, DecodeError> {
+    match v {
+        None => Ok(None),
+        Some(c) => {
+            let c = utf8("correlation_id", c)?;
+            if c.len() > MAX_CORRELATION_LEN {
+                return Err(DecodeError::CorrelationTooLong(c.len()));
+            }
+            Ok((!c.is_empty()).then(|| c.to_owned()))
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn valid() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("v", "1"),
+            ("id", "0190f2a4-7b1c-7cc0-8a57-3f7e2a6b9d10"),
+            ("type", "user.signup"),
+            ("channel", "user.42.profile"),
+            ("source", "accounts-api"),
+            ("time", "2026-11-24T10:00:00.123Z"),
+            ("data", r#"{"plan":"pro"}"#),
+        ]
+    }
+
+    fn decode_pairs(pairs: &[(&str, &str)]) -> Result<Event, DecodeError> {
+        decode("events", "1-0", &fields(pairs), &Limits::default())
+    }
+
+    fn with(name: &str, value: &'static str) -> Vec<(&'static str, &'static str)> {
+        let mut v = valid();
+        let slot = v.iter_mut().find(|(k, _)| *k == name).unwrap();
+        slot.1 = value;
+        v
+    }
+
+    fn without(name: &str) -> Vec<(&'static str, &'static str)> {
+        valid().into_iter().filter(|(k, _)| *k != name).collect()
+    }
+
+    #[test]
+    fn decodes_a_valid_event() {
+        let e = decode_pairs(&valid()).unwrap();
+        assert_eq!(e.event_type, "user.signup");
+        assert_eq!(e.key(), "user.42.profile");
+        assert_eq!(e.correlation_id, None);
+        assert_eq!(e.to_json()["data"]["plan"], "pro");
+    }
+
+    #[test]
+    fn optional_fields_and_unknown_fields() {
+        let mut pairs = valid();
+        pairs.extend([("key", "k1"), ("correlation_id", "req-9"), ("extra", "x")]);
+        let e = decode_pairs(&pairs).unwrap();
+        assert_eq!(e.key(), "k1");
+        assert_eq!(e.correlation_id.as_deref(), Some("req-9"));
+        let mut pairs = valid();
+        pairs.push(("correlation_id", ""));
+        assert_eq!(decode_pairs(&pairs).unwrap().correlation_id, None);
+    }
+
+    #[test]
+    fn every_broken_rule_has_its_own_error() {
+        use DecodeError as E;
+        let reason = |pairs: &[(&str, &str)]| decode_pairs(pairs).unwrap_err();
+        assert!(matches!(reason(&with("v", "2")), E::UnsupportedVersion(v) if v == "2"));
+        assert_eq!(reason(&without("v")), E::Missing("v"));
+        for name in ["id", "type", "channel", "source", "time", "data"] {
+            assert_eq!(
+                reason(&without(name)),
+                E::Missing(match name {
+                    "id" => "id",
+                    "type" => "type",
+                    "channel" => "channel",
+                    "source" => "source",
+                    "time" => "time",
+                    _ => "data",
+                })
+            );
+        }
+        assert!(matches!(reason(&with("id", "not-a-uuid")), E::BadId(_)));
+        assert!(matches!(
+            reason(&with("id", "0190f2a47b1c7cc08a573f7e2a6b9d10")),
+            E::BadId(_)
+        ));
+        assert!(matches!(
+            reason(&with("id", "00000000-0000-0000-0000-000000000000")),
+            E::BadId(_)
+        ));
+        assert!(matches!(
+            reason(&with("type", "User.Signup")),
+            E::BadType(_)
+        ));
+        assert!(matches!(
+            reason(&with("type", "user..signup")),
+            E::BadType(_)
+        ));
+        assert!(matches!(
+            reason(&with("channel", "user.*")),
+            E::BadChannel { .. }
+        ));
+        assert!(matches!(reason(&with("source", "")), E::BadSource(_)));
+        assert!(matches!(
+            reason(&with("source", "has space")),
+            E::BadSource(_)
+        ));
+        assert!(matches!(reason(&with("time", "yesterday")), E::BadTime(_)));
+        assert!(matches!(
+            reason(&with("time", "2026-11-24T10:00:00")),
+            E::BadTime(_)
+        ));
+        assert!(matches!(
+            reason(&with("data", "{not json")),
+            E::DataNotJson { .. }
+        ));
+        assert_eq!(reason(&with("data", "[1,2]")), E::DataNotObject("data"));
+        assert_eq!(reason(&with("data", "\"s\"")), E::DataNotObject("data"));
+        let mut pairs = valid();
+        pairs.push(("key", ""));
+        assert_eq!(reason(&pairs), E::BadKey);
+        let mut pairs = valid();
+        let long: &'static str = Box::leak("c".repeat(129).into_boxed_str());
+        pairs.push(("correlation_id", long));
+        assert_eq!(reason(&pairs), E::CorrelationTooLong(129));
+        let mut pairs = valid();
+        pairs.push(("id", "0190f2a4-7b1c-7cc0-8a57-3f7e2a6b9d11"));
+        assert_eq!(reason(&pairs), E::Repeated("id"));
+        let mut raw = fields(&valid());
+        raw[2].1 = vec![0xff, 0xfe];
+        assert_eq!(
+            decode("s", "1-0", &raw, &Limits::default()).unwrap_err(),
+            E::NotUtf8("type")
+        );
+    }
+
+    #[test]
+    fn size_limit_is_checked_before_parsing() {
+        let limits = Limits { max_data_bytes: 16 };
+        let big = format!("{{\"x\":\"{}\"", "a".repeat(32)); // not even valid JSON
+        let mut pairs = fields(&valid());
+        pairs.iter_mut().find(|(k, _)| k == b"data").unwrap().1 = big.into_bytes();
+        let err = decode("s", "1-0", &pairs, &limits).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { .. }));
+        assert_eq!(err.reason(), DlqReason::TooLarge);
+    }
+
+    #[test]
+    fn reasons_follow_the_contract() {
+        assert_eq!(DecodeError::Missing("v").reason(), DlqReason::Invalid);
+        assert_eq!(
+            DecodeError::UnsupportedVersion("2".into()).reason(),
+            DlqReason::UnsupportedVersion
+        );
+    }
+}
