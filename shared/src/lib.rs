@@ -4,10 +4,25 @@
 //! A worker is this pipeline plus one [`handler::Handler`]; everything a handler must not do
 //! (acknowledge, retry, sleep for backpressure, dead-letter, count metrics) lives here.
 
+pub mod backpressure;
 pub mod channel;
+pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod dlq;
 pub mod entry;
 pub mod event;
+pub mod handler;
+pub mod health;
+pub mod http;
+pub mod lag;
 pub mod legacy;
+pub mod logging;
+pub mod metrics;
 pub mod pattern;
+pub mod pipeline;
+pub mod shutdown;
+pub mod source;
+pub mod store;
+pub mod strict;
+pub mod worker;

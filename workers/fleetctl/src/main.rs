@@ -1,1 +1,90 @@
-fn main() {}
+//! fleetctl: the operator's tool. For now: `publish` (events onto a stream) and `migrate`.
+
+mod publish;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use streamfleet::cli;
+use streamfleet::store::EventStore;
+
+const NAME: &str = "fleetctl";
+
+/// Operate a streamfleet deployment.
+#[derive(Debug, Parser)]
+#[command(name = NAME, version)]
+struct Cli {
+    /// Redis URL: redis:// or rediss://.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    redis_url: String,
+
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish v1 events (or any entries, from JSON lines) onto a stream.
+    Publish(publish::PublishArgs),
+    /// Apply the embedded SQL migrations to FLEET_DATABASE_URL.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = cli::parse(NAME);
+    streamfleet::connect::init_tls();
+    match cli.command {
+        Command::Publish(args) => {
+            let client = match streamfleet::connect::redis_client(&cli.redis_url, "FLEET_REDIS_URL")
+            {
+                Ok(c) => c,
+                Err(e) => return cli::config_exit(NAME, &e),
+            };
+            match args.validate() {
+                Ok(()) => cli::finish(NAME, publish::run(client, args).await),
+                Err(e) => cli::config_exit(NAME, &e),
+            }
+        }
+        Command::Migrate => {
+            let store = match cli.database_url.as_deref() {
+                None => {
+                    return cli::config_exit(
+                        NAME,
+                        &"FLEET_DATABASE_URL (--database-url) is required",
+                    )
+                }
+                Some(url) => match EventStore::connect_lazy(url, "FLEET_DATABASE_URL") {
+                    Ok(s) => s,
+                    Err(e) => return cli::config_exit(NAME, &e),
+                },
+            };
+            let result = store
+                .migrate()
+                .await
+                .map_err(anyhow::Error::from)
+                .map(|()| {
+                    println!(
+                        "migrations applied ({} known)",
+                        streamfleet::store::MIGRATOR.iter().count()
+                    );
+                });
+            cli::finish(NAME, result)
+        }
+    }
+}

@@ -1,1 +1,42 @@
-fn main() {}
+//! persister: strict user events from Redis Streams into PostgreSQL `events`, acknowledged only
+//! after commit. All logic lives in the `streamfleet` library; this file wires it.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use streamfleet::cli::{self, WorkerArgs};
+use streamfleet::store::EventStore;
+use streamfleet::strict::StrictSink;
+use streamfleet::worker::Worker;
+
+const NAME: &str = "persister";
+
+/// Persist strict (user) events from Redis Streams into PostgreSQL, exactly once per event id.
+#[derive(Debug, Parser)]
+#[command(name = NAME, version)]
+struct Cli {
+    #[command(flatten)]
+    worker: WorkerArgs,
+
+    /// Do not apply the embedded migrations at start (apply them with `fleetctl migrate`).
+    #[arg(long, env = "FLEET_SKIP_MIGRATIONS", num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
+    skip_migrations: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = cli::parse(NAME);
+    let worker = match Worker::new(NAME, cli.worker) {
+        Ok(w) => w,
+        Err(e) => return cli::config_exit(NAME, &e),
+    };
+    let store = match worker
+        .database_url()
+        .and_then(|url| EventStore::connect_lazy(url, "FLEET_DATABASE_URL"))
+    {
+        Ok(s) => s,
+        Err(e) => return cli::config_exit(NAME, &e),
+    };
+    let sink = StrictSink::new(store, !cli.skip_migrations);
+    cli::finish(NAME, worker.run(sink).await)
+}

@@ -1,0 +1,80 @@
+//! The one thing a worker brings to the pipeline: a [`Handler`] that applies a batch's effects.
+//!
+//! A handler only applies effects and reports what it did. It never acknowledges, retries,
+//! sleeps for backpressure, dead-letters or counts metrics: the pipeline does all of that around
+//! it, identically for every worker.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::config::Route;
+use crate::entry::EntryId;
+use crate::event::Event;
+
+/// A valid, routed event and where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed<'a> {
+    pub event: &'a Event,
+    pub route: &'a Route,
+    pub stream: &'a Arc<str>,
+    pub entry_id: EntryId,
+}
+
+/// The highest entry id of a stream covered by a batch: where a replay would resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub stream: Arc<str>,
+    pub position: EntryId,
+}
+
+/// What the handler is asked to apply. Its effects and the checkpoints must be made durable
+/// together (e.g. one PostgreSQL transaction), or not at all.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// The consumer group, part of the checkpoint key.
+    pub group: &'a str,
+    /// Events to apply, in stream order per stream; ids are unique within the batch.
+    pub events: Vec<Routed<'a>>,
+    /// One per stream read in this batch, including streams whose entries were all skipped.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// What a successful apply did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Events whose effect was made now.
+    pub applied: usize,
+    /// Events whose effect already existed (their id was seen before): no second effect.
+    pub duplicates: usize,
+    /// Events this handler has nothing to do for (e.g. a non-strict route in the persister).
+    pub skipped: usize,
+}
+
+/// Why a batch could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying (sink unreachable, timeout, deadlock). The pipeline retries the whole batch
+    /// with backoff; nothing of it is acknowledged until an attempt succeeds.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (e.g. the database schema is newer than this build): the worker stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A worker's job.
+pub trait Handler: Send + 'static {
+    /// Applies the batch idempotently: applying the same events again must have no second effect.
+    fn apply(
+        &mut self,
+        batch: &Batch<'_>,
+    ) -> impl Future<Output = Result<Applied, HandlerError>> + Send;
+
+    /// Gets the sink ready before the first read (e.g. migrations). Retried while transient.
+    fn prepare(&mut self) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Whether the handler's sink is reachable, for `/readyz` while the worker is idle.
+    fn check(&self) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}

@@ -1,0 +1,23 @@
+//! Structured logs with tracing, as text or JSON lines, always on stderr.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+use crate::config::ConfigError;
+
+/// Installs the global subscriber; a bad filter is a configuration error.
+pub fn init(format: LogFormat, filter: &str) -> Result<(), ConfigError> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| ConfigError(format!("FLEET_LOG: {filter:?}: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    Ok(())
+}

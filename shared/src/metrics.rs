@@ -1,0 +1,94 @@
+//! Metric names (contract section 7) in one place, with their help text, and the Prometheus
+//! recorder. Stable names matter more than anything else here: dashboards and alerts use them.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Entries read from a stream (labels: stream).
+pub const EVENTS_READ: &str = "fleet_events_read_total";
+/// Events whose effect was made (no labels).
+pub const EVENTS_APPLIED: &str = "fleet_events_applied_total";
+/// Events not applied again because their id was already seen (labels: stage = batch | sink).
+pub const EVENTS_DEDUPLICATED: &str = "fleet_events_deduplicated_total";
+/// Entries sent to the dead letter stream (labels: stream, reason).
+pub const EVENTS_DEAD_LETTERED: &str = "fleet_events_dead_lettered_total";
+/// Entries acknowledged (labels: stream).
+pub const EVENTS_ACKNOWLEDGED: &str = "fleet_events_acknowledged_total";
+/// Events acknowledged with no effect (labels: reason = unrouted | not_for_worker | deleted | backpressure).
+pub const EVENTS_SKIPPED: &str = "fleet_events_skipped_total";
+/// Time from read to acknowledgement of a batch.
+pub const BATCH_DURATION: &str = "fleet_batch_duration_seconds";
+/// Time the handler took for one attempt at a batch.
+pub const HANDLER_DURATION: &str = "fleet_handler_duration_seconds";
+/// Failed handler attempts (retried with backoff).
+pub const HANDLER_ERRORS: &str = "fleet_handler_errors_total";
+/// Entries in the stream not yet delivered to the group (labels: stream).
+pub const GROUP_LAG: &str = "fleet_consumer_group_lag";
+/// Entries delivered to the group and not yet acknowledged (labels: stream).
+pub const GROUP_PENDING: &str = "fleet_consumer_group_pending";
+/// Backpressure decisions (labels: rule, action = delayed | dropped | coalesced).
+pub const BACKPRESSURE_ACTIONS: &str = "fleet_backpressure_actions_total";
+/// Transitions of a dependency from unreachable to reachable (labels: target = redis | sink).
+pub const RECONNECTS: &str = "fleet_reconnects_total";
+/// Streams this worker consumes.
+pub const STREAMS: &str = "fleet_streams";
+
+/// Installs the process-wide Prometheus recorder and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .install_recorder()?;
+    describe_counter!(EVENTS_READ, "Entries read from a stream.");
+    describe_counter!(EVENTS_APPLIED, "Events whose effect was made.");
+    describe_counter!(
+        EVENTS_DEDUPLICATED,
+        "Events whose id had already been applied: no second effect."
+    );
+    describe_counter!(
+        EVENTS_DEAD_LETTERED,
+        "Entries sent to the dead letter stream, by reason."
+    );
+    describe_counter!(
+        EVENTS_ACKNOWLEDGED,
+        "Entries acknowledged to the consumer group."
+    );
+    describe_counter!(
+        EVENTS_SKIPPED,
+        "Events acknowledged with no effect, by reason."
+    );
+    describe_histogram!(
+        BATCH_DURATION,
+        Unit::Seconds,
+        "Time from read to acknowledgement of a batch."
+    );
+    describe_histogram!(
+        HANDLER_DURATION,
+        Unit::Seconds,
+        "Time of one handler attempt at a batch."
+    );
+    describe_counter!(
+        HANDLER_ERRORS,
+        "Failed handler attempts, retried with backoff."
+    );
+    describe_gauge!(
+        GROUP_LAG,
+        "Entries not yet delivered to the consumer group."
+    );
+    describe_gauge!(
+        GROUP_PENDING,
+        "Entries delivered to the group and not yet acknowledged."
+    );
+    describe_counter!(
+        BACKPRESSURE_ACTIONS,
+        "Backpressure decisions, by rule and action."
+    );
+    describe_counter!(
+        RECONNECTS,
+        "Dependency transitions from unreachable to reachable."
+    );
+    describe_gauge!(STREAMS, "Streams this worker consumes.");
+    Ok(handle)
+}

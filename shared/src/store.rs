@@ -1,0 +1,144 @@
+//! PostgreSQL: the `events` table (the system of record) and `checkpoints`, with the embedded
+//! migrations. One transaction per batch holds both the rows and the checkpoints, so a commit
+//! makes them durable together; `ON CONFLICT DO NOTHING` on the event id makes a redelivered
+//! batch a no-op.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::config::ConfigError;
+use crate::connect::redact;
+use crate::handler::Checkpoint;
+
+/// The SQL migrations under `schemas/migrations`, embedded at build time (no database needed to build).
+pub static MIGRATOR: Migrator = sqlx::migrate!("../schemas/migrations");
+
+/// Event rows in columns, ready for one `UNNEST` insert.
+#[derive(Debug, Default)]
+pub struct EventRows<'a> {
+    pub ids: Vec<Uuid>,
+    pub channels: Vec<&'a str>,
+    pub types: Vec<&'a str>,
+    pub sources: Vec<&'a str>,
+    pub times: Vec<OffsetDateTime>,
+    pub data: Vec<&'a str>,
+    pub streams: Vec<&'a str>,
+    pub stream_ids: Vec<String>,
+    pub correlation_ids: Vec<Option<&'a str>>,
+}
+
+impl EventRows<'_> {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Sorted by event id so that concurrent batches sharing ids lock rows in the same order and
+/// cannot deadlock each other.
+const INSERT_EVENTS: &str = "
+INSERT INTO events (event_id, channel, type, source, occurred_at, data, stream, stream_id, correlation_id)
+SELECT e.event_id, e.channel, e.type, e.source, e.occurred_at, e.data::jsonb, e.stream, e.stream_id, e.correlation_id
+FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[])
+  AS e(event_id, channel, type, source, occurred_at, data, stream, stream_id, correlation_id)
+ORDER BY e.event_id
+ON CONFLICT (event_id) DO NOTHING";
+
+/// A checkpoint only moves forward (entry ids compared numerically), whichever consumer of the
+/// group commits last.
+const UPSERT_CHECKPOINTS: &str = "
+INSERT INTO checkpoints (stream, group_name, position, updated_at)
+SELECT c.stream, $2, c.position, now() FROM UNNEST($1::text[], $3::text[]) AS c(stream, position)
+ON CONFLICT (stream, group_name) DO UPDATE
+SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
+WHERE (split_part(checkpoints.position, '-', 1)::numeric, split_part(checkpoints.position, '-', 2)::numeric)
+    < (split_part(EXCLUDED.position, '-', 1)::numeric, split_part(EXCLUDED.position, '-', 2)::numeric)";
+
+/// The PostgreSQL side of the fleet.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    pool: PgPool,
+}
+
+impl EventStore {
+    /// A pool that connects lazily: an unreachable database is an outage to wait out, not a
+    /// startup failure; a malformed URL is a configuration error.
+    pub fn connect_lazy(url: &str, setting: &str) -> Result<Self, ConfigError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| ConfigError(format!("{setting}: {}: {e}", redact(url))))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(EventStore { pool })
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations (serialised across processes by an advisory lock).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// A round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Inserts the rows and advances the checkpoints in one transaction. Returns how many rows
+    /// were new (the rest were already there: duplicates).
+    pub async fn persist(
+        &self,
+        rows: &EventRows<'_>,
+        group: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = if rows.is_empty() {
+            0
+        } else {
+            sqlx::query(INSERT_EVENTS)
+                .bind(&rows.ids)
+                .bind(&rows.channels)
+                .bind(&rows.types)
+                .bind(&rows.sources)
+                .bind(&rows.times)
+                .bind(&rows.data)
+                .bind(&rows.streams)
+                .bind(&rows.stream_ids)
+                .bind(&rows.correlation_ids)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+        };
+        if !checkpoints.is_empty() {
+            let streams: Vec<&str> = checkpoints.iter().map(|c| &*c.stream).collect();
+            let positions: Vec<String> =
+                checkpoints.iter().map(|c| c.position.to_string()).collect();
+            sqlx::query(UPSERT_CHECKPOINTS)
+                .bind(&streams)
+                .bind(group)
+                .bind(&positions)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+}

@@ -1,0 +1,172 @@
+//! Wiring a worker: configuration, logging, metrics, health endpoints, connections, signals,
+//! then the pipeline around the worker's handler. A worker's `main.rs` is a few lines over this.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::cli::WorkerArgs;
+use crate::config::{ConfigError, FileConfig};
+use crate::connect::{self, redis_connection};
+use crate::handler::Handler;
+use crate::health::{Dependency, Health};
+use crate::pipeline::Pipeline;
+use crate::shutdown::Shutdown;
+use crate::source::{Source, StreamSpec};
+
+/// A configured worker, ready to run.
+pub struct Worker {
+    name: &'static str,
+    args: WorkerArgs,
+    config: Arc<FileConfig>,
+    redis: redis::Client,
+    group: String,
+    consumer: String,
+    specs: Vec<StreamSpec>,
+}
+
+impl Worker {
+    /// Validates every setting (so a bad one exits 2 before anything connects) and starts logging.
+    pub fn new(name: &'static str, args: WorkerArgs) -> Result<Self, ConfigError> {
+        crate::logging::init(args.log_format, &args.log)?;
+        let config = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let redis = connect::redis_client(&args.redis_url, "FLEET_REDIS_URL")?;
+        let specs: Vec<StreamSpec> = args
+            .streams
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(StreamSpec::parse)
+            .collect();
+        if specs.is_empty() {
+            return Err(ConfigError("FLEET_STREAMS: no stream given".into()));
+        }
+        if let Some(dlq) = specs.iter().find_map(|s| match s {
+            StreamSpec::Key(k) if crate::dlq::is_dlq_stream(k) => Some(k),
+            _ => None,
+        }) {
+            return Err(ConfigError(format!(
+                "FLEET_STREAMS: {dlq} is a dead letter stream; use `fleetctl` to redrive it"
+            )));
+        }
+        let group = args.group.clone().unwrap_or_else(|| name.to_owned());
+        let consumer = match &args.consumer {
+            Some(c) => c.clone(),
+            None => gethostname::gethostname().to_string_lossy().into_owned(),
+        };
+        for (setting, value) in [("FLEET_GROUP", &group), ("FLEET_CONSUMER", &consumer)] {
+            if value.trim().is_empty() {
+                return Err(ConfigError(format!("{setting}: must not be empty")));
+            }
+        }
+        Ok(Worker {
+            name,
+            args,
+            config: Arc::new(config),
+            redis,
+            group,
+            consumer,
+            specs,
+        })
+    }
+
+    /// The validated file configuration.
+    pub fn config(&self) -> &FileConfig {
+        &self.config
+    }
+
+    /// `FLEET_DATABASE_URL`, required by workers that write to PostgreSQL.
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.args.database_url.as_deref().ok_or_else(|| {
+            ConfigError(format!(
+                "FLEET_DATABASE_URL (--database-url) is required by the {}",
+                self.name
+            ))
+        })
+    }
+
+    /// Runs until SIGTERM/SIGINT and a clean drain. Redis or sink outages are waited out.
+    pub async fn run<H: Handler>(self, handler: H) -> anyhow::Result<()> {
+        connect::init_tls();
+        let metrics = crate::metrics::install().context("metrics recorder")?;
+        let health = Arc::new(Health::default());
+        let shutdown = Shutdown::on_signals(Duration::from_millis(self.args.shutdown_grace_ms));
+        let http = crate::http::serve(self.args.http_addr, health.clone(), metrics)
+            .await
+            .with_context(|| format!("FLEET_HTTP_ADDR {}", self.args.http_addr))?;
+        tracing::info!(
+            worker = self.name,
+            group = %self.group,
+            consumer = %self.consumer,
+            redis = %connect::redact(&self.args.redis_url),
+            "starting"
+        );
+        let tuning = &self.config.tuning;
+        let read_timeout = Duration::from_millis(tuning.block_ms) + Duration::from_secs(5);
+        let Some(reader) = self.connect(read_timeout, &health, &shutdown).await else {
+            return Ok(());
+        };
+        let Some(writer) = self
+            .connect(Duration::from_secs(10), &health, &shutdown)
+            .await
+        else {
+            return Ok(());
+        };
+        let source = Source::new(
+            reader,
+            self.group.clone(),
+            self.consumer.clone(),
+            self.specs.clone(),
+            tuning.clone(),
+        );
+        let sampler = crate::lag::spawn_sampler(
+            writer.clone(),
+            self.group.clone(),
+            source.watch_streams(),
+            Duration::from_millis(tuning.lag_interval_ms),
+        );
+        let pipeline = Pipeline {
+            group: self.group.clone(),
+            source,
+            writer,
+            config: self.config.clone(),
+            handler,
+            health,
+        };
+        let result = pipeline.run(shutdown).await;
+        sampler.abort();
+        http.abort();
+        result.map_err(anyhow::Error::from)?;
+        tracing::info!(worker = self.name, "stopped cleanly");
+        Ok(())
+    }
+
+    async fn connect(
+        &self,
+        response_timeout: Duration,
+        health: &Health,
+        shutdown: &Shutdown,
+    ) -> Option<redis::aio::ConnectionManager> {
+        let mut delays = ExponentialBuilder::default()
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match redis_connection(&self.redis, response_timeout).await {
+                Ok(conn) => return Some(conn),
+                Err(e) => {
+                    health.down(Dependency::Redis, &e);
+                    if !shutdown.sleep(delays.next().unwrap_or_default()).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
