@@ -74,6 +74,12 @@ impl EventStore {
     /// A pool that connects lazily: an unreachable database is an outage to wait out, not a
     /// startup failure; a malformed URL is a configuration error.
     pub fn connect_lazy(url: &str, setting: &str) -> Result<Self, ConfigError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError(format!(
+                "{setting}: {} is not a postgres:// or postgresql:// URL",
+                redact(url)
+            )));
+        }
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| ConfigError(format!("{setting}: {}: {e}", redact(url))))?;
         let pool = PgPoolOptions::new()

@@ -1,1 +1,340 @@
+//! Harness for black-box tests: the real worker binaries against the real redis-server and
+//! PostgreSQL started by `scripts/services`. Every test gets its own database and its own stream
+//! keys, so tests run in parallel without seeing each other.
 
+pub mod corpus;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::process::{Child, Command};
+
+/// Redis URL of the test server (`scripts/services env`).
+pub fn redis_url() -> String {
+    std::env::var("FLEET_REDIS_URL").unwrap_or_else(|_| {
+        let port = std::env::var("STREAMFLEET_REDIS_PORT").unwrap_or_else(|_| "6399".into());
+        format!("redis://127.0.0.1:{port}")
+    })
+}
+
+fn pg_base() -> String {
+    let port = std::env::var("STREAMFLEET_PG_PORT").unwrap_or_else(|_| "5499".into());
+    format!("postgres://postgres@127.0.0.1:{port}")
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Path of a workspace binary, built by `cargo build` (scripts/test does it first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A fresh database for one test, with its URL.
+pub async fn fresh_database() -> String {
+    let name = unique("t_");
+    let admin = format!("{}/streamfleet", pg_base());
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .expect("PostgreSQL is not reachable: run scripts/services");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .expect("create database");
+    pool.close().await;
+    format!("{}/{name}", pg_base())
+}
+
+/// A connection to the test Redis.
+pub async fn redis() -> MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis is not reachable: run scripts/services")
+}
+
+/// A free loopback port for a worker's HTTP endpoints.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Polls `check` until it returns true, or panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A running worker process, killed if the test ends early.
+pub struct Worker {
+    child: Child,
+    pub http: String,
+    log: PathBuf,
+}
+
+/// What a worker run needs: its environment, all `FLEET_*` settings explicit.
+#[derive(Clone, Debug)]
+pub struct WorkerEnv {
+    pub vars: Vec<(String, String)>,
+}
+
+impl WorkerEnv {
+    /// Settings for a persister on `streams` with its own database.
+    pub fn new(streams: &str, database_url: &str) -> Self {
+        WorkerEnv {
+            vars: vec![
+                ("FLEET_REDIS_URL".into(), redis_url()),
+                ("FLEET_DATABASE_URL".into(), database_url.into()),
+                ("FLEET_STREAMS".into(), streams.into()),
+                ("FLEET_CONSUMER".into(), "c1".into()),
+                ("FLEET_LOG".into(), "info".into()),
+            ],
+        }
+    }
+
+    /// Sets (or replaces) a variable.
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.into(), value.into()));
+        self
+    }
+
+    /// Removes a variable.
+    pub fn unset(mut self, key: &str) -> Self {
+        self.vars.retain(|(k, _)| k != key);
+        self
+    }
+
+    fn command(&self, binary: &str) -> Command {
+        let mut cmd = Command::new(bin(binary));
+        cmd.env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            cmd.env("PATH", path);
+        }
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs `binary` to completion (at most 20 s); returns its status and stderr.
+    pub async fn run_to_end(&self, binary: &str) -> (ExitStatus, String) {
+        let run = self
+            .command(binary)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .unwrap_or_else(|_| panic!("{binary} with {:?} did not exit within 20 s", self.vars))
+            .expect("run binary");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `binary` and waits for `/readyz`.
+    pub async fn start(&self, binary: &str) -> Worker {
+        let http = free_addr();
+        let log = std::env::temp_dir().join(format!("{}.log", unique(binary)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .command(binary)
+            .env("FLEET_HTTP_ADDR", &http)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker");
+        let mut worker = Worker { child, http, log };
+        worker.wait_ready().await;
+        worker
+    }
+}
+
+impl Worker {
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("worker exited early with {status}:\n{}", self.log_text());
+            }
+            if http_get(&self.http, "/readyz").await.map(|(c, _)| c) == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker never became ready:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, ...).
+    pub async fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kill -{name}");
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "worker did not exit within {timeout:?}:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// The value of a counter or gauge line from `/metrics` (summed over label sets matching `labels`).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = http_get(&self.http, "/metrics").await.expect("metrics");
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// What the worker logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client library needed for three fixed endpoints).
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Publishes JSON-line entries with the real `fleetctl publish --file`.
+pub async fn publish_lines(stream: &str, lines: &[String]) {
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("pub")));
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = Command::new(bin("fleetctl"))
+        .env("FLEET_REDIS_URL", redis_url())
+        .args(["publish", "--stream", stream, "--file"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fleetctl publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(file);
+}
+
+/// One stream entry: its id and fields.
+pub type StreamEntry = (String, HashMap<String, String>);
+
+/// Every entry of a stream, in order.
+pub async fn read_stream(conn: &mut MultiplexedConnection, stream: &str) -> Vec<StreamEntry> {
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let Some((last, _)) = page.last() else { break };
+        start = format!("({last}");
+        out.extend(page);
+    }
+    out
+}
+
+/// Pending entries of `group` on `stream` (0 if the group has none).
+pub async fn pending(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> u64 {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    match reply {
+        Value::Array(items) => match items.first() {
+            Some(Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// Entries of `stream` not yet delivered to `group` (XINFO GROUPS `lag`).
+pub async fn lag(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Option<u64> {
+    let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .ok()?;
+    let g = groups
+        .iter()
+        .find(|g| matches!(g.get("name"), Some(Value::BulkString(n)) if n == group.as_bytes()))?;
+    match g.get("lag") {
+        Some(Value::Int(n)) => Some(*n as u64),
+        _ => None,
+    }
+}
