@@ -106,12 +106,12 @@ pub fn parse_entries(
     Ok(())
 }
 
+/// The entries read from each stream of one XREADGROUP.
+pub type StreamEntries = Vec<(Arc<str>, Vec<Entry>)>;
+
 /// Parses an XREADGROUP reply: `[[stream, entries], ...]` (or a map under RESP3), nil on timeout.
 /// Returns, per stream key, the entries read.
-pub fn parse_read_reply(
-    reply: Value,
-    keys: &[Arc<str>],
-) -> Result<Vec<(Arc<str>, Vec<Entry>)>, ReplyError> {
+pub fn parse_read_reply(reply: Value, keys: &[Arc<str>]) -> Result<StreamEntries, ReplyError> {
     let pairs: Vec<(Value, Value)> = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Map(m) => m,

@@ -120,16 +120,8 @@ pub fn mixed(n: usize, dup_percent: usize, bad_percent: usize) -> Corpus {
     let mut c = Corpus::default();
     let mut valid: Vec<usize> = Vec::new();
     let mut fresh = 0usize;
-    let bad_every = if bad_percent == 0 {
-        usize::MAX
-    } else {
-        100 / bad_percent
-    };
-    let dup_every = if dup_percent == 0 {
-        usize::MAX
-    } else {
-        100 / dup_percent
-    };
+    let bad_every = 100usize.checked_div(bad_percent).unwrap_or(usize::MAX);
+    let dup_every = 100usize.checked_div(dup_percent).unwrap_or(usize::MAX);
     for i in 0..n {
         if i % bad_every == bad_every / 2 {
             let (line, reason) = malformed(i / bad_every, i);

@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Publish v1 events (or any entries, from JSON lines) onto a stream.
-    Publish(publish::PublishArgs),
+    Publish(Box<publish::PublishArgs>),
     /// Apply the embedded SQL migrations to FLEET_DATABASE_URL.
     Migrate,
 }
@@ -57,7 +57,7 @@ async fn main() -> ExitCode {
                 Err(e) => return cli::config_exit(NAME, &e),
             };
             match args.validate() {
-                Ok(()) => cli::finish(NAME, publish::run(client, args).await),
+                Ok(()) => cli::finish(NAME, publish::run(client, *args).await),
                 Err(e) => cli::config_exit(NAME, &e),
             }
         }
