@@ -156,7 +156,12 @@ impl<H: Handler> Pipeline<H> {
             match decode(&entry.stream, &entry.id.to_string(), fields, limits) {
                 Ok(event) => decoded.push((index, event)),
                 Err(e) => {
-                    tracing::warn!(stream = %entry.stream, entry_id = %entry.id, reason = e.reason().as_str(), error = %e, "dead-lettering entry");
+                    let correlation_id = fields
+                        .iter()
+                        .find(|(k, _)| k == b"correlation_id")
+                        .map(|(_, v)| String::from_utf8_lossy(v))
+                        .unwrap_or_default();
+                    tracing::warn!(stream = %entry.stream, entry_id = %entry.id, %correlation_id, reason = e.reason().as_str(), error = %e, "dead-lettering entry");
                     dead.push(DeadLetter {
                         index,
                         reason: e.reason(),
