@@ -47,8 +47,13 @@ pub struct Tuning {
     pub max_in_flight: usize,
     /// Longest a handler may take for one batch before the attempt counts as failed.
     pub handler_timeout_ms: u64,
-    /// Pending entries idle longer than this are reclaimed from other consumers.
+    /// Pending entries idle longer than this are reclaimed (XAUTOCLAIM), whoever owns them.
     pub claim_idle_ms: u64,
+    /// How often the reclaimer looks for such entries.
+    pub claim_interval_ms: u64,
+    /// A consumer silent this long is idle: reported, and deleted from the group once it owns
+    /// no pending entries.
+    pub consumer_idle_ms: u64,
     /// Deliveries after which an entry goes to the dead letter stream.
     pub max_deliveries: u64,
     /// How long an event id is remembered for Redis-side effects.
@@ -71,6 +76,8 @@ impl Default for Tuning {
             max_in_flight: 5000,
             handler_timeout_ms: 5000,
             claim_idle_ms: 30_000,
+            claim_interval_ms: 5000,
+            consumer_idle_ms: 3_600_000,
             max_deliveries: 5,
             dedup_ttl_s: 86_400,
             start_from: StartFrom::Oldest,
@@ -227,6 +234,15 @@ impl FileConfig {
                 "tuning.claim_idle_ms ({}) must be greater than tuning.handler_timeout_ms ({}), or entries still being handled would be claimed by another consumer",
                 t.claim_idle_ms, t.handler_timeout_ms
             )));
+        }
+        if t.consumer_idle_ms <= t.claim_idle_ms {
+            return Err(fail(format!(
+                "tuning.consumer_idle_ms ({}) must be greater than tuning.claim_idle_ms ({})",
+                t.consumer_idle_ms, t.claim_idle_ms
+            )));
+        }
+        if t.claim_interval_ms == 0 {
+            return Err(fail("tuning.claim_interval_ms must be at least 1".into()));
         }
         if t.max_deliveries == 0 {
             return Err(fail("tuning.max_deliveries must be at least 1".into()));

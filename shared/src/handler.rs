@@ -57,6 +57,10 @@ pub enum HandlerError {
     /// with backoff; nothing of it is acknowledged until an attempt succeeds.
     #[error("{0}")]
     Transient(String),
+    /// Some event of the batch can never be applied (e.g. a value the sink rejects). The pipeline
+    /// applies the batch event by event to find it, and dead-letters it alone (`handler_error`).
+    #[error("{0}")]
+    Permanent(String),
     /// Retrying cannot help (e.g. the database schema is newer than this build): the worker stops.
     #[error("{0}")]
     Fatal(String),
@@ -77,4 +81,12 @@ pub trait Handler: Send + 'static {
 
     /// Whether the handler's sink is reachable, for `/readyz` while the worker is idle.
     fn check(&self) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+impl std::ops::AddAssign for Applied {
+    fn add_assign(&mut self, other: Applied) {
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.skipped += other.skipped;
+    }
 }

@@ -30,6 +30,12 @@ pub const GROUP_PENDING: &str = "fleet_consumer_group_pending";
 pub const BACKPRESSURE_ACTIONS: &str = "fleet_backpressure_actions_total";
 /// Transitions of a dependency from unreachable to reachable (labels: target = redis | sink).
 pub const RECONNECTS: &str = "fleet_reconnects_total";
+/// Entries taken over from idle consumers (labels: stream).
+pub const RECLAIMED: &str = "fleet_events_reclaimed_total";
+/// Consumers of the group per stream (labels: stream, state = active | idle).
+pub const GROUP_CONSUMERS: &str = "fleet_consumer_group_consumers";
+/// Idle consumers deleted from the group (they owned no pending entries) (labels: stream).
+pub const CONSUMERS_DELETED: &str = "fleet_consumers_deleted_total";
 /// Streams this worker consumes.
 pub const STREAMS: &str = "fleet_streams";
 
@@ -90,5 +96,17 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Dependency transitions from unreachable to reachable."
     );
     describe_gauge!(STREAMS, "Streams this worker consumes.");
+    describe_counter!(
+        RECLAIMED,
+        "Entries taken over from idle consumers (XAUTOCLAIM)."
+    );
+    describe_gauge!(
+        GROUP_CONSUMERS,
+        "Consumers of the group, by state (idle: no activity for consumer_idle_ms)."
+    );
+    describe_counter!(
+        CONSUMERS_DELETED,
+        "Idle consumers with no pending entries deleted from the group."
+    );
     Ok(handle)
 }

@@ -4,6 +4,11 @@
 //! it before a crash or restart and never acknowledged. Only then does it read new entries (`>`).
 //! Streams are named keys (created with the group, `MKSTREAM`) or glob patterns, rescanned
 //! periodically so new streams are picked up without a restart. Dead letter streams never match.
+//!
+//! Every `claim_interval_ms` the reclaimer takes over entries pending longer than `claim_idle_ms`
+//! (XAUTOCLAIM), whichever consumer owns them (a crashed one, or this one for an entry it could
+//! not apply), and hands them to the pipeline like new ones, with their delivery count from the
+//! pending entry list, so an entry that keeps failing reaches `max_deliveries`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,6 +62,9 @@ pub struct Source {
     /// Streams whose own pending entries are still being re-read, with the cursor.
     history: HashMap<Arc<str>, EntryId>,
     next_discovery: Instant,
+    /// XAUTOCLAIM cursor per stream; a full pass ends when every cursor is back at `0-0`.
+    claim_cursors: HashMap<Arc<str>, String>,
+    next_claim: Instant,
     published: tokio::sync::watch::Sender<Vec<Arc<str>>>,
 }
 
@@ -78,8 +86,15 @@ impl Source {
             streams: Vec::new(),
             history: HashMap::new(),
             next_discovery: Instant::now(),
+            claim_cursors: HashMap::new(),
+            next_claim: Instant::now(),
             published: tokio::sync::watch::Sender::new(Vec::new()),
         }
+    }
+
+    /// This consumer's name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
     }
 
     /// The streams currently consumed.
@@ -184,10 +199,15 @@ impl Source {
                 return Ok(Vec::new());
             }
         }
-        let result = if self.history.is_empty() {
-            self.read_new().await
-        } else {
+        let result = if !self.history.is_empty() {
             self.read_history().await
+        } else if Instant::now() >= self.next_claim {
+            match self.reclaim().await {
+                Ok(claimed) if claimed.is_empty() => self.read_new().await,
+                other => other,
+            }
+        } else {
+            self.read_new().await
         };
         match result {
             Err(SourceError::Redis(e)) if e.code() == Some("NOGROUP") => {
@@ -268,6 +288,59 @@ impl Source {
             tracing::info!(consumer = %self.consumer, "own pending entries re-read: now reading new entries");
         }
         Ok(out)
+    }
+
+    /// One XAUTOCLAIM step on the next stream with a pass in progress. Returns what was claimed
+    /// (possibly nothing); when every stream's pass is complete, waits `claim_interval_ms`.
+    async fn reclaim(&mut self) -> Result<Vec<Entry>, SourceError> {
+        if self.claim_cursors.is_empty() {
+            for s in &self.streams {
+                self.claim_cursors.insert(s.clone(), "0-0".to_owned());
+            }
+        }
+        let Some(stream) = self
+            .streams
+            .iter()
+            .find(|s| self.claim_cursors.contains_key(*s))
+            .cloned()
+        else {
+            self.claim_cursors.clear();
+            self.next_claim = Instant::now() + Duration::from_millis(self.tuning.claim_interval_ms);
+            return Ok(Vec::new());
+        };
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&*stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(self.tuning.claim_idle_ms)
+            .arg(&self.claim_cursors[&stream])
+            .arg("COUNT")
+            .arg(self.tuning.batch_size)
+            .query_async(&mut self.conn)
+            .await?;
+        let mut parts = match reply {
+            Value::Array(parts) => parts.into_iter(),
+            _ => return Err(ReplyError("XAUTOCLAIM reply").into()),
+        };
+        let next = match parts.next() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Some(Value::SimpleString(s)) => s,
+            _ => return Err(ReplyError("XAUTOCLAIM cursor").into()),
+        };
+        let mut entries = Vec::new();
+        crate::entry::parse_entries(&stream, parts.next().unwrap_or(Value::Nil), &mut entries)?;
+        if next == "0-0" {
+            self.claim_cursors.remove(&stream);
+        } else {
+            self.claim_cursors.insert(stream.clone(), next);
+        }
+        if !entries.is_empty() {
+            tracing::info!(stream = %stream, entries = entries.len(), "reclaimed idle pending entries");
+            metrics::counter!(m::RECLAIMED, "stream" => stream.to_string())
+                .increment(entries.len() as u64);
+            self.set_deliveries(&stream, &mut entries).await?;
+        }
+        Ok(entries)
     }
 
     /// Pending entries re-read at start have been delivered before: take their delivery count

@@ -22,6 +22,24 @@ fn transient(e: sqlx::Error) -> HandlerError {
     HandlerError::Transient(format!("postgres: {e}"))
 }
 
+/// PostgreSQL errors caused by the data itself (SQLSTATE classes 22 data exception, 23 integrity,
+/// 54 program limit) are permanent for the event; everything else (connection, 40 rollback,
+/// 53 resources, 57 operator intervention, ...) is worth retrying.
+fn classify(e: sqlx::Error) -> HandlerError {
+    let permanent = match &e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    };
+    if permanent {
+        HandlerError::Permanent(format!("postgres rejected the event: {e}"))
+    } else {
+        transient(e)
+    }
+}
+
 impl Handler for StrictSink {
     async fn prepare(&mut self) -> Result<(), HandlerError> {
         if !self.migrate {
@@ -61,7 +79,7 @@ impl Handler for StrictSink {
             .store
             .persist(&rows, batch.group, &batch.checkpoints)
             .await
-            .map_err(transient)? as usize;
+            .map_err(classify)? as usize;
         Ok(Applied {
             applied: inserted,
             duplicates: rows.len() - inserted,

@@ -126,9 +126,13 @@ impl Worker {
         );
         let sampler = crate::lag::spawn_sampler(
             writer.clone(),
-            self.group.clone(),
+            crate::lag::Watch {
+                group: self.group.clone(),
+                consumer: self.consumer.clone(),
+                interval: Duration::from_millis(tuning.lag_interval_ms),
+                consumer_idle_ms: tuning.consumer_idle_ms,
+            },
             source.watch_streams(),
-            Duration::from_millis(tuning.lag_interval_ms),
         );
         let pipeline = Pipeline {
             group: self.group.clone(),
@@ -137,6 +141,7 @@ impl Worker {
             config: self.config.clone(),
             handler,
             health,
+            in_flight: Default::default(),
         };
         let result = pipeline.run(shutdown).await;
         sampler.abort();

@@ -3,6 +3,8 @@
 //! keys, so tests run in parallel without seeing each other.
 
 pub mod corpus;
+pub mod outcome;
+pub mod servers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,7 +66,12 @@ pub async fn fresh_database() -> String {
 
 /// A connection to the test Redis.
 pub async fn redis() -> MultiplexedConnection {
-    redis::Client::open(redis_url())
+    redis_at(&redis_url()).await
+}
+
+/// A connection to the Redis at `url`.
+pub async fn redis_at(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -152,6 +159,21 @@ impl WorkerEnv {
         let out = tokio::time::timeout(Duration::from_secs(20), run)
             .await
             .unwrap_or_else(|_| panic!("{binary} with {:?} did not exit within 20 s", self.vars))
+            .expect("run binary");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `binary` with arguments to completion; returns its status and stderr.
+    pub async fn run_to_end_with_args(&self, binary: &str, args: &[&str]) -> (ExitStatus, String) {
+        let out = self
+            .command(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
             .expect("run binary");
         (
             out.status,
@@ -264,10 +286,15 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 /// Publishes JSON-line entries with the real `fleetctl publish --file`.
 pub async fn publish_lines(stream: &str, lines: &[String]) {
+    publish_lines_to(&redis_url(), stream, lines).await
+}
+
+/// Publishes JSON-line entries to the Redis at `url`.
+pub async fn publish_lines_to(url: &str, stream: &str, lines: &[String]) {
     let file = std::env::temp_dir().join(format!("{}.jsonl", unique("pub")));
     std::fs::write(&file, lines.join("\n")).unwrap();
     let out = Command::new(bin("fleetctl"))
-        .env("FLEET_REDIS_URL", redis_url())
+        .env("FLEET_REDIS_URL", url)
         .args(["publish", "--stream", stream, "--file"])
         .arg(&file)
         .output()

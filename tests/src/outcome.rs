@@ -1,0 +1,125 @@
+//! What a load did, judged from PostgreSQL and Redis alone: every stream entry is classified by
+//! its content (so a publisher retry that adds an entry twice is judged correctly), then compared
+//! with the rows and the dead letters.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use redis::aio::MultiplexedConnection;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::corpus::{Corpus, Expect};
+use crate::read_stream;
+
+/// One scenario's figures.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub published: usize,
+    pub persisted: usize,
+    pub dead_lettered: usize,
+    /// Valid strict events missing from PostgreSQL, plus malformed entries missing from the DLQ.
+    pub lost: usize,
+    /// Dead letters beyond one per entry, plus rows that should not exist.
+    pub doubled: usize,
+    /// Entries still pending in the group.
+    pub pending: u64,
+}
+
+/// The entry fields a JSON line publishes (as `fleetctl publish --file` does), order-free.
+fn key_of_line(line: &str) -> BTreeMap<String, String> {
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+    v.into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+/// Measures the outcome of publishing `corpus` on `stream` (any number of times, in any order).
+pub async fn measure(
+    conn: &mut MultiplexedConnection,
+    pool: &PgPool,
+    stream: &str,
+    group: &str,
+    corpus: &Corpus,
+) -> Outcome {
+    let expect: HashMap<BTreeMap<String, String>, &Expect> = corpus
+        .lines
+        .iter()
+        .zip(&corpus.expected)
+        .map(|(l, e)| (key_of_line(l), e))
+        .collect();
+    let entries = read_stream(conn, stream).await;
+    let mut want_rows: HashSet<Uuid> = HashSet::new();
+    let mut want_dead: HashSet<String> = HashSet::new();
+    for (id, fields) in &entries {
+        let key: BTreeMap<String, String> = fields.clone().into_iter().collect();
+        match expect.get(&key) {
+            Some(Expect::Valid { id, user: true }) => {
+                want_rows.insert(*id);
+            }
+            Some(Expect::Valid { .. }) => {}
+            Some(Expect::Dead(_)) => {
+                want_dead.insert(id.clone());
+            }
+            None => panic!("entry {id} is not from the corpus"),
+        }
+    }
+    let rows: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM events WHERE stream = $1")
+        .bind(stream)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let dead = read_stream(conn, &format!("{stream}:dlq")).await;
+    let mut dead_count: HashMap<String, usize> = HashMap::new();
+    for (_, f) in &dead {
+        *dead_count.entry(f["dlq_entry_id"].clone()).or_default() += 1;
+    }
+    let row_set: HashSet<Uuid> = rows.iter().copied().collect();
+    let lost = want_rows.difference(&row_set).count()
+        + want_dead
+            .iter()
+            .filter(|id| !dead_count.contains_key(*id))
+            .count();
+    let doubled = dead_count.values().map(|n| n - 1).sum::<usize>()
+        + dead_count
+            .keys()
+            .filter(|id| !want_dead.contains(*id))
+            .count()
+        + row_set.difference(&want_rows).count()
+        + (rows.len() - row_set.len());
+    Outcome {
+        published: entries.len(),
+        persisted: rows.len(),
+        dead_lettered: dead.len(),
+        lost,
+        doubled,
+        pending: crate::pending(conn, stream, group).await,
+    }
+}
+
+/// Prints the scenario's line and appends it to `target/fault-report.txt` (scripts/test shows it).
+pub fn report(scenario: &str, o: &Outcome) {
+    let line = format!(
+        "{scenario:<44} published {:>6}  persisted {:>6}  dead-lettered {:>4}  lost {}  doubled {}",
+        o.published, o.persisted, o.dead_lettered, o.lost, o.doubled
+    );
+    eprintln!("{line}");
+    if let Some(target) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.ancestors().nth(3).map(|p| p.to_path_buf()))
+    {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(target.join("fault-report.txt"))
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
