@@ -22,9 +22,11 @@ pub enum LogFormat {
 }
 
 /// Connection and identity settings of a worker.
+/// How to reach Redis; shared by the workers and fleetctl.
 #[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
-    /// Redis URL: redis:// or rediss:// (TLS), with optional ACL user and password.
+pub struct RedisArgs {
+    /// Redis URL: redis:// or rediss:// (TLS), with optional ACL user and password
+    /// (rediss://user:password@host:port/db).
     #[arg(
         long,
         env = "FLEET_REDIS_URL",
@@ -32,6 +34,32 @@ pub struct WorkerArgs {
         hide_env_values = true
     )]
     pub redis_url: String,
+
+    /// PEM file of the CA that signed the Redis server's certificate [default: the system's roots].
+    #[arg(long, env = "FLEET_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate, for Redis servers that require mutual TLS.
+    #[arg(long, env = "FLEET_REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "FLEET_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    /// A client for these settings; bad URLs and unreadable files are configuration errors.
+    pub fn client(&self) -> Result<redis::Client, crate::config::ConfigError> {
+        crate::connect::redis_client(self)
+    }
+}
+
+/// Connection and identity settings of a worker.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// PostgreSQL URL (required where a strict route exists); TLS via sslmode=require|verify-full.
     #[arg(long, env = "FLEET_DATABASE_URL", hide_env_values = true)]

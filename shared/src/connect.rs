@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::cli::RedisArgs;
 use crate::config::ConfigError;
 
 /// Installs the process-wide TLS crypto provider (once; later calls are no-ops).
@@ -12,15 +13,61 @@ pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Parses a `redis://` / `rediss://` URL; `setting` names the flag in the error.
-pub fn redis_client(url: &str, setting: &str) -> Result<redis::Client, ConfigError> {
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+/// A Redis client from the URL and TLS files; every problem names its setting.
+pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
+    let url = args.redis_url.as_str();
+    let tls = url.starts_with("rediss://");
+    if !(tls || url.starts_with("redis://")) {
         return Err(ConfigError(format!(
-            "{setting}: {} is not a redis:// or rediss:// URL",
+            "FLEET_REDIS_URL: {} is not a redis:// or rediss:// URL",
             redact(url)
         )));
     }
-    redis::Client::open(url).map_err(|e| ConfigError(format!("{setting}: {}: {e}", redact(url))))
+    let bad_url =
+        |e: redis::RedisError| ConfigError(format!("FLEET_REDIS_URL: {}: {e}", redact(url)));
+    let files = [
+        &args.redis_ca_file,
+        &args.redis_client_cert,
+        &args.redis_client_key,
+    ];
+    if files.iter().all(|f| f.is_none()) {
+        return redis::Client::open(url).map_err(bad_url);
+    }
+    if !tls {
+        return Err(ConfigError(
+            "FLEET_REDIS_CA_FILE / FLEET_REDIS_CLIENT_CERT need a rediss:// FLEET_REDIS_URL".into(),
+        ));
+    }
+    let read = |setting: &str,
+                path: &Option<std::path::PathBuf>|
+     -> Result<Option<Vec<u8>>, ConfigError> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p)
+                    .map_err(|e| ConfigError(format!("{setting}: {}: {e}", p.display())))
+            })
+            .transpose()
+    };
+    let root_cert = read("FLEET_REDIS_CA_FILE", &args.redis_ca_file)?;
+    let client_tls = match (
+        read("FLEET_REDIS_CLIENT_CERT", &args.redis_client_cert)?,
+        read("FLEET_REDIS_CLIENT_KEY", &args.redis_client_key)?,
+    ) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    init_tls();
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(bad_url)
 }
 
 /// A connection that reconnects by itself. `response_timeout` must exceed any BLOCK it is used for.
@@ -62,13 +109,27 @@ mod tests {
         );
         assert_eq!(redact("postgres://u:p@db/x"), "postgres://u:***@db/x");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert!(redis_client("http://x", "FLEET_REDIS_URL").is_err());
-        assert!(
-            !redis_client("redis://:pw@host:notaport", "FLEET_REDIS_URL")
-                .map(|_| ())
-                .unwrap_err()
-                .to_string()
-                .contains("pw")
-        );
+        let args = |url: &str| RedisArgs {
+            redis_url: url.into(),
+            redis_ca_file: None,
+            redis_client_cert: None,
+            redis_client_key: None,
+        };
+        assert!(redis_client(&args("http://x")).is_err());
+        let err = redis_client(&args("redis://:pw@host:notaport"))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(!err.to_string().contains("pw"), "{err}");
+        let mut tls = args("redis://h");
+        tls.redis_ca_file = Some("/nonexistent".into());
+        assert!(redis_client(&tls)
+            .unwrap_err()
+            .to_string()
+            .contains("rediss://"));
+        tls.redis_url = "rediss://h".into();
+        assert!(redis_client(&tls)
+            .unwrap_err()
+            .to_string()
+            .contains("FLEET_REDIS_CA_FILE"));
     }
 }

@@ -1,26 +1,20 @@
 //! Liveness and readiness state, updated by the pipeline as it talks to Redis and the sink.
-//! Transitions are logged once each (not once per retry) and counted as reconnects.
+//! Transitions are logged once each (not once per retry), and recoveries counted as reconnects.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use crate::metrics as m;
 
-/// What `/readyz` reports.
-#[derive(Debug)]
-pub struct Health {
-    redis: AtomicBool,
-    sink: AtomicBool,
-    draining: AtomicBool,
-}
+// States of a dependency; 0 (the default) means not yet known.
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            redis: AtomicBool::new(false),
-            sink: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
-        }
-    }
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    redis: AtomicU8,
+    sink: AtomicU8,
+    draining: AtomicBool,
 }
 
 /// A dependency whose reachability is tracked.
@@ -40,24 +34,28 @@ impl Dependency {
 }
 
 impl Health {
-    fn flag(&self, dep: Dependency) -> &AtomicBool {
+    fn state(&self, dep: Dependency) -> &AtomicU8 {
         match dep {
             Dependency::Redis => &self.redis,
             Dependency::Sink => &self.sink,
         }
     }
 
-    /// Records that `dep` answered; logs and counts a reconnect if it was down.
+    /// Records that `dep` answered; logs the transition, and counts a reconnect after an outage.
     pub fn up(&self, dep: Dependency) {
-        if !self.flag(dep).swap(true, Ordering::Relaxed) {
-            tracing::info!(dependency = dep.name(), "reachable");
-            metrics::counter!(m::RECONNECTS, "target" => dep.name()).increment(1);
+        match self.state(dep).swap(UP, Ordering::Relaxed) {
+            UP => {}
+            DOWN => {
+                tracing::info!(dependency = dep.name(), "reachable again");
+                metrics::counter!(m::RECONNECTS, "target" => dep.name()).increment(1);
+            }
+            _ => tracing::info!(dependency = dep.name(), "reachable"),
         }
     }
 
     /// Records a failure talking to `dep`; logs only on the transition to down.
     pub fn down(&self, dep: Dependency, error: &dyn std::fmt::Display) {
-        if self.flag(dep).swap(false, Ordering::Relaxed) {
+        if self.state(dep).swap(DOWN, Ordering::Relaxed) != DOWN {
             tracing::warn!(dependency = dep.name(), %error, "unreachable: retrying with backoff");
         } else {
             tracing::debug!(dependency = dep.name(), %error, "still unreachable");
@@ -69,10 +67,14 @@ impl Health {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Redis reachable, the sink reachable, and not draining.
+    fn is_up(&self, dep: Dependency) -> bool {
+        self.state(dep).load(Ordering::Relaxed) == UP
+    }
+
+    /// Redis answered last time, the sink answered last time, and not draining.
     pub fn is_ready(&self) -> bool {
-        self.redis.load(Ordering::Relaxed)
-            && self.sink.load(Ordering::Relaxed)
+        self.is_up(Dependency::Redis)
+            && self.is_up(Dependency::Sink)
             && !self.draining.load(Ordering::Relaxed)
     }
 
@@ -80,9 +82,29 @@ impl Health {
     pub fn describe(&self) -> String {
         format!(
             "redis={} sink={} draining={}\n",
-            self.redis.load(Ordering::Relaxed),
-            self.sink.load(Ordering::Relaxed),
+            self.is_up(Dependency::Redis),
+            self.is_up(Dependency::Sink),
             self.draining.load(Ordering::Relaxed)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_both_answered_and_not_draining() {
+        let h = Health::default();
+        assert!(!h.is_ready());
+        h.up(Dependency::Redis);
+        assert!(!h.is_ready(), "the sink has not answered yet");
+        h.up(Dependency::Sink);
+        assert!(h.is_ready());
+        h.down(Dependency::Sink, &"gone");
+        assert!(!h.is_ready());
+        h.up(Dependency::Sink);
+        h.drain();
+        assert!(!h.is_ready());
     }
 }

@@ -35,7 +35,7 @@ impl Worker {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let redis = connect::redis_client(&args.redis_url, "FLEET_REDIS_URL")?;
+        let redis = args.redis.client()?;
         let specs: Vec<StreamSpec> = args
             .streams
             .iter()
@@ -103,7 +103,7 @@ impl Worker {
             worker = self.name,
             group = %self.group,
             consumer = %self.consumer,
-            redis = %connect::redact(&self.args.redis_url),
+            redis = %connect::redact(&self.args.redis.redis_url),
             "starting"
         );
         let tuning = &self.config.tuning;

@@ -36,28 +36,184 @@ fn scratch(prefix: &str) -> PathBuf {
     dir
 }
 
+/// A throwaway CA and a server certificate for `localhost` / 127.0.0.1 (EC P-256), made with openssl.
+pub struct Certs {
+    dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Certs {
+    /// Makes them in a fresh folder.
+    pub fn make() -> Self {
+        let dir = scratch("certs-");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-days",
+                "2",
+                "-subj",
+                "/CN=streamfleet test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        Certs {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            dir,
+        }
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A redis-server of one test's own, with AOF on and fsync at every write.
 pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Extra server arguments (TLS, ACL users).
+    server_args: Vec<String>,
+    /// redis-cli arguments to reach it (TLS, credentials).
+    cli_args: Vec<String>,
 }
 
 impl PrivateRedis {
     /// Starts it on a free port.
     pub fn start() -> Self {
+        let port = free_port();
+        Self::launch(port, vec!["--port".into(), port.to_string()], Vec::new())
+    }
+
+    /// Starts a TLS-only server whose only user is `user` / `password` (the default user is off).
+    pub fn start_tls(certs: &Certs, user: &str, password: &str) -> Self {
+        let port = free_port();
+        let path = |p: &Path| p.display().to_string();
+        let server = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(&certs.cert),
+            "--tls-key-file".into(),
+            path(&certs.key),
+            "--tls-ca-cert-file".into(),
+            path(&certs.ca),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--user".into(),
+            "default".into(),
+            "off".into(),
+            "--user".into(),
+            user.into(),
+            "on".into(),
+            format!(">{password}"),
+            "~*".into(),
+            "&*".into(),
+            "+@all".into(),
+        ];
+        let cli = vec![
+            "--tls".into(),
+            "--cacert".into(),
+            path(&certs.ca),
+            "--user".into(),
+            user.into(),
+            "--pass".into(),
+            password.into(),
+            "--no-auth-warning".into(),
+        ];
+        Self::launch(port, server, cli)
+    }
+
+    fn launch(port: u16, server_args: Vec<String>, cli_args: Vec<String>) -> Self {
         let mut r = PrivateRedis {
-            port: free_port(),
+            port,
             dir: scratch("redis-"),
             child: None,
+            server_args,
+            cli_args,
         };
         r.spawn();
         r
     }
 
+    fn cli(&self) -> Command {
+        let mut c = Command::new("redis-cli");
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.cli_args);
+        c
+    }
+
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(&self.server_args)
             .arg("--dir")
             .arg(&self.dir)
             .args([
@@ -72,10 +228,9 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server");
         self.child = Some(child);
-        let port = self.port;
         wait_for("redis-server", || {
-            Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "ping"])
+            self.cli()
+                .arg("ping")
                 .output()
                 .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
         });
@@ -88,9 +243,7 @@ impl PrivateRedis {
 
     /// A clean restart: SHUTDOWN (the AOF is complete), then start again on the same data.
     pub fn restart(&mut self) {
-        let _ = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown"])
-            .output();
+        let _ = self.cli().arg("shutdown").output();
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
@@ -118,6 +271,15 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// initdb and start on a free port, with a database `fleet`.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`PrivatePostgres::start`], but accepting only TLS connections, with `certs`.
+    pub fn start_tls(certs: &Certs) -> Self {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(tls: Option<&Certs>) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL is installed (scripts/services)")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -154,6 +316,34 @@ impl PrivatePostgres {
             .status()
             .unwrap();
         assert!(ok.success(), "initdb");
+        if let Some(certs) = tls {
+            std::fs::copy(&certs.cert, pg.data.join("server.crt")).unwrap();
+            std::fs::copy(&certs.key, pg.data.join("server.key")).unwrap();
+            let mut conf = std::fs::read_to_string(pg.data.join("postgresql.conf")).unwrap();
+            conf.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(pg.data.join("postgresql.conf"), conf).unwrap();
+            std::fs::write(
+                pg.data.join("pg_hba.conf"),
+                "hostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+            if is_root() {
+                for f in ["server.crt", "server.key", "postgresql.conf", "pg_hba.conf"] {
+                    Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(pg.data.join(f))
+                        .status()
+                        .unwrap();
+                }
+            }
+            Command::new("chmod")
+                .arg("600")
+                .arg(pg.data.join("server.key"))
+                .status()
+                .unwrap();
+        }
         pg.start_again();
         let ok = Command::new("psql")
             .args([

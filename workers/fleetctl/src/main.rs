@@ -14,15 +14,8 @@ const NAME: &str = "fleetctl";
 #[derive(Debug, Parser)]
 #[command(name = NAME, version)]
 struct Cli {
-    /// Redis URL: redis:// or rediss://.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEET_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    redis: cli::RedisArgs,
 
     /// PostgreSQL URL.
     #[arg(
@@ -51,8 +44,7 @@ async fn main() -> ExitCode {
     streamfleet::connect::init_tls();
     match cli.command {
         Command::Publish(args) => {
-            let client = match streamfleet::connect::redis_client(&cli.redis_url, "FLEET_REDIS_URL")
-            {
+            let client = match cli.redis.client() {
                 Ok(c) => c,
                 Err(e) => return cli::config_exit(NAME, &e),
             };
