@@ -30,6 +30,10 @@ pub struct PublishArgs {
     #[arg(long, value_name = "N", conflicts_with = "event_type")]
     generate: Option<u64>,
 
+    /// With --generate: publish at this many events per second (steady load) instead of at once.
+    #[arg(long, value_name = "EVENTS_PER_SECOND", requires = "generate")]
+    rate: Option<u64>,
+
     /// With --generate: share of events on strict `user.*` channels (the rest on `flow.*`).
     #[arg(long, default_value_t = 0.5)]
     user_share: f64,
@@ -78,6 +82,9 @@ impl PublishArgs {
         }
         if self.event_type.is_some() && self.channel.is_none() {
             return Err("publish: --type needs --channel".into());
+        }
+        if self.rate == Some(0) {
+            return Err("publish: --rate must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&self.user_share) {
             return Err("publish: --user-share must be between 0 and 1".into());
@@ -159,10 +166,18 @@ pub async fn run(client: redis::Client, args: PublishArgs) -> anyhow::Result<()>
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
     let mut count = 0u64;
     if let Some(n) = args.generate {
+        // Paced: one slice every 10 ms, each event timestamped as it is sent.
+        let slice = args.rate.map(|r| (r / 100).max(1) as usize);
+        let started = tokio::time::Instant::now();
         for i in 0..n {
             batch.push(generated(i, args.user_share, &args.source));
-            if batch.len() == CHUNK {
+            if batch.len() == slice.unwrap_or(CHUNK) {
                 flush(&mut conn, &args.stream, &mut batch).await?;
+                if let Some(rate) = args.rate {
+                    let sent = (i + 1) as f64;
+                    let due = started + std::time::Duration::from_secs_f64(sent / rate as f64);
+                    tokio::time::sleep_until(due).await;
+                }
             }
         }
         flush(&mut conn, &args.stream, &mut batch).await?;
