@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::channel::{self, ChannelError};
 use crate::dlq::DlqReason;
+use crate::entry::EntryId;
 use crate::legacy;
 
 /// The only schema major version this build reads.
@@ -163,7 +164,7 @@ fn set<'a>(
 /// id and channel are derived from them.
 pub fn decode(
     stream: &str,
-    entry_id: &str,
+    entry_id: EntryId,
     fields: &Fields,
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
@@ -324,6 +325,8 @@ pub(crate) fn correlation(v: Option<&[u8]>) -> Result<Option<String>, DecodeErro
 pub(crate) mod tests {
     use super::*;
 
+    pub(crate) const ENTRY: EntryId = EntryId { ms: 1, seq: 0 };
+
     pub(crate) fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs
             .iter()
@@ -344,7 +347,7 @@ pub(crate) mod tests {
     }
 
     fn decode_pairs(pairs: &[(&str, &str)]) -> Result<Event, DecodeError> {
-        decode("events", "1-0", &fields(pairs), &Limits::default())
+        decode("events", ENTRY, &fields(pairs), &Limits::default())
     }
 
     fn with(name: &str, value: &'static str) -> Vec<(&'static str, &'static str)> {
@@ -448,7 +451,7 @@ pub(crate) mod tests {
         let mut raw = fields(&valid());
         raw[2].1 = vec![0xff, 0xfe];
         assert_eq!(
-            decode("s", "1-0", &raw, &Limits::default()).unwrap_err(),
+            decode("s", ENTRY, &raw, &Limits::default()).unwrap_err(),
             E::NotUtf8("type")
         );
     }
@@ -459,7 +462,7 @@ pub(crate) mod tests {
         let big = format!("{{\"x\":\"{}\"", "a".repeat(32)); // not even valid JSON
         let mut pairs = fields(&valid());
         pairs.iter_mut().find(|(k, _)| k == b"data").unwrap().1 = big.into_bytes();
-        let err = decode("s", "1-0", &pairs, &limits).unwrap_err();
+        let err = decode("s", ENTRY, &pairs, &limits).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { .. }));
         assert_eq!(err.reason(), DlqReason::TooLarge);
     }

@@ -16,6 +16,7 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
 use crate::channel;
+use crate::entry::EntryId;
 use crate::event::{self, DecodeError, Event, Fields, Limits};
 
 /// Namespace of the UUIDv5 ids given to legacy entries (fixed forever: changing it would break
@@ -27,14 +28,14 @@ pub const LEGACY_STREAM_PREFIX: &str = "flow:events:";
 pub const DEFAULT_LEGACY_SOURCE: &str = "legacy-bus";
 
 /// The v1 id of the legacy entry `entry_id` on `stream`.
-pub fn legacy_id(stream: &str, entry_id: &str) -> Uuid {
+pub fn legacy_id(stream: &str, entry_id: EntryId) -> Uuid {
     Uuid::new_v5(&LEGACY_NAMESPACE, format!("{stream}/{entry_id}").as_bytes())
 }
 
 /// Upcasts a legacy entry (no `v`, has `event_type`) to a v1 event.
 pub(crate) fn upcast(
     stream: &str,
-    entry_id: &str,
+    entry_id: EntryId,
     fields: &Fields,
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
@@ -115,10 +116,17 @@ mod tests {
     use crate::event::decode;
     use crate::event::tests::fields;
 
+    fn id(seq: u64) -> EntryId {
+        EntryId {
+            ms: 1_700_000_000_000,
+            seq,
+        }
+    }
+
     fn legacy(pairs: &[(&str, &str)]) -> Result<Event, DecodeError> {
         decode(
             "flow:events:7F3C",
-            "1700000000000-3",
+            id(3),
             &fields(pairs),
             &Limits::default(),
         )
@@ -140,7 +148,7 @@ mod tests {
         assert_eq!(e.correlation_id, None);
         assert_eq!(e.time.offset(), time::UtcOffset::UTC);
         assert_eq!(e.time.microsecond(), 123456);
-        assert_eq!(e.id, legacy_id("flow:events:7F3C", "1700000000000-3"));
+        assert_eq!(e.id, legacy_id("flow:events:7F3C", id(3)));
         assert_eq!(e.id.get_version_num(), 5);
         // Deterministic: the same entry always gets the same id; another entry does not.
         assert_eq!(
@@ -153,7 +161,7 @@ mod tests {
             .unwrap()
             .id
         );
-        assert_ne!(e.id, legacy_id("flow:events:7F3C", "1700000000000-4"));
+        assert_ne!(e.id, legacy_id("flow:events:7F3C", id(4)));
     }
 
     #[test]
@@ -182,7 +190,7 @@ mod tests {
             ("timestamp", "2024-05-01T12:30:45"),
         ];
         assert_eq!(legacy(&base).unwrap().source, DEFAULT_LEGACY_SOURCE);
-        let bad_stream = decode("other", "1-0", &fields(&base), &Limits::default());
+        let bad_stream = decode("other", id(0), &fields(&base), &Limits::default());
         assert!(matches!(bad_stream, Err(DecodeError::Legacy(_))));
         let bad_payload = legacy(&[
             ("event_type", "DONE"),

@@ -4,6 +4,7 @@
 //! A worker is this pipeline plus one [`handler::Handler`]; everything a handler must not do
 //! (acknowledge, retry, sleep for backpressure, dead-letter, count metrics) lives here.
 
+pub mod ack;
 pub mod backpressure;
 pub mod channel;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod event;
 pub mod handler;
 pub mod health;
 pub mod http;
+pub mod inflight;
 pub mod lag;
 pub mod legacy;
 pub mod logging;

@@ -1,11 +1,13 @@
 //! The pipeline every worker runs: source → decode/validate → dedup → route → backpressure →
 //! handler → confirm → acknowledge and checkpoint.
 //!
-//! One batch is in flight at a time, so memory is bounded by the batch size whatever the backlog.
-//! Nothing of a batch is acknowledged before the handler has confirmed it (its effects and the
-//! checkpoints are durable); then the dead letters and the XACKs go to Redis in one MULTI/EXEC
-//! round trip, so a crash leaves either both or neither. A crash anywhere before that leaves the
-//! whole batch pending: it is redelivered and, effects being idempotent, applied once.
+//! Three stages overlap, joined by bounded channels: the reader fetches the next batch while the
+//! processor has the handler commit the current one and the acker acknowledges the previous one.
+//! Batches are committed and acknowledged in the order they were read. Nothing of a batch is
+//! acknowledged before the handler has confirmed it (its effects and the checkpoints are durable);
+//! a crash anywhere before the acknowledgement leaves the batch pending: it is redelivered and,
+//! effects being idempotent, applied once. Memory is bounded by the few batches in flight,
+//! whatever the backlog.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,19 +15,21 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
 
+use crate::ack::{Counts, DeadLetter, Settlement};
 use crate::backpressure::BackpressureStage;
-use crate::config::FileConfig;
-use crate::dlq::{add_dead_letter, DlqReason};
+use crate::config::{FileConfig, Tuning};
+use crate::dlq::DlqReason;
 use crate::entry::{Entry, EntryId};
 use crate::event::{decode, Event, Limits};
 use crate::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
 use crate::health::{Dependency, Health};
-use crate::metrics as m;
+use crate::inflight::InFlight;
 use crate::shutdown::Shutdown;
 use crate::source::Source;
 
-/// A worker's running pipeline around its handler.
+/// A worker's pipeline around its handler.
 pub struct Pipeline<H> {
     /// The consumer group.
     pub group: String,
@@ -39,29 +43,10 @@ pub struct Pipeline<H> {
     pub handler: H,
     /// Shared with `/readyz`.
     pub health: Arc<Health>,
-    /// The batch in flight (ids per stream) and when its idle time was last reset.
-    pub in_flight: InFlight,
 }
 
-/// The entries of the batch in flight, kept "alive" in the pending entry list while the handler
-/// is retried, like a Kafka consumer's heartbeat: otherwise a long sink outage would let the
-/// reclaimer of another consumer take them over and count redeliveries against valid events.
-#[derive(Debug)]
-pub struct InFlight {
-    ids: Vec<(Arc<str>, Vec<String>)>,
-    touched: Instant,
-}
-
-impl Default for InFlight {
-    fn default() -> Self {
-        InFlight {
-            ids: Vec::new(),
-            touched: Instant::now(),
-        }
-    }
-}
-
-fn backoff() -> impl Iterator<Item = Duration> {
+/// Exponential backoff with jitter, 50 ms to 5 s, without end: outages are waited out.
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(5))
@@ -70,58 +55,156 @@ fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// How often an idle worker checks that its sink is reachable.
-const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// An entry that leaves through the dead letter stream.
-struct DeadLetter {
-    index: usize,
-    reason: DlqReason,
-    error: String,
+/// How many batches the reader may run ahead of the processor: up to 2, within `max_in_flight`
+/// (one batch in the handler and one being acknowledged count too).
+pub fn read_ahead(t: &Tuning) -> usize {
+    (t.max_in_flight / t.batch_size)
+        .saturating_sub(2)
+        .clamp(1, 2)
 }
 
+/// How often an idle worker checks that its sink is reachable.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Failed attempts, while the sink answers, before a batch is applied event by event.
+const ISOLATE_AFTER: u32 = 3;
+
 impl<H: Handler> Pipeline<H> {
-    /// Runs until the shutdown is triggered, then returns once the batch in flight is settled.
-    /// Fails only when the handler reports a fatal error while preparing.
-    pub async fn run(mut self, shutdown: Shutdown) -> Result<(), HandlerError> {
-        if !self.prepare(&shutdown).await? {
-            self.health.drain();
+    /// Runs until the shutdown is triggered, then returns once every batch read is settled or
+    /// left pending. Fails only when the handler reports a fatal error while preparing.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), HandlerError> {
+        let Pipeline {
+            group,
+            source,
+            writer,
+            config,
+            handler,
+            health,
+        } = self;
+        let consumer = source.consumer().to_owned();
+        let in_flight = InFlight::default();
+        let mut processor = Processor {
+            group: group.clone(),
+            consumer,
+            writer: writer.clone(),
+            limits: Limits {
+                max_data_bytes: config.tuning.max_data_bytes,
+            },
+            backpressure: BackpressureStage::new(config.backpressure.clone()),
+            config: config.clone(),
+            handler,
+            health: health.clone(),
+            in_flight: in_flight.clone(),
+        };
+        if !processor.prepare(&shutdown).await? {
+            health.drain();
             return Ok(());
         }
-        let limits = Limits {
-            max_data_bytes: self.config.tuning.max_data_bytes,
-        };
-        let backpressure = BackpressureStage::new(self.config.backpressure.clone());
-        let mut delays = backoff();
-        let mut last_probe = Instant::now();
-        while !shutdown.is_triggered() {
-            let entries = match self.source.read().await {
-                Ok(entries) => {
-                    self.health.up(Dependency::Redis);
-                    delays = backoff();
-                    entries
-                }
-                Err(e) => {
-                    self.health.down(Dependency::Redis, &e);
-                    shutdown.sleep(delays.next().unwrap_or_default()).await;
-                    continue;
-                }
-            };
-            if !entries.is_empty() {
-                self.process(&entries, &limits, &backpressure, &shutdown)
-                    .await;
-            } else if last_probe.elapsed() >= PROBE_INTERVAL {
-                // Idle: probe the sink so /readyz tells the truth without traffic.
-                last_probe = Instant::now();
-                match self.handler.check().await {
-                    Ok(()) => self.health.up(Dependency::Sink),
-                    Err(e) => self.health.down(Dependency::Sink, &e),
-                }
-            }
-        }
-        self.health.drain();
+        let (batches_tx, batches_rx) = mpsc::channel(read_ahead(&config.tuning));
+        let (settle_tx, settle_rx) = mpsc::channel(1);
+        let reader = tokio::spawn(read(
+            source,
+            batches_tx,
+            health.clone(),
+            shutdown.clone(),
+            in_flight.clone(),
+        ));
+        let acker = tokio::spawn(crate::ack::run(
+            writer,
+            group,
+            settle_rx,
+            health.clone(),
+            shutdown.clone(),
+            in_flight,
+        ));
+        processor.run(batches_rx, settle_tx, &shutdown).await;
+        let _ = reader.await;
+        let _ = acker.await;
+        health.drain();
         tracing::info!("drained: no batch in flight");
         Ok(())
+    }
+}
+
+/// The reader stage: batches in, until the drain starts.
+async fn read(
+    mut source: Source,
+    batches: mpsc::Sender<(u64, Vec<Entry>)>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+    in_flight: InFlight,
+) {
+    let mut delays = backoff();
+    while !shutdown.is_triggered() {
+        match source.read().await {
+            Ok(entries) => {
+                health.up(Dependency::Redis);
+                delays = backoff();
+                if entries.is_empty() {
+                    continue;
+                }
+                let ticket = in_flight.register(&entries);
+                if batches.send((ticket, entries)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                health.down(Dependency::Redis, &e);
+                shutdown.sleep(delays.next().unwrap_or_default()).await;
+            }
+        }
+    }
+}
+
+/// The processor stage: decode, route, backpressure, and the handler with its retries.
+struct Processor<H> {
+    group: String,
+    consumer: String,
+    writer: ConnectionManager,
+    limits: Limits,
+    backpressure: BackpressureStage,
+    config: Arc<FileConfig>,
+    handler: H,
+    health: Arc<Health>,
+    in_flight: InFlight,
+}
+
+/// What became of a batch's events once the handler confirmed it.
+#[derive(Debug, Default)]
+struct Confirmed {
+    applied: Applied,
+    /// Rejected by the sink: dead letters with reason `handler_error`.
+    rejected: Vec<(Arc<str>, EntryId, String)>,
+    /// Kept failing: left pending (not acknowledged) for redelivery.
+    held: Vec<(Arc<str>, EntryId)>,
+}
+
+impl<H: Handler> Processor<H> {
+    async fn run(
+        &mut self,
+        mut batches: mpsc::Receiver<(u64, Vec<Entry>)>,
+        settlements: mpsc::Sender<Settlement>,
+        shutdown: &Shutdown,
+    ) {
+        loop {
+            match tokio::time::timeout(PROBE_INTERVAL, batches.recv()).await {
+                Ok(Some((ticket, entries))) => {
+                    match self.process(ticket, entries, shutdown).await {
+                        Some(settlement) => {
+                            if settlements.send(settlement).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => self.in_flight.release(ticket),
+                    }
+                }
+                Ok(None) => break,
+                // Idle: probe the sink so /readyz tells the truth without traffic.
+                Err(_) => match self.handler.check().await {
+                    Ok(()) => self.health.up(Dependency::Sink),
+                    Err(e) => self.health.down(Dependency::Sink, &e),
+                },
+            }
+        }
     }
 
     /// Runs the handler's preparation, retrying transient failures. Ok(false) if the drain
@@ -145,21 +228,22 @@ impl<H: Handler> Pipeline<H> {
         }
     }
 
+    /// One batch through every stage up to the handler's confirmation. `None` if the drain
+    /// started while the handler was failing: the batch stays pending.
     async fn process(
         &mut self,
-        entries: &[Entry],
-        limits: &Limits,
-        backpressure: &BackpressureStage,
+        ticket: u64,
+        entries: Vec<Entry>,
         shutdown: &Shutdown,
-    ) {
+    ) -> Option<Settlement> {
         let started = Instant::now();
         let mut dead: Vec<DeadLetter> = Vec::new();
         let mut decoded: Vec<(usize, Event)> = Vec::with_capacity(entries.len());
-        let mut deleted = 0usize;
+        let mut counts = Counts::default();
         let max_deliveries = self.config.tuning.max_deliveries;
         for (index, entry) in entries.iter().enumerate() {
             let Some(fields) = &entry.fields else {
-                deleted += 1;
+                counts.deleted += 1;
                 continue;
             };
             if entry.deliveries > max_deliveries {
@@ -173,7 +257,7 @@ impl<H: Handler> Pipeline<H> {
                 });
                 continue;
             }
-            match decode(&entry.stream, &entry.id.to_string(), fields, limits) {
+            match decode(&entry.stream, entry.id, fields, &self.limits) {
                 Ok(event) => decoded.push((index, event)),
                 Err(e) => {
                     let correlation_id = fields
@@ -195,11 +279,10 @@ impl<H: Handler> Pipeline<H> {
         let mut seen = HashSet::with_capacity(decoded.len());
         let before = decoded.len();
         decoded.retain(|(_, e)| seen.insert(e.id));
-        let batch_duplicates = before - decoded.len();
+        counts.batch_duplicates = before - decoded.len();
 
         let config = self.config.clone();
         let mut routed = Vec::with_capacity(decoded.len());
-        let mut unrouted = 0usize;
         for (index, event) in &decoded {
             let entry = &entries[*index];
             match config.routes.lookup(&event.channel) {
@@ -209,62 +292,47 @@ impl<H: Handler> Pipeline<H> {
                     stream: &entry.stream,
                     entry_id: entry.id,
                 }),
-                None => unrouted += 1,
+                None => counts.unrouted += 1,
             }
         }
-        let (routed, shed) = backpressure.admit(routed).await;
+        let (routed, shed) = self.backpressure.admit(routed).await;
+        counts.shed = shed;
 
-        self.in_flight = InFlight {
-            ids: entries
-                .chunk_by(|a, b| a.stream == b.stream)
-                .map(|run| {
-                    (
-                        run[0].stream.clone(),
-                        run.iter().map(|e| e.id.to_string()).collect(),
-                    )
-                })
-                .collect(),
-            touched: started,
-        };
         let group = self.group.clone();
         let batch = Batch {
             group: &group,
             events: routed,
-            checkpoints: checkpoints(entries),
+            checkpoints: checkpoints(&entries),
         };
-        let Some(confirmed) = self.confirm(&batch, shutdown).await else {
-            return; // draining while the sink is down: the batch stays pending
-        };
-        for (stream, id, error) in &confirmed.rejected {
+        let confirmed = self.confirm(&batch, shutdown).await?;
+        drop(batch);
+        counts.applied = confirmed.applied;
+        for (stream, id, error) in confirmed.rejected {
             if let Some(index) = entries
                 .iter()
-                .position(|e| &e.stream == stream && e.id == *id)
+                .position(|e| e.stream == stream && e.id == id)
             {
                 dead.push(DeadLetter {
                     index,
                     reason: DlqReason::HandlerError,
-                    error: error.clone(),
+                    error,
                 });
             }
         }
-        if !self.settle(entries, &dead, &confirmed.held, shutdown).await {
-            return;
-        }
-
         if tracing::enabled!(tracing::Level::DEBUG) {
             for (_, e) in &decoded {
-                tracing::debug!(event_id = %e.id, channel = %e.channel, correlation_id = e.correlation_id.as_deref().unwrap_or(""), "settled");
+                tracing::debug!(event_id = %e.id, channel = %e.channel, correlation_id = e.correlation_id.as_deref().unwrap_or(""), "confirmed");
             }
         }
-        let counts = Counts {
-            applied: confirmed.applied,
-            batch_duplicates,
-            unrouted,
-            shed,
-            deleted,
-        };
-        record(entries, &dead, &confirmed.held, counts);
-        metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        drop(decoded);
+        Some(Settlement {
+            ticket,
+            entries,
+            dead,
+            held: confirmed.held,
+            counts,
+            started,
+        })
     }
 
     /// One handler attempt, bounded by the handler timeout.
@@ -278,9 +346,10 @@ impl<H: Handler> Pipeline<H> {
                 timeout.as_millis()
             ))),
         };
-        metrics::histogram!(m::HANDLER_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::HANDLER_DURATION)
+            .record(started.elapsed().as_secs_f64());
         if outcome.is_err() {
-            metrics::counter!(m::HANDLER_ERRORS).increment(1);
+            metrics::counter!(crate::metrics::HANDLER_ERRORS).increment(1);
         }
         outcome
     }
@@ -407,7 +476,7 @@ impl<H: Handler> Pipeline<H> {
         Some(out)
     }
 
-    /// Sleeps for the next backoff step, keeping the batch's entries owned; false if the drain
+    /// Sleeps for the next backoff step, keeping the entries in flight owned; false if the drain
     /// started (stop retrying).
     async fn pause(
         &mut self,
@@ -418,111 +487,12 @@ impl<H: Handler> Pipeline<H> {
             tracing::warn!("draining during retries: the batch is left pending for redelivery");
             return false;
         }
-        self.keep_alive().await;
+        let every = Duration::from_millis(self.config.tuning.claim_idle_ms / 3);
+        self.in_flight
+            .keep_alive(&mut self.writer, &self.group, &self.consumer, every)
+            .await;
         true
     }
-
-    /// Resets the idle time of the entries in flight (XCLAIM JUSTID: no delivery is counted)
-    /// once a third of `claim_idle_ms` has passed since the last reset.
-    async fn keep_alive(&mut self) {
-        let every = Duration::from_millis(self.config.tuning.claim_idle_ms / 3);
-        if self.in_flight.touched.elapsed() < every {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for (stream, ids) in &self.in_flight.ids {
-            pipe.cmd("XCLAIM")
-                .arg(&**stream)
-                .arg(&self.group)
-                .arg(self.source.consumer())
-                .arg(every.as_millis() as u64)
-                .arg(ids)
-                .arg("JUSTID")
-                .ignore();
-        }
-        match pipe.query_async::<()>(&mut self.writer).await {
-            Ok(()) => self.in_flight.touched = Instant::now(),
-            Err(e) => tracing::debug!(error = %e, "could not refresh the batch in flight"),
-        }
-    }
-
-    /// Dead letters and acknowledgements (all entries but the held ones) in one atomic round
-    /// trip. Retried until Redis answers; false if the drain started first.
-    async fn settle(
-        &mut self,
-        entries: &[Entry],
-        dead: &[DeadLetter],
-        held: &[(Arc<str>, EntryId)],
-        shutdown: &Shutdown,
-    ) -> bool {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for d in dead {
-            add_dead_letter(
-                &mut pipe,
-                &entries[d.index],
-                &self.group,
-                d.reason,
-                &d.error,
-            );
-        }
-        let mut commands = dead.len();
-        for run in entries.chunk_by(|a, b| a.stream == b.stream) {
-            let ids: Vec<String> = run
-                .iter()
-                .filter(|e| !held.iter().any(|(s, id)| *s == e.stream && *id == e.id))
-                .map(|e| e.id.to_string())
-                .collect();
-            if !ids.is_empty() {
-                pipe.cmd("XACK")
-                    .arg(&*run[0].stream)
-                    .arg(&self.group)
-                    .arg(ids)
-                    .ignore();
-                commands += 1;
-            }
-        }
-        if commands == 0 {
-            return true; // everything held: nothing to settle now
-        }
-        let mut delays = backoff();
-        loop {
-            match pipe.query_async::<()>(&mut self.writer).await {
-                Ok(()) => {
-                    self.health.up(Dependency::Redis);
-                    return true;
-                }
-                Err(e) => {
-                    self.health.down(Dependency::Redis, &e);
-                    if !shutdown.sleep(delays.next().unwrap_or_default()).await {
-                        return false;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Failed attempts, while the sink answers, before a batch is applied event by event.
-const ISOLATE_AFTER: u32 = 3;
-
-/// What became of a batch's events once the handler confirmed it.
-#[derive(Debug, Default)]
-struct Confirmed {
-    applied: Applied,
-    /// Rejected by the sink: dead letters with reason `handler_error`.
-    rejected: Vec<(Arc<str>, EntryId, String)>,
-    /// Kept failing: left pending (not acknowledged) for redelivery.
-    held: Vec<(Arc<str>, EntryId)>,
-}
-
-/// What a batch did, for the metrics.
-struct Counts {
-    applied: Applied,
-    batch_duplicates: usize,
-    unrouted: usize,
-    shed: usize,
-    deleted: usize,
 }
 
 /// The highest entry id read per stream.
@@ -539,27 +509,4 @@ fn checkpoints(entries: &[Entry]) -> Vec<Checkpoint> {
     }
     out.sort_by(|a, b| a.stream.cmp(&b.stream));
     out
-}
-
-fn record(entries: &[Entry], dead: &[DeadLetter], held: &[(Arc<str>, EntryId)], c: Counts) {
-    for run in entries.chunk_by(|a, b| a.stream == b.stream) {
-        let stream = run[0].stream.to_string();
-        let kept = held.iter().filter(|(s, _)| *s == run[0].stream).count();
-        metrics::counter!(m::EVENTS_READ, "stream" => stream.clone()).increment(run.len() as u64);
-        metrics::counter!(m::EVENTS_ACKNOWLEDGED, "stream" => stream)
-            .increment((run.len() - kept) as u64);
-    }
-    for d in dead {
-        metrics::counter!(m::EVENTS_DEAD_LETTERED, "stream" => entries[d.index].stream.to_string(), "reason" => d.reason.as_str()).increment(1);
-    }
-    metrics::counter!(m::EVENTS_APPLIED).increment(c.applied.applied as u64);
-    metrics::counter!(m::EVENTS_DEDUPLICATED, "stage" => "batch")
-        .increment(c.batch_duplicates as u64);
-    metrics::counter!(m::EVENTS_DEDUPLICATED, "stage" => "sink")
-        .increment(c.applied.duplicates as u64);
-    metrics::counter!(m::EVENTS_SKIPPED, "reason" => "unrouted").increment(c.unrouted as u64);
-    metrics::counter!(m::EVENTS_SKIPPED, "reason" => "not_for_worker")
-        .increment(c.applied.skipped as u64);
-    metrics::counter!(m::EVENTS_SKIPPED, "reason" => "backpressure").increment(c.shed as u64);
-    metrics::counter!(m::EVENTS_SKIPPED, "reason" => "deleted").increment(c.deleted as u64);
 }

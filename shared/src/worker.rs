@@ -141,7 +141,6 @@ impl Worker {
             config: self.config.clone(),
             handler,
             health,
-            in_flight: Default::default(),
         };
         let result = pipeline.run(shutdown).await;
         sampler.abort();

@@ -63,8 +63,13 @@ fn valid_examples_pass_the_schema_and_the_decoder() {
             "{}: schema says {errors:?}",
             path.display()
         );
-        let decoded = decode("events", "1-0", &fields(&event), &Limits::default())
-            .unwrap_or_else(|e| panic!("{}: decoder says {e}", path.display()));
+        let decoded = decode(
+            "events",
+            streamfleet::entry::EntryId { ms: 1, seq: 0 },
+            &fields(&event),
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{}: decoder says {e}", path.display()));
         // The decoder's JSON view agrees with the example on every contract field.
         let json = decoded.to_json();
         for k in ["id", "type", "channel", "source", "data"] {
@@ -86,9 +91,14 @@ fn invalid_examples_fail_the_schema_and_the_decoder_with_the_stated_reason() {
             "{}: the schema accepts it",
             path.display()
         );
-        let err = decode("events", "1-0", &fields(event), &Limits::default())
-            .err()
-            .unwrap_or_else(|| panic!("{}: the decoder accepts it", path.display()));
+        let err = decode(
+            "events",
+            streamfleet::entry::EntryId { ms: 1, seq: 0 },
+            &fields(event),
+            &Limits::default(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{}: the decoder accepts it", path.display()));
         assert_eq!(
             err.reason().as_str(),
             example["dlq_reason"].as_str().unwrap(),

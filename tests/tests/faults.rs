@@ -222,7 +222,7 @@ async fn redis_restarted_mid_load_with_aof_loses_and_doubles_nothing() {
     )
     .await;
     assert!(
-        worker.metric("fleet_reconnects_total", "redis").await >= 2.0,
+        worker.metric("fleet_reconnects_total", "redis").await >= 1.0,
         "reconnected after the restart"
     );
     worker.signal("TERM").await;
