@@ -11,10 +11,13 @@ use redis::aio::ConnectionManager;
 
 use crate::entry::Entry;
 
+/// The entry ids of one batch, per stream.
+type BatchIds = Vec<(Arc<str>, Vec<String>)>;
+
 #[derive(Debug)]
 struct State {
     next: u64,
-    batches: BTreeMap<u64, Vec<(Arc<str>, Vec<String>)>>,
+    batches: BTreeMap<u64, BatchIds>,
     touched: Instant,
 }
 
