@@ -35,6 +35,8 @@ def main():
     except redis.ResponseError:
         pass
     pg = psycopg.connect(database_url)
+    # A prefix of this run's own, so runs never see each other's dedup keys; they expire.
+    prefix = f"baseline:dedup:{time.time_ns()}:"
     total = 0
     started = time.monotonic()
     while True:
@@ -55,7 +57,7 @@ def main():
             valid.append((entry_id.decode(), f))
         pipe = r.pipeline(transaction=False)
         for _, f in valid:
-            pipe.set("baseline:dedup:" + f["id"], 1, nx=True, ex=86400)
+            pipe.set(prefix + f["id"], 1, nx=True, ex=600)
         fresh = [v for v, new in zip(valid, pipe.execute()) if new]
         rows = [(eid, f) for eid, f in fresh if f["channel"].startswith("user.")]
         if rows:

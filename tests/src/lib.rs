@@ -365,3 +365,9 @@ pub async fn lag(conn: &mut MultiplexedConnection, stream: &str, group: &str) ->
         _ => None,
     }
 }
+
+/// An entry id as a sortable pair (`9-0` < `10-0`, unlike the text).
+pub fn entry_id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}

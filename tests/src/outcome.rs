@@ -123,3 +123,76 @@ pub fn report(scenario: &str, o: &Outcome) {
         }
     }
 }
+
+/// Entries acknowledged by `group` (delivered, no longer pending) whose effect is missing: valid
+/// strict events without a row, malformed entries without a dead letter. Must always be empty:
+/// an acknowledgement comes only after the effect is durable.
+pub async fn acknowledged_but_missing(
+    conn: &mut MultiplexedConnection,
+    pool: &PgPool,
+    stream: &str,
+    group: &str,
+    corpus: &Corpus,
+) -> Vec<String> {
+    use crate::entry_id_key;
+    let expect: HashMap<BTreeMap<String, String>, &Expect> = corpus
+        .lines
+        .iter()
+        .zip(&corpus.expected)
+        .map(|(l, e)| (key_of_line(l), e))
+        .collect();
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let last_delivered = groups
+        .iter()
+        .find(
+            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()),
+        )
+        .and_then(|g| match g.get("last-delivered-id") {
+            Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .expect("the group exists");
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(1_000_000)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let pending: HashSet<String> = pending.into_iter().map(|p| p.0).collect();
+    let rows: HashSet<Uuid> = sqlx::query_scalar("SELECT event_id FROM events WHERE stream = $1")
+        .bind(stream)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let dead: HashSet<String> = read_stream(conn, &format!("{stream}:dlq"))
+        .await
+        .into_iter()
+        .map(|(_, f)| f["dlq_entry_id"].clone())
+        .collect();
+    let mut missing = Vec::new();
+    for (id, fields) in read_stream(conn, stream).await {
+        if entry_id_key(&id) > entry_id_key(&last_delivered) || pending.contains(&id) {
+            continue; // not delivered yet, or delivered and still pending
+        }
+        let key: BTreeMap<String, String> = fields.into_iter().collect();
+        let ok = match expect.get(&key) {
+            Some(Expect::Valid { id, user: true }) => rows.contains(id),
+            Some(Expect::Dead(_)) => dead.contains(&id),
+            _ => true,
+        };
+        if !ok {
+            missing.push(id);
+        }
+    }
+    missing
+}

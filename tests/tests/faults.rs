@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Corpus, TEST_MAX_DATA_BYTES};
-use streamfleet_tests::outcome::{measure, report, Outcome};
+use streamfleet_tests::outcome::{acknowledged_but_missing, measure, report, Outcome};
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
 
@@ -106,6 +106,14 @@ async fn kill_9_five_times_during_a_load_of_50000_loses_and_doubles_nothing() {
         let mut worker = worker;
         worker.wait(Duration::from_secs(10)).await;
         eprintln!("kill -9 round {round}: {} rows so far", rows(&pool).await);
+        if lag(&mut redis().await, &stream, GROUP).await.is_some() {
+            let missing =
+                acknowledged_but_missing(&mut redis().await, &pool, &stream, GROUP, &corpus).await;
+            assert!(
+                missing.is_empty(),
+                "round {round}: acknowledged without effect: {missing:?}"
+            );
+        }
     }
     publisher.await.unwrap();
     let mut last = env.start("persister").await;
@@ -415,6 +423,11 @@ async fn sigterm_under_load_exits_0_and_leaves_everything_acknowledged_or_pendin
     let mut conn = redis().await;
     let mid = measure(&mut conn, &pool, &stream, GROUP, &corpus).await;
     assert_eq!(mid.doubled, 0);
+    let missing = acknowledged_but_missing(&mut conn, &pool, &stream, GROUP, &corpus).await;
+    assert!(
+        missing.is_empty(),
+        "acknowledged without effect: {missing:?}"
+    );
     let delivered = 30_000 - lag(&mut conn, &stream, GROUP).await.unwrap() as usize;
     assert!(
         delivered > 0 && delivered < 30_000,
