@@ -220,21 +220,22 @@ impl Source {
         }
     }
 
-    fn per_stream_count(&self, streams: usize) -> usize {
-        self.tuning.batch_size.div_ceil(streams.max(1)).max(1)
-    }
-
-    async fn read_new(&mut self) -> Result<Vec<Entry>, SourceError> {
-        let count = self.per_stream_count(self.streams.len());
+    /// `XREADGROUP GROUP g c COUNT n` for a read over `streams` streams: the batch size is split
+    /// across them, so one read stays near `batch_size` entries however many streams there are.
+    fn xreadgroup(&self, streams: usize) -> redis::Cmd {
+        let count = self.tuning.batch_size.div_ceil(streams.max(1)).max(1);
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(self.tuning.block_ms)
-            .arg("STREAMS");
+            .arg(count);
+        cmd
+    }
+
+    async fn read_new(&mut self) -> Result<Vec<Entry>, SourceError> {
+        let mut cmd = self.xreadgroup(self.streams.len());
+        cmd.arg("BLOCK").arg(self.tuning.block_ms).arg("STREAMS");
         for s in &self.streams {
             cmd.arg(&**s);
         }
@@ -252,14 +253,8 @@ impl Source {
     async fn read_history(&mut self) -> Result<Vec<Entry>, SourceError> {
         let mut keys: Vec<Arc<str>> = self.history.keys().cloned().collect();
         keys.sort();
-        let count = self.per_stream_count(keys.len());
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("STREAMS");
+        let mut cmd = self.xreadgroup(keys.len());
+        cmd.arg("STREAMS");
         for s in &keys {
             cmd.arg(&**s);
         }

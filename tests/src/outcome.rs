@@ -39,6 +39,16 @@ fn key_of_line(line: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// What must become of an entry, looked up by its fields.
+fn expectations(corpus: &Corpus) -> HashMap<BTreeMap<String, String>, &Expect> {
+    corpus
+        .lines
+        .iter()
+        .zip(&corpus.expected)
+        .map(|(l, e)| (key_of_line(l), e))
+        .collect()
+}
+
 /// Measures the outcome of publishing `corpus` on `stream` (any number of times, in any order).
 pub async fn measure(
     conn: &mut MultiplexedConnection,
@@ -47,12 +57,7 @@ pub async fn measure(
     group: &str,
     corpus: &Corpus,
 ) -> Outcome {
-    let expect: HashMap<BTreeMap<String, String>, &Expect> = corpus
-        .lines
-        .iter()
-        .zip(&corpus.expected)
-        .map(|(l, e)| (key_of_line(l), e))
-        .collect();
+    let expect = expectations(corpus);
     let entries = read_stream(conn, stream).await;
     let mut want_rows: HashSet<Uuid> = HashSet::new();
     let mut want_dead: HashSet<String> = HashSet::new();
@@ -135,12 +140,7 @@ pub async fn acknowledged_but_missing(
     corpus: &Corpus,
 ) -> Vec<String> {
     use crate::entry_id_key;
-    let expect: HashMap<BTreeMap<String, String>, &Expect> = corpus
-        .lines
-        .iter()
-        .zip(&corpus.expected)
-        .map(|(l, e)| (key_of_line(l), e))
-        .collect();
+    let expect = expectations(corpus);
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)

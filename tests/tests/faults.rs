@@ -245,28 +245,8 @@ async fn a_killed_consumers_pending_entries_are_reclaimed_and_it_is_removed_once
     let corpus = corpus::mixed(3000, 5, 1);
     publish_lines(&stream, &corpus.lines).await;
     let mut conn = redis().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     // The consumer that died: it read 800 entries and never acknowledged them.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("dead")
-        .arg("COUNT")
-        .arg(800)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(pending(&mut conn, &stream, GROUP).await, 800);
+    abandon_entries(&mut conn, &stream, GROUP, "dead", 800).await;
 
     let env = WorkerEnv::new(&stream, &db)
         .set("FLEET_CONSUMER", "alive")

@@ -273,28 +273,8 @@ async fn own_pending_entries_are_reapplied_first_after_a_crash() {
     let corpus = corpus::mixed(300, 0, 0);
     publish_lines(&stream, &corpus.lines).await;
     let mut conn = redis().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     // Simulate the crashed run: 120 entries delivered to c1 and never acknowledged.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("c1")
-        .arg("COUNT")
-        .arg(120)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(pending(&mut conn, &stream, GROUP).await, 120);
+    abandon_entries(&mut conn, &stream, GROUP, "c1", 120).await;
 
     let env = WorkerEnv::new(&stream, &db).set("FLEET_CONFIG", &test_config());
     let mut worker = env.start("persister").await;
