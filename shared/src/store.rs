@@ -44,25 +44,30 @@ impl EventRows<'_> {
     }
 }
 
-/// Sorted by event id so that concurrent batches sharing ids lock rows in the same order and
-/// cannot deadlock each other.
-const INSERT_EVENTS: &str = "
-INSERT INTO events (event_id, channel, type, source, occurred_at, data, stream, stream_id, correlation_id)
-SELECT e.event_id, e.channel, e.type, e.source, e.occurred_at, e.data::jsonb, e.stream, e.stream_id, e.correlation_id
-FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[])
-  AS e(event_id, channel, type, source, occurred_at, data, stream, stream_id, correlation_id)
-ORDER BY e.event_id
-ON CONFLICT (event_id) DO NOTHING";
-
-/// A checkpoint only moves forward (entry ids compared numerically), whichever consumer of the
-/// group commits last.
-const UPSERT_CHECKPOINTS: &str = "
-INSERT INTO checkpoints (stream, group_name, position, updated_at)
-SELECT c.stream, $2, c.position, now() FROM UNNEST($1::text[], $3::text[]) AS c(stream, position)
-ON CONFLICT (stream, group_name) DO UPDATE
-SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
-WHERE (split_part(checkpoints.position, '-', 1)::numeric, split_part(checkpoints.position, '-', 2)::numeric)
-    < (split_part(EXCLUDED.position, '-', 1)::numeric, split_part(EXCLUDED.position, '-', 2)::numeric)";
+/// The rows and the checkpoints in one statement: a single statement is atomic on its own, so it
+/// needs no BEGIN/COMMIT round trips (measured: 4 round trips cost more than half of a batch).
+/// Rows are inserted sorted by event id, so concurrent batches sharing ids lock them in the same
+/// order and cannot deadlock. A checkpoint only moves forward (entry ids compared numerically),
+/// whichever consumer of the group commits last. Returns the number of new rows.
+const PERSIST: &str = "
+WITH inserted AS (
+  INSERT INTO events (event_id, channel, type, source, occurred_at, data, stream, stream_id, correlation_id)
+  SELECT e.event_id, e.channel, e.type, e.source, e.occurred_at, e.data::jsonb, e.stream, e.stream_id, e.correlation_id
+  FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[])
+    AS e(event_id, channel, type, source, occurred_at, data, stream, stream_id, correlation_id)
+  ORDER BY e.event_id
+  ON CONFLICT (event_id) DO NOTHING
+  RETURNING 1
+), checkpointed AS (
+  INSERT INTO checkpoints AS c (stream, group_name, position, updated_at)
+  SELECT k.stream, $10, k.position, now() FROM UNNEST($11::text[], $12::text[]) AS k(stream, position)
+  ON CONFLICT (stream, group_name) DO UPDATE
+  SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
+  WHERE (split_part(c.position, '-', 1)::numeric, split_part(c.position, '-', 2)::numeric)
+      < (split_part(EXCLUDED.position, '-', 1)::numeric, split_part(EXCLUDED.position, '-', 2)::numeric)
+  RETURNING 1
+)
+SELECT count(*) FROM inserted";
 
 /// The PostgreSQL side of the fleet.
 #[derive(Debug, Clone)]
@@ -107,44 +112,31 @@ impl EventStore {
             .map(|_| ())
     }
 
-    /// Inserts the rows and advances the checkpoints in one transaction. Returns how many rows
-    /// were new (the rest were already there: duplicates).
+    /// Inserts the rows and advances the checkpoints atomically (one statement). Returns how many
+    /// rows were new (the rest were already there: duplicates).
     pub async fn persist(
         &self,
         rows: &EventRows<'_>,
         group: &str,
         checkpoints: &[Checkpoint],
     ) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = if rows.is_empty() {
-            0
-        } else {
-            sqlx::query(INSERT_EVENTS)
-                .bind(&rows.ids)
-                .bind(&rows.channels)
-                .bind(&rows.types)
-                .bind(&rows.sources)
-                .bind(&rows.times)
-                .bind(&rows.data)
-                .bind(&rows.streams)
-                .bind(&rows.stream_ids)
-                .bind(&rows.correlation_ids)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-        };
-        if !checkpoints.is_empty() {
-            let streams: Vec<&str> = checkpoints.iter().map(|c| &*c.stream).collect();
-            let positions: Vec<String> =
-                checkpoints.iter().map(|c| c.position.to_string()).collect();
-            sqlx::query(UPSERT_CHECKPOINTS)
-                .bind(&streams)
-                .bind(group)
-                .bind(&positions)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(inserted)
+        let streams: Vec<&str> = checkpoints.iter().map(|c| &*c.stream).collect();
+        let positions: Vec<String> = checkpoints.iter().map(|c| c.position.to_string()).collect();
+        let inserted: i64 = sqlx::query_scalar(PERSIST)
+            .bind(&rows.ids)
+            .bind(&rows.channels)
+            .bind(&rows.types)
+            .bind(&rows.sources)
+            .bind(&rows.times)
+            .bind(&rows.data)
+            .bind(&rows.streams)
+            .bind(&rows.stream_ids)
+            .bind(&rows.correlation_ids)
+            .bind(group)
+            .bind(&streams)
+            .bind(&positions)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(inserted as u64)
     }
 }
