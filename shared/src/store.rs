@@ -1,6 +1,6 @@
 //! PostgreSQL: the `events` table (the system of record) and `checkpoints`, with the embedded
-//! migrations. One transaction per batch holds both the rows and the checkpoints, so a commit
-//! makes them durable together; `ON CONFLICT DO NOTHING` on the event id makes a redelivered
+//! migrations. One statement per batch writes both the rows and the checkpoints, so they become
+//! durable together or not at all; `ON CONFLICT DO NOTHING` on the event id makes a redelivered
 //! batch a no-op.
 
 use std::str::FromStr;
