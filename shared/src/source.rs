@@ -326,6 +326,11 @@ impl Source {
         crate::entry::parse_entries(&stream, parts.next().unwrap_or(Value::Nil), &mut entries)?;
         if next == "0-0" {
             self.claim_cursors.remove(&stream);
+            if self.claim_cursors.is_empty() {
+                // The pass is complete: the next one starts after claim_interval_ms.
+                self.next_claim =
+                    Instant::now() + Duration::from_millis(self.tuning.claim_interval_ms);
+            }
         } else {
             self.claim_cursors.insert(stream.clone(), next);
         }

@@ -446,3 +446,57 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
         assert!(lines[0].starts_with("persister: error:"), "{:?}", lines[0]);
     }
 }
+
+/// Calls of one command on a server, from INFO commandstats.
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reclaimer_scans_once_per_interval_not_once_per_batch() {
+    let server = streamfleet_tests::servers::PrivateRedis::start();
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let stream = unique("claims:");
+    let corpus = corpus::mixed(20_000, 0, 0);
+    publish_lines_to(&server.url(), &stream, &corpus.lines).await;
+    let env = WorkerEnv::new(&stream, &db)
+        .set("FLEET_REDIS_URL", &server.url())
+        .set(
+            "FLEET_CONFIG",
+            &config_file("[tuning]\nbatch_size = 100\nclaim_interval_ms = 60000\n"),
+        );
+    let mut worker = env.start("persister").await;
+    let mut conn = redis_at(&server.url()).await;
+    wait_until(Duration::from_secs(60), "the stream to be drained", || {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move {
+            lag(&mut conn, &stream, GROUP).await == Some(0)
+                && pending(&mut conn, &stream, GROUP).await == 0
+        }
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows as usize, corpus.expected_rows().len());
+    let reads = command_calls(&mut conn, "xreadgroup").await;
+    let claims = command_calls(&mut conn, "xautoclaim").await;
+    assert!(reads >= 200, "{reads} reads for 200 batches");
+    assert!(
+        claims <= 3,
+        "XAUTOCLAIM ran {claims} times during one claim interval ({reads} reads)"
+    );
+    worker.signal("TERM").await;
+    assert!(worker.wait(Duration::from_secs(20)).await.success());
+}
