@@ -121,7 +121,7 @@ pub async fn run(
     while let Some(s) = settlements.recv().await {
         let mut settled = true;
         if let Some(pipe) = s.commands(&group) {
-            let mut delays = crate::pipeline::backoff();
+            let mut delays = crate::backoff::backoff();
             loop {
                 match pipe.query_async::<()>(&mut conn).await {
                     Ok(()) => {

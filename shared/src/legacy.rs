@@ -64,8 +64,7 @@ pub(crate) fn upcast(
         )));
     }
     event::check_type(&event_type)?;
-    let channel = format!("{flow_id}.{event_type}");
-    let channel = format!("flow.{channel}");
+    let channel = format!("flow.{flow_id}.{event_type}");
     channel::check(&channel).map_err(|cause| DecodeError::BadChannel {
         value: channel.clone(),
         cause,

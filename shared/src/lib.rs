@@ -5,6 +5,7 @@
 //! (acknowledge, retry, sleep for backpressure, dead-letter, count metrics) lives here.
 
 pub mod ack;
+pub mod backoff;
 pub mod backpressure;
 pub mod channel;
 pub mod cli;

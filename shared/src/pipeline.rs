@@ -13,11 +13,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use crate::ack::{Counts, DeadLetter, Settlement};
+use crate::backoff::backoff;
 use crate::backpressure::BackpressureStage;
 use crate::config::{FileConfig, Tuning};
 use crate::dlq::DlqReason;
@@ -43,16 +43,6 @@ pub struct Pipeline<H> {
     pub handler: H,
     /// Shared with `/readyz`.
     pub health: Arc<Health>,
-}
-
-/// Exponential backoff with jitter, 50 ms to 5 s, without end: outages are waited out.
-pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// How many batches the reader may run ahead of the processor: up to 2, within `max_in_flight`

@@ -97,11 +97,6 @@ impl Source {
         &self.consumer
     }
 
-    /// The streams currently consumed.
-    pub fn streams(&self) -> &[Arc<str>] {
-        &self.streams
-    }
-
     /// Follows the list of streams consumed, as discovery changes it (for the lag sampler).
     pub fn watch_streams(&self) -> tokio::sync::watch::Receiver<Vec<Arc<str>>> {
         self.published.subscribe()

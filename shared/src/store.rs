@@ -94,11 +94,6 @@ impl EventStore {
         Ok(EventStore { pool })
     }
 
-    /// The underlying pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Applies pending migrations (serialised across processes by an advisory lock).
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         MIGRATOR.run(&self.pool).await

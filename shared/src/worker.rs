@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::cli::WorkerArgs;
 use crate::config::{ConfigError, FileConfig};
@@ -156,11 +155,7 @@ impl Worker {
         health: &Health,
         shutdown: &Shutdown,
     ) -> Option<redis::aio::ConnectionManager> {
-        let mut delays = ExponentialBuilder::default()
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = crate::backoff::backoff();
         loop {
             match redis_connection(&self.redis, response_timeout).await {
                 Ok(conn) => return Some(conn),
