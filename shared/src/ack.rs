@@ -12,7 +12,7 @@ use crate::dlq::{add_dead_letter, DlqReason};
 use crate::entry::{Entry, EntryId};
 use crate::handler::Applied;
 use crate::health::{Dependency, Health};
-use crate::inflight::InFlight;
+use crate::inflight::{BatchIds, InFlight};
 use crate::metrics as m;
 use crate::shutdown::Shutdown;
 
@@ -54,26 +54,27 @@ impl Settlement {
             .any(|(s, id)| *s == e.stream && *id == e.id)
     }
 
-    /// The MULTI/EXEC pipeline; `None` when there is nothing to send (everything held).
-    fn commands(&self, group: &str) -> Option<redis::Pipeline> {
+    /// The MULTI/EXEC pipeline, from the batch's ids as registered in flight; `None` when there
+    /// is nothing to send (everything held).
+    fn commands(&self, group: &str, ids: &BatchIds) -> Option<redis::Pipeline> {
+        let held: Vec<(&Arc<str>, String)> = self
+            .held
+            .iter()
+            .map(|(s, id)| (s, id.to_string()))
+            .collect();
         let mut pipe = redis::pipe();
         pipe.atomic();
         let mut commands = self.dead.len();
         for d in &self.dead {
             add_dead_letter(&mut pipe, &self.entries[d.index], group, d.reason, &d.error);
         }
-        for run in self.entries.chunk_by(|a, b| a.stream == b.stream) {
-            let ids: Vec<String> = run
+        for (stream, ids) in ids {
+            let ack: Vec<&String> = ids
                 .iter()
-                .filter(|e| !self.is_held(e))
-                .map(|e| e.id.to_string())
+                .filter(|id| !held.iter().any(|(s, h)| *s == stream && h == *id))
                 .collect();
-            if !ids.is_empty() {
-                pipe.cmd("XACK")
-                    .arg(&*run[0].stream)
-                    .arg(group)
-                    .arg(ids)
-                    .ignore();
+            if !ack.is_empty() {
+                pipe.cmd("XACK").arg(&**stream).arg(group).arg(ack).ignore();
                 commands += 1;
             }
         }
@@ -120,7 +121,10 @@ pub async fn run(
 ) {
     while let Some(s) = settlements.recv().await {
         let mut settled = true;
-        if let Some(pipe) = s.commands(&group) {
+        let pipe = in_flight
+            .with_ids(s.ticket, |ids| s.commands(&group, ids))
+            .flatten();
+        if let Some(pipe) = pipe {
             let mut delays = crate::backoff::backoff();
             loop {
                 match pipe.query_async::<()>(&mut conn).await {

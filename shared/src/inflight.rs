@@ -11,8 +11,8 @@ use redis::aio::ConnectionManager;
 
 use crate::entry::Entry;
 
-/// The entry ids of one batch, per stream.
-type BatchIds = Vec<(Arc<str>, Vec<String>)>;
+/// The entry ids of one batch, per stream, formatted once when the batch is read.
+pub type BatchIds = Vec<(Arc<str>, Vec<String>)>;
 
 #[derive(Debug)]
 struct State {
@@ -56,6 +56,17 @@ impl InFlight {
         s.next += 1;
         s.batches.insert(ticket, ids);
         ticket
+    }
+
+    /// Runs `f` on the ids of a batch still in flight (the acker builds its XACKs from them, so no
+    /// id is formatted twice). `None` if the ticket is unknown.
+    pub fn with_ids<R>(&self, ticket: u64, f: impl FnOnce(&BatchIds) -> R) -> Option<R> {
+        self.state
+            .lock()
+            .expect("in-flight lock")
+            .batches
+            .get(&ticket)
+            .map(f)
     }
 
     /// Forgets a batch: settled, or left pending for redelivery.
