@@ -64,6 +64,11 @@ pub async fn fresh_database() -> String {
     format!("{}/{name}", pg_base())
 }
 
+/// Connection settings for test checks: generous response timeout.
+pub fn slow_ok() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)))
+}
+
 /// A connection to the test Redis.
 pub async fn redis() -> MultiplexedConnection {
     redis_at(&redis_url()).await
@@ -73,7 +78,8 @@ pub async fn redis() -> MultiplexedConnection {
 pub async fn redis_at(url: &str) -> MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        // Reading back whole streams can take longer than redis-rs's 500 ms default on 2 busy cores.
+        .get_multiplexed_async_connection_with_config(&slow_ok())
         .await
         .expect("Redis is not reachable: run scripts/services")
 }

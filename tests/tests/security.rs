@@ -22,7 +22,10 @@ async fn tls_redis(url: &str, certs: &Certs) -> MultiplexedConnection {
         },
     )
     .unwrap();
-    client.get_multiplexed_async_connection().await.unwrap()
+    client
+        .get_multiplexed_async_connection_with_config(&slow_ok())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,7 +160,11 @@ async fn flush(
 /// Publishes and prints what was published.
 pub async fn run(client: redis::Client, args: PublishArgs) -> anyhow::Result<()> {
     let mut conn = client
-        .get_multiplexed_async_connection()
+        // Pipelines of 1000 XADDs can take longer than redis-rs's 500 ms default on a busy host.
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(std::time::Duration::from_secs(30))),
+        )
         .await
         .context("connecting to Redis")?;
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
