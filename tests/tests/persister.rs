@@ -500,3 +500,58 @@ async fn the_reclaimer_scans_once_per_interval_not_once_per_batch() {
     worker.signal("TERM").await;
     assert!(worker.wait(Duration::from_secs(20)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_that_keep_crashing_their_consumer_reach_the_dlq_after_max_deliveries() {
+    // Each crash and restart re-reads the consumer's own pending entries, and each re-read counts
+    // as a delivery: past max_deliveries they are dead-lettered instead of crashing it again.
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let stream = unique("crashloop:");
+    let corpus = corpus::mixed(60, 0, 0);
+    publish_lines(&stream, &corpus.lines).await;
+    let mut conn = redis().await;
+    abandon_entries(&mut conn, &stream, GROUP, "c1", 6).await;
+    for _ in 0..3 {
+        // Three more crashed runs, each re-reading its pending entries before dying.
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg("c1")
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let env = WorkerEnv::new(&stream, &db).set(
+        "FLEET_CONFIG",
+        &config_file("[tuning]\nmax_deliveries = 3\n"),
+    );
+    let mut worker = env.start("persister").await;
+    wait_drained(&pool, &stream).await;
+
+    let entries = read_stream(&mut conn, &stream).await;
+    let dead = read_stream(&mut conn, &format!("{stream}:dlq")).await;
+    assert_eq!(dead.len(), 6, "the six crash-looping entries");
+    for ((id, _), (_, f)) in entries.iter().zip(&dead) {
+        assert_eq!(&f["dlq_entry_id"], id);
+        assert_eq!(f["dlq_reason"], "max_deliveries");
+        assert_eq!(
+            f["dlq_deliveries"], "5",
+            "1 delivery + 3 crashed re-reads + this one"
+        );
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let expected = corpus.expected[6..]
+        .iter()
+        .filter(|e| matches!(e, Expect::Valid { user: true, .. }))
+        .count();
+    assert_eq!(rows as usize, expected, "the rest is applied normally");
+    worker.signal("TERM").await;
+    assert!(worker.wait(Duration::from_secs(20)).await.success());
+}
