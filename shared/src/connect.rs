@@ -1,6 +1,7 @@
 //! Connections to Redis: URL checks that fail at startup (not at first use), TLS set-up, and
 //! connections that reconnect by themselves after an outage.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -68,6 +69,53 @@ pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
         },
     )
     .map_err(bad_url)
+}
+
+/// The TLS settings of the reader's own connection (`read_conn`) for a `rediss://` URL: the same
+/// trust and client certificate as the redis-rs client gets: the CA file, else the system's roots.
+pub fn read_tls(args: &RedisArgs) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    if !args.redis_url.starts_with("rediss://") {
+        return Ok(None);
+    }
+    init_tls();
+    let pem = |setting: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        ConfigError(format!("{setting}: {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &args.redis_ca_file {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| pem("FLEET_REDIS_CA_FILE", path, &e))?
+            {
+                let cert = cert.map_err(|e| pem("FLEET_REDIS_CA_FILE", path, &e))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| pem("FLEET_REDIS_CA_FILE", path, &e))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&args.redis_client_cert, &args.redis_client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| pem("FLEET_REDIS_CLIENT_CERT", cert, &e))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| pem("FLEET_REDIS_CLIENT_KEY", key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ConfigError(format!("FLEET_REDIS_CLIENT_CERT: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
 }
 
 /// A connection that reconnects by itself. `response_timeout` must exceed any BLOCK it is used for.

@@ -52,7 +52,7 @@ pub fn add_dead_letter(
     error: &str,
 ) {
     let cmd = pipe.cmd("XADD").arg(dlq_stream(&entry.stream)).arg("*");
-    for (k, v) in entry.fields.iter().flatten() {
+    for (k, v) in entry.fields.iter().flat_map(|f| f.iter()) {
         // The original fields stay unchanged; a field that collides with ours is kept under a
         // prefixed name rather than silently overwritten.
         if k.starts_with(b"dlq_") {

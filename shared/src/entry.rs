@@ -1,10 +1,13 @@
 //! A stream entry as read from a consumer group, and its id.
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use redis::Value;
+use redis_protocol::resp2::types::RangeFrame;
 
 /// A stream entry id `<ms>-<seq>`, ordered as Redis orders them (text order is wrong: `9-0` < `10-0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,9 +47,77 @@ pub struct Entry {
     pub stream: Arc<str>,
     pub id: EntryId,
     /// `None` when the entry was deleted (XDEL, trimming) while pending: nothing to apply.
-    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub fields: Option<Fields>,
     /// How many times the group has delivered this entry, this delivery included.
     pub deliveries: u64,
+}
+
+/// An entry's field/value pairs as spans of the reply they were read in: the reply buffer is
+/// shared (reference-counted) by every entry of a read, so reading a batch allocates a few
+/// vectors, not one buffer per field.
+#[derive(Clone)]
+pub struct Fields {
+    buf: Bytes,
+    spans: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Fields {
+    /// The pairs in stream order (repeated names included: the decoder rejects them).
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans
+            .iter()
+            .map(|(k, v)| (&self.buf[k.clone()], &self.buf[v.clone()]))
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Whether the entry has no fields.
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Total bytes of names and values, for size limits checked before any parsing.
+    pub fn byte_size(&self) -> usize {
+        self.spans.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+impl<K: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(K, V)> for Fields {
+    /// Copies owned pairs into one buffer (tests, and replies read through redis-rs).
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        let mut buf = Vec::new();
+        let mut spans = Vec::new();
+        for (k, v) in pairs {
+            let k_start = buf.len();
+            buf.extend_from_slice(k.as_ref());
+            let v_start = buf.len();
+            buf.extend_from_slice(v.as_ref());
+            spans.push((k_start..v_start, v_start..buf.len()));
+        }
+        Fields {
+            buf: Bytes::from(buf),
+            spans,
+        }
+    }
+}
+
+impl fmt::Debug for Fields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v))),
+            )
+            .finish()
+    }
 }
 
 /// The reply of XREADGROUP / XRANGE-like commands could not be understood.
@@ -70,8 +141,15 @@ fn array(v: Value) -> Result<Vec<Value>, ReplyError> {
     }
 }
 
-/// Parses a list of `[id, [field, value, ...]]` entries belonging to `stream`, taking ownership of
-/// the byte buffers so nothing is copied.
+fn parse_id(id: &[u8]) -> Result<EntryId, ReplyError> {
+    std::str::from_utf8(id)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ReplyError("entry id"))
+}
+
+/// Parses a list of `[id, [field, value, ...]]` entries belonging to `stream`, from a reply read
+/// through redis-rs (XAUTOCLAIM: rare, so copying the fields is fine).
 pub fn parse_entries(
     stream: &Arc<str>,
     list: Value,
@@ -79,21 +157,17 @@ pub fn parse_entries(
 ) -> Result<(), ReplyError> {
     for item in array(list)? {
         let mut pair = array(item)?.into_iter();
-        let id = bytes(pair.next().ok_or(ReplyError("entry without id"))?)?;
-        let id = std::str::from_utf8(&id)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or(ReplyError("entry id"))?;
+        let id = parse_id(&bytes(pair.next().ok_or(ReplyError("entry without id"))?)?)?;
         let fields = match pair.next() {
             None | Some(Value::Nil) => None,
             Some(v) => {
                 let flat = array(v)?;
-                let mut fields = Vec::with_capacity(flat.len() / 2);
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
                 let mut it = flat.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    fields.push((bytes(k)?, bytes(v)?));
+                    pairs.push((bytes(k)?, bytes(v)?));
                 }
-                Some(fields)
+                Some(pairs.into_iter().collect())
             }
         };
         out.push(Entry {
@@ -109,34 +183,70 @@ pub fn parse_entries(
 /// The entries read from each stream of one XREADGROUP.
 pub type StreamEntries = Vec<(Arc<str>, Vec<Entry>)>;
 
-/// Parses an XREADGROUP reply: `[[stream, entries], ...]` (or a map under RESP3), nil on timeout.
-/// Returns, per stream key, the entries read.
-pub fn parse_read_reply(reply: Value, keys: &[Arc<str>]) -> Result<StreamEntries, ReplyError> {
-    let pairs: Vec<(Value, Value)> = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Map(m) => m,
-        Value::Array(a) => a
-            .into_iter()
-            .map(|kv| {
-                let mut kv = array(kv)?.into_iter();
-                match (kv.next(), kv.next()) {
-                    (Some(k), Some(v)) => Ok((k, v)),
-                    _ => Err(ReplyError("stream reply pair")),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(ReplyError("XREADGROUP reply")),
-    };
-    let mut out = Vec::with_capacity(pairs.len());
-    for (k, v) in pairs {
-        let k = bytes(k)?;
+fn span(frame: &RangeFrame) -> Result<Range<usize>, ReplyError> {
+    match frame {
+        RangeFrame::BulkString((start, end)) | RangeFrame::SimpleString((start, end)) => {
+            Ok(*start..*end)
+        }
+        _ => Err(ReplyError("expected a string")),
+    }
+}
+
+fn frames(frame: RangeFrame) -> Result<Vec<RangeFrame>, ReplyError> {
+    match frame {
+        RangeFrame::Array(a) => Ok(a),
+        RangeFrame::Null => Ok(Vec::new()),
+        _ => Err(ReplyError("expected an array")),
+    }
+}
+
+/// Parses a RESP2 XREADGROUP reply decoded as spans of `buf` (`[[stream, [[id, [f, v, ...]],
+/// ...]], ...]`, nil on timeout) into entries that share `buf`. Returns, per stream key, the
+/// entries read.
+pub fn parse_read_frame(
+    buf: &Bytes,
+    reply: RangeFrame,
+    keys: &[Arc<str>],
+) -> Result<StreamEntries, ReplyError> {
+    let mut out = Vec::new();
+    for pair in frames(reply)? {
+        let mut pair = frames(pair)?.into_iter();
+        let (Some(key), Some(list)) = (pair.next(), pair.next()) else {
+            return Err(ReplyError("stream reply pair"));
+        };
+        let key = &buf[span(&key)?];
         let stream = keys
             .iter()
-            .find(|s| s.as_bytes() == k.as_slice())
+            .find(|s| s.as_bytes() == key)
             .cloned()
-            .unwrap_or_else(|| Arc::from(String::from_utf8_lossy(&k).as_ref()));
-        let mut entries = Vec::new();
-        parse_entries(&stream, v, &mut entries)?;
+            .unwrap_or_else(|| Arc::from(String::from_utf8_lossy(key).as_ref()));
+        let list = frames(list)?;
+        let mut entries = Vec::with_capacity(list.len());
+        for item in list {
+            let mut item = frames(item)?.into_iter();
+            let id = parse_id(&buf[span(&item.next().ok_or(ReplyError("entry without id"))?)?])?;
+            let fields = match item.next() {
+                None | Some(RangeFrame::Null) => None,
+                Some(flat) => {
+                    let flat = frames(flat)?;
+                    let mut spans = Vec::with_capacity(flat.len() / 2);
+                    let mut it = flat.iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        spans.push((span(k)?, span(v)?));
+                    }
+                    Some(Fields {
+                        buf: buf.clone(),
+                        spans,
+                    })
+                }
+            };
+            entries.push(Entry {
+                stream: stream.clone(),
+                id,
+                fields,
+                deliveries: 1,
+            });
+        }
         out.push((stream, entries));
     }
     Ok(out)
@@ -158,24 +268,37 @@ mod tests {
     }
 
     #[test]
-    fn parses_reply_with_deleted_entry() {
-        let s = |x: &str| Value::BulkString(x.as_bytes().to_vec());
-        let reply = Value::Array(vec![Value::Array(vec![
-            s("st"),
-            Value::Array(vec![
-                Value::Array(vec![s("1-1"), Value::Array(vec![s("a"), s("b")])]),
-                Value::Array(vec![s("1-2"), Value::Nil]),
-            ]),
-        ])]);
+    fn parses_reply_with_deleted_entry_without_copying_fields() {
+        let raw = b"*1\r\n*2\r\n$2\r\nst\r\n*2\r\n*2\r\n$3\r\n1-1\r\n*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$0\r\n\r\n*2\r\n$3\r\n1-2\r\n*-1\r\n";
+        let buf = Bytes::from_static(raw);
+        let (frame, used) = redis_protocol::resp2::decode::decode_range(&buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, raw.len());
         let keys = [Arc::from("st")];
-        let out = parse_read_reply(reply, &keys).unwrap();
+        let out = parse_read_frame(&buf, frame, &keys).unwrap();
         assert_eq!(out.len(), 1);
+        assert!(Arc::ptr_eq(&out[0].0, &keys[0]));
         let entries = &out[0].1;
-        assert_eq!(
-            entries[0].fields.as_ref().unwrap()[0],
-            (b"a".to_vec(), b"b".to_vec())
-        );
+        assert_eq!(entries[0].id, "1-1".parse().unwrap());
+        let fields = entries[0].fields.as_ref().unwrap();
+        let pairs: Vec<(&[u8], &[u8])> = fields.iter().collect();
+        assert_eq!(pairs, [(&b"a"[..], &b"b"[..]), (&b"c"[..], &b""[..])]);
+        assert_eq!(fields.get(b"c"), Some(&b""[..]));
+        assert_eq!(fields.byte_size(), 3);
         assert!(entries[1].fields.is_none());
-        assert!(parse_read_reply(Value::Nil, &keys).unwrap().is_empty());
+        // A blocking read that timed out.
+        let (nil, _) = redis_protocol::resp2::decode::decode_range(b"*-1\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(parse_read_frame(&buf, nil, &keys).unwrap().is_empty());
+    }
+
+    #[test]
+    fn owned_pairs_become_fields() {
+        let fields: Fields = [("v", "1"), ("id", "x")].into_iter().collect();
+        assert_eq!(fields.len(), 2);
+        assert_eq!(fields.get(b"id"), Some(&b"x"[..]));
+        assert_eq!(fields.get(b"nope"), None);
     }
 }

@@ -25,8 +25,7 @@ const MAX_SOURCE_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 256;
 const MAX_CORRELATION_LEN: usize = 128;
 
-/// One stream entry's fields as Redis returned them, in order.
-pub type Fields = [(Vec<u8>, Vec<u8>)];
+pub use crate::entry::Fields;
 
 /// A valid v1 event.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,7 +168,7 @@ pub fn decode(
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
     // Size first, before anything is parsed: a huge entry must cost as little as possible.
-    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let size = fields.byte_size();
     if size > limits.max_data_bytes + ENVELOPE_ALLOWANCE {
         return Err(DecodeError::TooLarge {
             size,
@@ -177,8 +176,8 @@ pub fn decode(
         });
     }
     let mut f = V1Fields::default();
-    for (name, value) in fields {
-        match name.as_slice() {
+    for (name, value) in fields.iter() {
+        match name {
             b"v" => set(&mut f.v, "v", value)?,
             b"id" => set(&mut f.id, "id", value)?,
             b"type" => set(&mut f.event_type, "type", value)?,
@@ -327,11 +326,15 @@ pub(crate) mod tests {
 
     pub(crate) const ENTRY: EntryId = EntryId { ms: 1, seq: 0 };
 
-    pub(crate) fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn owned(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect()
+    }
+
+    pub(crate) fn fields(pairs: &[(&str, &str)]) -> Fields {
+        pairs.iter().copied().collect()
     }
 
     fn valid() -> Vec<(&'static str, &'static str)> {
@@ -448,8 +451,9 @@ pub(crate) mod tests {
         let mut pairs = valid();
         pairs.push(("id", "0190f2a4-7b1c-7cc0-8a57-3f7e2a6b9d11"));
         assert_eq!(reason(&pairs), E::Repeated("id"));
-        let mut raw = fields(&valid());
+        let mut raw = owned(&valid());
         raw[2].1 = vec![0xff, 0xfe];
+        let raw: Fields = raw.iter().map(|(k, v)| (k, v)).collect();
         assert_eq!(
             decode("s", ENTRY, &raw, &Limits::default()).unwrap_err(),
             E::NotUtf8("type")
@@ -460,8 +464,9 @@ pub(crate) mod tests {
     fn size_limit_is_checked_before_parsing() {
         let limits = Limits { max_data_bytes: 16 };
         let big = format!("{{\"x\":\"{}\"", "a".repeat(32)); // not even valid JSON
-        let mut pairs = fields(&valid());
+        let mut pairs = owned(&valid());
         pairs.iter_mut().find(|(k, _)| k == b"data").unwrap().1 = big.into_bytes();
+        let pairs: Fields = pairs.iter().map(|(k, v)| (k, v)).collect();
         let err = decode("s", ENTRY, &pairs, &limits).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { .. }));
         assert_eq!(err.reason(), DlqReason::TooLarge);

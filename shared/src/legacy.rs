@@ -50,12 +50,7 @@ pub(crate) fn upcast(
     channel::check_segment(2, &flow_id)
         .map_err(|e| DecodeError::Legacy(format!("flow id {flow_id:?}: {e}")))?;
 
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
-    };
+    let get = |name: &str| fields.get(name.as_bytes());
     let raw_type = event::text("event_type", get("event_type"))?;
     let event_type = raw_type.to_ascii_lowercase();
     if event_type.contains('.') {

@@ -24,6 +24,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pattern;
 pub mod pipeline;
+pub mod read_conn;
 pub mod shutdown;
 pub mod source;
 pub mod store;

@@ -251,9 +251,8 @@ impl<H: Handler> Processor<H> {
                 Ok(event) => decoded.push((index, event)),
                 Err(e) => {
                     let correlation_id = fields
-                        .iter()
-                        .find(|(k, _)| k == b"correlation_id")
-                        .map(|(_, v)| String::from_utf8_lossy(v))
+                        .get(b"correlation_id")
+                        .map(String::from_utf8_lossy)
                         .unwrap_or_default();
                     tracing::warn!(stream = %entry.stream, entry_id = %entry.id, %correlation_id, reason = e.reason().as_str(), error = %e, "dead-lettering entry");
                     dead.push(DeadLetter {

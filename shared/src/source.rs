@@ -19,8 +19,9 @@ use redis::Value;
 
 use crate::config::Tuning;
 use crate::dlq::is_dlq_stream;
-use crate::entry::{parse_read_reply, Entry, EntryId, ReplyError};
+use crate::entry::{parse_read_frame, Entry, EntryId, ReplyError};
 use crate::metrics as m;
+use crate::read_conn::{ReadConn, ReadError};
 
 /// A failure to read; the pipeline backs off and tries again.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +29,20 @@ pub enum SourceError {
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
     Reply(#[from] ReplyError),
+}
+
+impl SourceError {
+    /// The error code of an error reply from Redis (`NOGROUP`).
+    fn code(&self) -> Option<&str> {
+        match self {
+            SourceError::Redis(e) => e.code(),
+            SourceError::Read(e) => e.code(),
+            SourceError::Reply(_) => None,
+        }
+    }
 }
 
 /// One `FLEET_STREAMS` item.
@@ -53,6 +67,9 @@ impl StreamSpec {
 
 /// Reads batches for one consumer of one group.
 pub struct Source {
+    /// XREADGROUP, the large replies.
+    reads: ReadConn,
+    /// Everything else (group creation, discovery, XAUTOCLAIM, XPENDING).
     conn: ConnectionManager,
     group: String,
     consumer: String,
@@ -69,8 +86,10 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source on `conn`, which must be dedicated to it: its reads block.
+    /// A source reading on `reads` and managing the group on `conn`; both must be dedicated to
+    /// it: its reads block.
     pub fn new(
+        reads: ReadConn,
         conn: ConnectionManager,
         group: String,
         consumer: String,
@@ -78,6 +97,7 @@ impl Source {
         tuning: Tuning,
     ) -> Self {
         Source {
+            reads,
             conn,
             group,
             consumer,
@@ -205,7 +225,7 @@ impl Source {
             self.read_new().await
         };
         match result {
-            Err(SourceError::Redis(e)) if e.code() == Some("NOGROUP") => {
+            Err(e) if e.code() == Some("NOGROUP") => {
                 // A stream or its group was deleted under us: recreate on the next read.
                 tracing::warn!(error = %e, "consumer group missing: rediscovering streams");
                 self.next_discovery = Instant::now();
@@ -237,9 +257,9 @@ impl Source {
         for _ in &self.streams {
             cmd.arg(">");
         }
-        let reply: Value = cmd.query_async(&mut self.conn).await?;
+        let (buf, reply) = self.reads.query(&cmd).await?;
         let mut out = Vec::new();
-        for (_, entries) in parse_read_reply(reply, &self.streams)? {
+        for (_, entries) in parse_read_frame(&buf, reply, &self.streams)? {
             out.extend(entries);
         }
         Ok(out)
@@ -256,10 +276,10 @@ impl Source {
         for s in &keys {
             cmd.arg(self.history[s].to_string());
         }
-        let reply: Value = cmd.query_async(&mut self.conn).await?;
+        let (buf, reply) = self.reads.query(&cmd).await?;
         let mut out = Vec::new();
         let mut replied: Vec<Arc<str>> = Vec::new();
-        for (stream, mut entries) in parse_read_reply(reply, &keys)? {
+        for (stream, mut entries) in parse_read_frame(&buf, reply, &keys)? {
             match entries.last() {
                 Some(last) => {
                     self.history.insert(stream.clone(), last.id);

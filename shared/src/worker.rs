@@ -12,6 +12,7 @@ use crate::connect::{self, redis_connection};
 use crate::handler::Handler;
 use crate::health::{Dependency, Health};
 use crate::pipeline::Pipeline;
+use crate::read_conn::ReadConn;
 use crate::shutdown::Shutdown;
 use crate::source::{Source, StreamSpec};
 
@@ -21,6 +22,7 @@ pub struct Worker {
     args: WorkerArgs,
     config: Arc<FileConfig>,
     redis: redis::Client,
+    read_tls: Option<Arc<rustls::ClientConfig>>,
     group: String,
     consumer: String,
     specs: Vec<StreamSpec>,
@@ -35,6 +37,9 @@ impl Worker {
             None => FileConfig::default(),
         };
         let redis = args.redis.client()?;
+        let read_tls = connect::read_tls(&args.redis)?;
+        // Checked here so a URL the read connection cannot use exits 2 before anything connects.
+        ReadConn::new(&redis, read_tls.clone(), Duration::ZERO)?;
         let specs: Vec<StreamSpec> = args
             .streams
             .iter()
@@ -68,6 +73,7 @@ impl Worker {
             args,
             config: Arc::new(config),
             redis,
+            read_tls,
             group,
             consumer,
             specs,
@@ -116,7 +122,9 @@ impl Worker {
         else {
             return Ok(());
         };
+        let reads = ReadConn::new(&self.redis, self.read_tls.clone(), read_timeout)?;
         let source = Source::new(
+            reads,
             reader,
             self.group.clone(),
             self.consumer.clone(),

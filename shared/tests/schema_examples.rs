@@ -17,7 +17,7 @@ fn read(path: &Path) -> Value {
 
 /// The stream entry a producer would XADD for this JSON object: strings verbatim, anything else
 /// as JSON text (so `v: 1` becomes "1" and `data` its JSON text); null means absent.
-fn fields(event: &Value) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn fields(event: &Value) -> streamfleet::entry::Fields {
     event
         .as_object()
         .expect("an example is a JSON object")
