@@ -45,6 +45,11 @@ pub struct Tuning {
     pub block_ms: u64,
     /// Bound on entries read but not yet acknowledged.
     pub max_in_flight: usize,
+    /// Batches the handler applies at once. With 2, one batch's commit (PostgreSQL's fsync, the
+    /// round trip) overlaps the next batch's statement; batches may then commit out of read
+    /// order. 1 applies them strictly in read order. Fewer when `max_in_flight` holds fewer
+    /// batches (one more is being read).
+    pub handler_concurrency: usize,
     /// Longest a handler may take for one batch before the attempt counts as failed.
     pub handler_timeout_ms: u64,
     /// Pending entries idle longer than this are reclaimed (XAUTOCLAIM), whoever owns them.
@@ -74,6 +79,7 @@ impl Default for Tuning {
             batch_size: 500,
             block_ms: 1000,
             max_in_flight: 5000,
+            handler_concurrency: 2,
             handler_timeout_ms: 5000,
             claim_idle_ms: 30_000,
             claim_interval_ms: 5000,
@@ -226,6 +232,12 @@ impl FileConfig {
                 t.max_in_flight, t.batch_size
             )));
         }
+        if !(1..=8).contains(&t.handler_concurrency) {
+            return Err(fail(format!(
+                "tuning.handler_concurrency ({}) must be between 1 and 8",
+                t.handler_concurrency
+            )));
+        }
         if t.handler_timeout_ms == 0 {
             return Err(fail("tuning.handler_timeout_ms must be at least 1".into()));
         }
@@ -374,6 +386,24 @@ over_limit = "block"
     }
 
     #[test]
+    fn handler_lanes_fit_in_max_in_flight() {
+        use crate::pipeline::{lanes, read_ahead};
+        let t = Tuning::default();
+        assert_eq!((lanes(&t), read_ahead(&t)), (2, 2));
+        let tight = Tuning {
+            max_in_flight: 500,
+            ..Tuning::default()
+        };
+        assert_eq!((lanes(&tight), read_ahead(&tight)), (1, 1));
+        let three = Tuning {
+            max_in_flight: 1500,
+            handler_concurrency: 4,
+            ..Tuning::default()
+        };
+        assert_eq!(lanes(&three), 2);
+    }
+
+    #[test]
     fn defaults_make_user_events_strict() {
         let c = FileConfig::default();
         assert_eq!(c.tuning.batch_size, 500);
@@ -390,6 +420,8 @@ over_limit = "block"
             err("[tuning]\nclaim_idle_ms = 10\nhandler_timeout_ms = 20").contains("claim_idle_ms")
         );
         assert!(err("[tuning]\nstart_from = \"middle\"").contains("middle"));
+        assert!(err("[tuning]\nhandler_concurrency = 0").contains("handler_concurrency"));
+        assert!(err("[tuning]\nhandler_concurrency = 9").contains("handler_concurrency"));
         assert!(err("[[route]]\npattern = \"User.#\"").contains("User.#"));
         assert!(
             err("[[backpressure]]\npattern = \"a\"\nmode = \"coalesce\"")

@@ -66,8 +66,9 @@ pub enum HandlerError {
     Fatal(String),
 }
 
-/// A worker's job.
-pub trait Handler: Send + 'static {
+/// A worker's job. Cloned once per handler lane (`handler_concurrency`): clones share the sink
+/// (e.g. a connection pool) and may apply batches at the same time.
+pub trait Handler: Clone + Send + 'static {
     /// Applies the batch idempotently: applying the same events again must have no second effect.
     fn apply(
         &mut self,

@@ -3,8 +3,10 @@
 //!
 //! Three stages overlap, joined by bounded channels: the reader fetches the next batch while the
 //! processor has the handler commit the current one and the acker acknowledges the previous one.
-//! Batches are committed and acknowledged in the order they were read. Nothing of a batch is
-//! acknowledged before the handler has confirmed it (its effects and the checkpoints are durable);
+//! The processor runs `handler_concurrency` lanes (default 2): a lane's commit overlaps the next
+//! batch's statement in another, so batches may commit and be acknowledged out of read order.
+//! Nothing of a batch is acknowledged before the handler has confirmed it (its effects and the
+//! checkpoints are durable);
 //! a crash anywhere before the acknowledgement leaves the batch pending: it is redelivered and,
 //! effects being idempotent, applied once. Memory is bounded by the few batches in flight,
 //! whatever the backlog.
@@ -45,11 +47,19 @@ pub struct Pipeline<H> {
     pub health: Arc<Health>,
 }
 
+/// How many batches the handler applies at once: `handler_concurrency`, as far as
+/// `max_in_flight` holds them besides the batch being read.
+pub fn lanes(t: &Tuning) -> usize {
+    t.handler_concurrency
+        .min((t.max_in_flight / t.batch_size).saturating_sub(1))
+        .max(1)
+}
+
 /// How many batches the reader may run ahead of the processor: up to 2, within `max_in_flight`
-/// (one batch in the handler and one being acknowledged count too).
+/// (the batches in the handler lanes and one being acknowledged count too).
 pub fn read_ahead(t: &Tuning) -> usize {
     (t.max_in_flight / t.batch_size)
-        .saturating_sub(2)
+        .saturating_sub(1 + lanes(t))
         .clamp(1, 2)
 }
 
@@ -79,7 +89,7 @@ impl<H: Handler> Pipeline<H> {
             limits: Limits {
                 max_data_bytes: config.tuning.max_data_bytes,
             },
-            backpressure: BackpressureStage::new(config.backpressure.clone()),
+            backpressure: Arc::new(BackpressureStage::new(config.backpressure.clone())),
             config: config.clone(),
             handler,
             health: health.clone(),
@@ -106,7 +116,17 @@ impl<H: Handler> Pipeline<H> {
             shutdown.clone(),
             in_flight,
         ));
+        // Lanes share the batches (and the backpressure stage, so rate limits stay global).
+        let batches_rx = Arc::new(tokio::sync::Mutex::new(batches_rx));
+        let mut lanes_running = tokio::task::JoinSet::new();
+        for _ in 1..lanes(&config.tuning) {
+            let mut lane = processor.clone();
+            let (batches, settle, shutdown) =
+                (batches_rx.clone(), settle_tx.clone(), shutdown.clone());
+            lanes_running.spawn(async move { lane.run(batches, settle, &shutdown).await });
+        }
         processor.run(batches_rx, settle_tx, &shutdown).await;
+        lanes_running.join_all().await;
         let _ = reader.await;
         let _ = acker.await;
         health.drain();
@@ -145,13 +165,19 @@ async fn read(
     }
 }
 
-/// The processor stage: decode, route, backpressure, and the handler with its retries.
+/// The reader's output, shared by the processor's lanes: a ticket (for the in-flight registry)
+/// and the entries of one read.
+type SharedBatches = Arc<tokio::sync::Mutex<mpsc::Receiver<(u64, Vec<Entry>)>>>;
+
+/// The processor stage: decode, route, backpressure, and the handler with its retries. Each
+/// lane is a clone.
+#[derive(Clone)]
 struct Processor<H> {
     group: String,
     consumer: String,
     writer: ConnectionManager,
     limits: Limits,
-    backpressure: BackpressureStage,
+    backpressure: Arc<BackpressureStage>,
     config: Arc<FileConfig>,
     handler: H,
     health: Arc<Health>,
@@ -171,12 +197,16 @@ struct Confirmed {
 impl<H: Handler> Processor<H> {
     async fn run(
         &mut self,
-        mut batches: mpsc::Receiver<(u64, Vec<Entry>)>,
+        batches: SharedBatches,
         settlements: mpsc::Sender<Settlement>,
         shutdown: &Shutdown,
     ) {
         loop {
-            match tokio::time::timeout(PROBE_INTERVAL, batches.recv()).await {
+            let next = {
+                let mut batches = batches.lock().await;
+                tokio::time::timeout(PROBE_INTERVAL, batches.recv()).await
+            };
+            match next {
                 Ok(Some((ticket, entries))) => {
                     match self.process(ticket, entries, shutdown).await {
                         Some(settlement) => {

@@ -174,15 +174,17 @@ impl ReadConn {
         if !self.buf.is_empty() {
             return; // bytes of a reply already arrived (never with one command at a time)
         }
-        let want = self.last_reply + self.last_reply / 4 + READ_CHUNK;
-        if self.buf.capacity() >= want {
+        // Room for a reply like the last one; new buffers get half as much again, so replies
+        // that vary a little in size still fit the spares.
+        let need = self.last_reply + READ_CHUNK / 4;
+        if self.buf.capacity() >= need {
             return;
         }
         let old = std::mem::take(&mut self.buf);
-        let reusable = self.spare.iter_mut().position(|b| b.try_reclaim(want));
+        let reusable = self.spare.iter_mut().position(|b| b.try_reclaim(need));
         self.buf = match reusable.and_then(|i| self.spare.remove(i)) {
             Some(buf) => buf,
-            None => BytesMut::with_capacity(want),
+            None => BytesMut::with_capacity(need + need / 2),
         };
         if old.capacity() > 0 {
             self.spare.push_back(old);
@@ -201,7 +203,9 @@ impl ReadConn {
             .await
             .map_err(|_| ReadError::Timeout(self.response_timeout))??;
         loop {
-            if !self.buf.is_empty() {
+            // A complete reply ends with CRLF; Redis sends a large one 64 KiB at a time, and
+            // decoding every partial read from the start would cost several full decodes.
+            if self.buf.ends_with(b"\r\n") {
                 match decode_range(&self.buf) {
                     Ok(Some((frame, len))) => {
                         let reply = self.buf.split_to(len).freeze();
