@@ -555,3 +555,54 @@ async fn entries_that_keep_crashing_their_consumer_reach_the_dlq_after_max_deliv
     worker.signal("TERM").await;
     assert!(worker.wait(Duration::from_secs(20)).await.success());
 }
+
+/// The reader has its own connection (`read_conn`): it must select the URL's database as the
+/// other connections do, or it would read (and create groups on) database 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_database_other_than_0_is_read_and_acknowledged_there() {
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let url = format!("{}/7", redis_url());
+    let stream = unique("db7:");
+    let lines: Vec<String> = (0..300)
+        .map(|n| corpus::valid_line(Uuid::now_v7(), true, n))
+        .collect();
+    publish_lines_to(&url, &stream, &lines).await;
+    let mut worker = WorkerEnv::new(&stream, &db)
+        .set("FLEET_REDIS_URL", &url)
+        .set("FLEET_CONFIG", &test_config())
+        .start("persister")
+        .await;
+    let mut conn = redis_at(&url).await;
+    wait_until(Duration::from_secs(60), "database 7 to be drained", || {
+        let mut conn = conn.clone();
+        let (pool, stream) = (pool.clone(), stream.clone());
+        async move {
+            pending(&mut conn, &stream, GROUP).await == 0
+                && lag(&mut conn, &stream, GROUP).await == Some(0)
+                && sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE stream = $1")
+                    .bind(&stream)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+                    == 300
+        }
+    })
+    .await;
+    let last = read_stream(&mut conn, &stream)
+        .await
+        .last()
+        .unwrap()
+        .0
+        .clone();
+    assert_eq!(checkpoint(&pool, &stream).await, Some(last));
+    let mut db0 = redis().await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&stream)
+        .query_async(&mut db0)
+        .await
+        .unwrap();
+    assert!(!exists, "nothing was created in database 0");
+    worker.signal("TERM").await;
+    assert!(worker.wait(Duration::from_secs(20)).await.success());
+}
