@@ -28,7 +28,10 @@ struct Cli {
     skip_migrations: bool,
 }
 
-#[tokio::main]
+/// One runtime thread: the persister needs ~2.3 µs of CPU per event (a core would allow
+/// ~400 000 events/s, more than one redis-server serves), and on a small machine shared with
+/// both servers, a second thread only added cross-thread wake-ups (A/B in docs/performance.md).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli: Cli = cli::parse(NAME);
     let worker = match Worker::new(NAME, cli.worker) {
