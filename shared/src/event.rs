@@ -4,6 +4,8 @@
 //! Each broken rule is its own [`DecodeError`] with a human-readable message and a dead letter
 //! reason; a decode error is final (never retried), because retrying cannot fix the input.
 
+use std::borrow::Cow;
+
 use serde::de::IgnoredAny;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -27,28 +29,44 @@ const MAX_CORRELATION_LEN: usize = 128;
 
 pub use crate::entry::Fields;
 
-/// A valid v1 event.
+/// A valid v1 event. Its text borrows from the entry it was decoded from (the batch's reply
+/// buffer), so decoding copies nothing; an upcast legacy event owns what it had to build.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub struct Event<'a> {
     /// Fleet-wide deduplication key.
     pub id: Uuid,
     /// Lowercase dotted event type, e.g. `user.signup`.
-    pub event_type: String,
+    pub event_type: Cow<'a, str>,
     /// Routing channel, valid by [`channel::check`].
-    pub channel: String,
+    pub channel: Cow<'a, str>,
     /// Producing service.
-    pub source: String,
+    pub source: Cow<'a, str>,
     /// When the event happened.
     pub time: OffsetDateTime,
     /// The `data` object as JSON text, kept verbatim so it is never re-serialised.
-    pub data: String,
+    pub data: Cow<'a, str>,
     /// Ordering / coalescing key, if the producer gave one.
-    pub key: Option<String>,
+    pub key: Option<Cow<'a, str>>,
     /// Carried into logs and PostgreSQL.
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Cow<'a, str>>,
 }
 
-impl Event {
+impl Event<'_> {
+    /// The event with its text copied out of the entry, to outlive the batch.
+    pub fn into_owned(self) -> Event<'static> {
+        let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        Event {
+            id: self.id,
+            event_type: own(self.event_type),
+            channel: own(self.channel),
+            source: own(self.source),
+            time: self.time,
+            data: own(self.data),
+            key: self.key.map(own),
+            correlation_id: self.correlation_id.map(own),
+        }
+    }
+
     /// The ordering / coalescing key: `key`, or the channel when absent.
     pub fn key(&self) -> &str {
         self.key.as_deref().unwrap_or(&self.channel)
@@ -161,12 +179,12 @@ fn set<'a>(
 
 /// Decodes one stream entry. `stream` and `entry_id` matter only for legacy entries, whose
 /// id and channel are derived from them.
-pub fn decode(
+pub fn decode<'a>(
     stream: &str,
     entry_id: EntryId,
-    fields: &Fields,
+    fields: &'a Fields,
     limits: &Limits,
-) -> Result<Event, DecodeError> {
+) -> Result<Event<'a>, DecodeError> {
     // Size first, before anything is parsed: a huge entry must cost as little as possible.
     let size = fields.byte_size();
     if size > limits.max_data_bytes + ENVELOPE_ALLOWANCE {
@@ -221,17 +239,17 @@ pub fn decode(
             if k.is_empty() || k.len() > MAX_KEY_LEN {
                 return Err(DecodeError::BadKey);
             }
-            Some(k.to_owned())
+            Some(Cow::Borrowed(k))
         }
     };
     let correlation_id = correlation(f.correlation_id)?;
     Ok(Event {
         id,
-        event_type: event_type.to_owned(),
-        channel: channel_text.to_owned(),
-        source: source.to_owned(),
+        event_type: Cow::Borrowed(event_type),
+        channel: Cow::Borrowed(channel_text),
+        source: Cow::Borrowed(source),
         time,
-        data: data.to_owned(),
+        data: Cow::Borrowed(data),
         key,
         correlation_id,
     })
@@ -307,7 +325,7 @@ pub(crate) fn check_data<'a>(
 }
 
 /// An optional correlation id; an empty one counts as absent.
-pub(crate) fn correlation(v: Option<&[u8]>) -> Result<Option<String>, DecodeError> {
+pub(crate) fn correlation(v: Option<&[u8]>) -> Result<Option<Cow<'_, str>>, DecodeError> {
     match v {
         None => Ok(None),
         Some(c) => {
@@ -315,7 +333,7 @@ pub(crate) fn correlation(v: Option<&[u8]>) -> Result<Option<String>, DecodeErro
             if c.len() > MAX_CORRELATION_LEN {
                 return Err(DecodeError::CorrelationTooLong(c.len()));
             }
-            Ok((!c.is_empty()).then(|| c.to_owned()))
+            Ok((!c.is_empty()).then_some(Cow::Borrowed(c)))
         }
     }
 }
@@ -349,8 +367,8 @@ pub(crate) mod tests {
         ]
     }
 
-    fn decode_pairs(pairs: &[(&str, &str)]) -> Result<Event, DecodeError> {
-        decode("events", ENTRY, &fields(pairs), &Limits::default())
+    fn decode_pairs(pairs: &[(&str, &str)]) -> Result<Event<'static>, DecodeError> {
+        decode("events", ENTRY, &fields(pairs), &Limits::default()).map(Event::into_owned)
     }
 
     fn with(name: &str, value: &'static str) -> Vec<(&'static str, &'static str)> {

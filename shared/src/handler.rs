@@ -14,7 +14,7 @@ use crate::event::Event;
 /// A valid, routed event and where it came from.
 #[derive(Debug, Clone, Copy)]
 pub struct Routed<'a> {
-    pub event: &'a Event,
+    pub event: &'a Event<'a>,
     pub route: &'a Route,
     pub stream: &'a Arc<str>,
     pub entry_id: EntryId,

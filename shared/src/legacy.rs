@@ -33,12 +33,12 @@ pub fn legacy_id(stream: &str, entry_id: EntryId) -> Uuid {
 }
 
 /// Upcasts a legacy entry (no `v`, has `event_type`) to a v1 event.
-pub(crate) fn upcast(
+pub(crate) fn upcast<'a>(
     stream: &str,
     entry_id: EntryId,
-    fields: &Fields,
+    fields: &'a Fields,
     limits: &Limits,
-) -> Result<Event, DecodeError> {
+) -> Result<Event<'a>, DecodeError> {
     let flow_id = stream
         .strip_prefix(LEGACY_STREAM_PREFIX)
         .ok_or_else(|| {
@@ -74,11 +74,11 @@ pub(crate) fn upcast(
     };
     Ok(Event {
         id: legacy_id(stream, entry_id),
-        event_type,
-        channel,
-        source: source.to_owned(),
+        event_type: event_type.into(),
+        channel: channel.into(),
+        source: source.into(),
         time,
-        data: data.to_owned(),
+        data: data.into(),
         key: None,
         correlation_id: event::correlation(get("correlation_id"))?,
     })
@@ -117,13 +117,14 @@ mod tests {
         }
     }
 
-    fn legacy(pairs: &[(&str, &str)]) -> Result<Event, DecodeError> {
+    fn legacy(pairs: &[(&str, &str)]) -> Result<Event<'static>, DecodeError> {
         decode(
             "flow:events:7F3C",
             id(3),
             &fields(pairs),
             &Limits::default(),
         )
+        .map(Event::into_owned)
     }
 
     #[test]
@@ -184,7 +185,8 @@ mod tests {
             ("timestamp", "2024-05-01T12:30:45"),
         ];
         assert_eq!(legacy(&base).unwrap().source, DEFAULT_LEGACY_SOURCE);
-        let bad_stream = decode("other", id(0), &fields(&base), &Limits::default());
+        let base_fields = fields(&base);
+        let bad_stream = decode("other", id(0), &base_fields, &Limits::default());
         assert!(matches!(bad_stream, Err(DecodeError::Legacy(_))));
         let bad_payload = legacy(&[
             ("event_type", "DONE"),

@@ -258,7 +258,7 @@ impl<H: Handler> Processor<H> {
     ) -> Option<Settlement> {
         let started = Instant::now();
         let mut dead: Vec<DeadLetter> = Vec::new();
-        let mut decoded: Vec<(usize, Event)> = Vec::with_capacity(entries.len());
+        let mut decoded: Vec<(usize, Event<'_>)> = Vec::with_capacity(entries.len());
         let mut counts = Counts::default();
         let max_deliveries = self.config.tuning.max_deliveries;
         for (index, entry) in entries.iter().enumerate() {

@@ -63,10 +63,11 @@ fn valid_examples_pass_the_schema_and_the_decoder() {
             "{}: schema says {errors:?}",
             path.display()
         );
+        let entry = fields(&event);
         let decoded = decode(
             "events",
             streamfleet::entry::EntryId { ms: 1, seq: 0 },
-            &fields(&event),
+            &entry,
             &Limits::default(),
         )
         .unwrap_or_else(|e| panic!("{}: decoder says {e}", path.display()));
