@@ -22,6 +22,7 @@ pub mod lag;
 pub mod legacy;
 pub mod logging;
 pub mod metrics;
+pub mod overlap;
 pub mod pattern;
 pub mod pipeline;
 pub mod read_conn;

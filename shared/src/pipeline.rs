@@ -4,7 +4,9 @@
 //! Three stages overlap, joined by bounded channels: the reader fetches the next batch while the
 //! processor has the handler commit the current one and the acker acknowledges the previous one.
 //! The processor runs `handler_concurrency` lanes (default 2): a lane's commit overlaps the next
-//! batch's statement in another, so batches may commit and be acknowledged out of read order.
+//! batch's statement in another, so batches may commit and be acknowledged out of read order;
+//! a batch sharing an event id with an earlier one still being applied waits for it (`overlap`),
+//! so the first entry of an id still wins.
 //! Nothing of a batch is acknowledged before the handler has confirmed it (its effects and the
 //! checkpoints are durable);
 //! a crash anywhere before the acknowledgement leaves the batch pending: it is redelivered and,
@@ -28,6 +30,7 @@ use crate::event::{decode, Event, Limits};
 use crate::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
 use crate::health::{Dependency, Health};
 use crate::inflight::InFlight;
+use crate::overlap::Overlap;
 use crate::shutdown::Shutdown;
 use crate::source::Source;
 
@@ -94,6 +97,7 @@ impl<H: Handler> Pipeline<H> {
             handler,
             health: health.clone(),
             in_flight: in_flight.clone(),
+            overlap: Overlap::default(),
         };
         if !processor.prepare(&shutdown).await? {
             health.drain();
@@ -182,6 +186,7 @@ struct Processor<H> {
     handler: H,
     health: Arc<Health>,
     in_flight: InFlight,
+    overlap: Overlap,
 }
 
 /// What became of a batch's events once the handler confirmed it.
@@ -323,6 +328,8 @@ impl<H: Handler> Processor<H> {
             events: routed,
             checkpoints: checkpoints(&entries),
         };
+        // Of two entries of one id in different batches, the earlier one's is applied.
+        let _turn = self.overlap.enter(ticket, seen).await;
         let confirmed = self.confirm(&batch, shutdown).await?;
         drop(batch);
         counts.applied = confirmed.applied;

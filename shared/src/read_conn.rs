@@ -238,10 +238,13 @@ impl ReadConn {
             addr: addr.clone(),
             source,
         };
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(failed)?;
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(failed)?;
         tcp.set_nodelay(true).map_err(failed)?;
         let Some(tls) = &self.tls else {
             return Ok(Box::new(tcp));
