@@ -40,7 +40,8 @@ impl Default for InFlight {
 }
 
 impl InFlight {
-    /// Registers a batch just read; returns its ticket.
+    /// Registers a batch just read; returns its ticket. Tickets count up from 0 in read order,
+    /// one per batch: `overlap` gives batches their turn by them.
     pub fn register(&self, entries: &[Entry]) -> u64 {
         let ids = entries
             .chunk_by(|a, b| a.stream == b.stream)

@@ -43,6 +43,7 @@ impl Overlap {
             let notified = changed.notified();
             {
                 let mut s = state.lock().expect("overlap lock");
+                debug_assert!(ticket >= s.next, "ticket {ticket} took its turn twice");
                 let free = s.applying.values().all(|other| other.is_disjoint(&ids));
                 if s.next == ticket && free {
                     s.applying.insert(ticket, ids);
