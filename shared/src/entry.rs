@@ -6,7 +6,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use redis::Value;
 use redis_protocol::resp2::types::RangeFrame;
 
 /// A stream entry id `<ms>-<seq>`, ordered as Redis orders them (text order is wrong: `9-0` < `10-0`).
@@ -91,7 +90,7 @@ impl Fields {
 }
 
 impl<K: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(K, V)> for Fields {
-    /// Copies owned pairs into one buffer (tests, and replies read through redis-rs).
+    /// Copies owned pairs into one buffer (tests, tools).
     fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
         let mut buf = Vec::new();
         let mut spans = Vec::new();
@@ -125,59 +124,11 @@ impl fmt::Debug for Fields {
 #[error("unexpected reply shape from Redis: {0}")]
 pub struct ReplyError(pub &'static str);
 
-fn bytes(v: Value) -> Result<Vec<u8>, ReplyError> {
-    match v {
-        Value::BulkString(b) => Ok(b),
-        Value::SimpleString(s) => Ok(s.into_bytes()),
-        _ => Err(ReplyError("expected a string")),
-    }
-}
-
-fn array(v: Value) -> Result<Vec<Value>, ReplyError> {
-    match v {
-        Value::Array(a) => Ok(a),
-        Value::Nil => Ok(Vec::new()),
-        _ => Err(ReplyError("expected an array")),
-    }
-}
-
 fn parse_id(id: &[u8]) -> Result<EntryId, ReplyError> {
     std::str::from_utf8(id)
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or(ReplyError("entry id"))
-}
-
-/// Parses a list of `[id, [field, value, ...]]` entries belonging to `stream`, from a reply read
-/// through redis-rs (XAUTOCLAIM: rare, so copying the fields is fine).
-pub fn parse_entries(
-    stream: &Arc<str>,
-    list: Value,
-    out: &mut Vec<Entry>,
-) -> Result<(), ReplyError> {
-    for item in array(list)? {
-        let mut pair = array(item)?.into_iter();
-        let id = parse_id(&bytes(pair.next().ok_or(ReplyError("entry without id"))?)?)?;
-        let fields = match pair.next() {
-            None | Some(Value::Nil) => None,
-            Some(v) => {
-                let flat = array(v)?;
-                let mut pairs = Vec::with_capacity(flat.len() / 2);
-                let mut it = flat.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    pairs.push((bytes(k)?, bytes(v)?));
-                }
-                Some(pairs.into_iter().collect())
-            }
-        };
-        out.push(Entry {
-            stream: stream.clone(),
-            id,
-            fields,
-            deliveries: 1,
-        });
-    }
-    Ok(())
 }
 
 /// The entries read from each stream of one XREADGROUP.
@@ -220,36 +171,52 @@ pub fn parse_read_frame(
             .find(|s| s.as_bytes() == key)
             .cloned()
             .unwrap_or_else(|| Arc::from(String::from_utf8_lossy(key).as_ref()));
-        let list = frames(list)?;
-        let mut entries = Vec::with_capacity(list.len());
-        for item in list {
-            let mut item = frames(item)?.into_iter();
-            let id = parse_id(&buf[span(&item.next().ok_or(ReplyError("entry without id"))?)?])?;
-            let fields = match item.next() {
-                None | Some(RangeFrame::Null) => None,
-                Some(flat) => {
-                    let flat = frames(flat)?;
-                    let mut spans = Vec::with_capacity(flat.len() / 2);
-                    let mut it = flat.iter();
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        spans.push((span(k)?, span(v)?));
-                    }
-                    Some(Fields {
-                        buf: buf.clone(),
-                        spans,
-                    })
-                }
-            };
-            entries.push(Entry {
-                stream: stream.clone(),
-                id,
-                fields,
-                deliveries: 1,
-            });
-        }
+        let entries = parse_entry_list(buf, &stream, list)?;
         out.push((stream, entries));
     }
     Ok(out)
+}
+
+/// Parses a list of `[id, [field, value, ...]]` entries of `stream` (an XREADGROUP stream's
+/// list, or XAUTOCLAIM's), decoded as spans of `buf`; a deleted entry's fields are nil.
+pub fn parse_entry_list(
+    buf: &Bytes,
+    stream: &Arc<str>,
+    list: RangeFrame,
+) -> Result<Vec<Entry>, ReplyError> {
+    let list = frames(list)?;
+    let mut entries = Vec::with_capacity(list.len());
+    for item in list {
+        let mut item = frames(item)?.into_iter();
+        let id = parse_id(&buf[span(&item.next().ok_or(ReplyError("entry without id"))?)?])?;
+        let fields = match item.next() {
+            None | Some(RangeFrame::Null) => None,
+            Some(flat) => {
+                let flat = frames(flat)?;
+                let mut spans = Vec::with_capacity(flat.len() / 2);
+                let mut it = flat.iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    spans.push((span(k)?, span(v)?));
+                }
+                Some(Fields {
+                    buf: buf.clone(),
+                    spans,
+                })
+            }
+        };
+        entries.push(Entry {
+            stream: stream.clone(),
+            id,
+            fields,
+            deliveries: 1,
+        });
+    }
+    Ok(entries)
+}
+
+/// The text of a string frame.
+pub fn frame_text<'a>(buf: &'a [u8], frame: &RangeFrame) -> Result<&'a [u8], ReplyError> {
+    Ok(&buf[span(frame)?])
 }
 
 #[cfg(test)]

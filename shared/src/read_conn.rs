@@ -1,5 +1,5 @@
-//! The reader's own Redis connection. It carries only XREADGROUP, the one command whose replies
-//! are large (a batch of entries), and decodes each reply where it landed: the reply is read into
+//! The reader's own Redis connection. It carries the commands that return entries (XREADGROUP,
+//! XAUTOCLAIM), whose replies are large (a batch), and decodes each reply where it landed: the reply is read into
 //! one buffer, decoded into spans of it (redis-protocol's `decode_range`), and the entries share
 //! that buffer. redis-rs instead builds a `Value` tree with a heap buffer per field, which cost the
 //! persister about half of its CPU (perf, docs/performance.md).

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::Value;
+use redis_protocol::resp2::types::RangeFrame;
 
 use crate::config::Tuning;
 use crate::dlq::is_dlq_stream;
-use crate::entry::{parse_read_frame, Entry, EntryId, ReplyError};
+use crate::entry::{frame_text, parse_entry_list, parse_read_frame, Entry, EntryId, ReplyError};
 use crate::metrics as m;
 use crate::read_conn::{ReadConn, ReadError};
 
@@ -67,9 +67,9 @@ impl StreamSpec {
 
 /// Reads batches for one consumer of one group.
 pub struct Source {
-    /// XREADGROUP, the large replies.
+    /// The commands that return entries (XREADGROUP, XAUTOCLAIM): large replies.
     reads: ReadConn,
-    /// Everything else (group creation, discovery, XAUTOCLAIM, XPENDING).
+    /// Everything else (group creation, discovery, XPENDING).
     conn: ConnectionManager,
     group: String,
     consumer: String,
@@ -318,27 +318,26 @@ impl Source {
             self.next_claim = Instant::now() + Duration::from_millis(self.tuning.claim_interval_ms);
             return Ok(Vec::new());
         };
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&*stream)
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&*stream)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(self.tuning.claim_idle_ms)
             .arg(&self.claim_cursors[&stream])
             .arg("COUNT")
-            .arg(self.tuning.batch_size)
-            .query_async(&mut self.conn)
-            .await?;
-        let mut parts = match reply {
-            Value::Array(parts) => parts.into_iter(),
-            _ => return Err(ReplyError("XAUTOCLAIM reply").into()),
+            .arg(self.tuning.batch_size);
+        // `[cursor, [entries], [deleted ids]]`, read like XREADGROUP's entries.
+        let (buf, reply) = self.reads.query(&cmd).await?;
+        let RangeFrame::Array(parts) = reply else {
+            return Err(ReplyError("XAUTOCLAIM reply").into());
         };
+        let mut parts = parts.into_iter();
         let next = match parts.next() {
-            Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
-            Some(Value::SimpleString(s)) => s,
-            _ => return Err(ReplyError("XAUTOCLAIM cursor").into()),
+            Some(cursor) => String::from_utf8_lossy(frame_text(&buf, &cursor)?).into_owned(),
+            None => return Err(ReplyError("XAUTOCLAIM cursor").into()),
         };
-        let mut entries = Vec::new();
-        crate::entry::parse_entries(&stream, parts.next().unwrap_or(Value::Nil), &mut entries)?;
+        let mut entries =
+            parse_entry_list(&buf, &stream, parts.next().unwrap_or(RangeFrame::Null))?;
         if next == "0-0" {
             self.claim_cursors.remove(&stream);
             if self.claim_cursors.is_empty() {
