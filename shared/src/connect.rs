@@ -26,12 +26,12 @@ pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
     }
     let bad_url =
         |e: redis::RedisError| ConfigError(format!("FLEET_REDIS_URL: {}: {e}", redact(url)));
-    let files = [
+    let named = [
         &args.redis_ca_file,
         &args.redis_client_cert,
         &args.redis_client_key,
     ];
-    if files.iter().all(|f| f.is_none()) {
+    if named.iter().all(|f| f.is_none()) {
         return redis::Client::open(url).map_err(bad_url);
     }
     if !tls {
@@ -39,40 +39,26 @@ pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
             "FLEET_REDIS_CA_FILE / FLEET_REDIS_CLIENT_CERT need a rediss:// FLEET_REDIS_URL".into(),
         ));
     }
-    let read = |setting: &str,
-                path: &Option<std::path::PathBuf>|
-     -> Result<Option<Vec<u8>>, ConfigError> {
-        path.as_ref()
-            .map(|p| {
-                std::fs::read(p)
-                    .map_err(|e| ConfigError(format!("{setting}: {}: {e}", p.display())))
-            })
-            .transpose()
-    };
-    let root_cert = read("FLEET_REDIS_CA_FILE", &args.redis_ca_file)?;
-    let client_tls = match (
-        read("FLEET_REDIS_CLIENT_CERT", &args.redis_client_cert)?,
-        read("FLEET_REDIS_CLIENT_KEY", &args.redis_client_key)?,
-    ) {
-        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
-            client_cert,
-            client_key,
-        }),
-        _ => None,
-    };
+    let files = TlsFiles::read(args)?;
     init_tls();
     redis::Client::build_with_tls(
         url,
         redis::TlsCertificates {
-            client_tls,
-            root_cert,
+            client_tls: files
+                .client
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: files.root_cert,
         },
     )
     .map_err(bad_url)
 }
 
-/// The TLS settings of the reader's own connection (`read_conn`) for a `rediss://` URL: the same
-/// trust and client certificate as the redis-rs client gets: the CA file, else the system's roots.
+/// The TLS settings of the reader's own connection (`read_conn`) for a `rediss://` URL, from the
+/// same files as the redis-rs client: the CA file, else the system's roots, and the client
+/// certificate if given.
 pub fn read_tls(args: &RedisArgs) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -81,41 +67,70 @@ pub fn read_tls(args: &RedisArgs) -> Result<Option<Arc<rustls::ClientConfig>>, C
         return Ok(None);
     }
     init_tls();
-    let pem = |setting: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
-        ConfigError(format!("{setting}: {}: {e}", path.display()))
-    };
+    let files = TlsFiles::read(args)?;
+    let bad = |setting: &str, e: &dyn std::fmt::Display| ConfigError(format!("{setting}: {e}"));
     let mut roots = rustls::RootCertStore::empty();
-    match &args.redis_ca_file {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| pem("FLEET_REDIS_CA_FILE", path, &e))?
-            {
-                let cert = cert.map_err(|e| pem("FLEET_REDIS_CA_FILE", path, &e))?;
+    match &files.root_cert {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| bad("FLEET_REDIS_CA_FILE", &e))?;
                 roots
                     .add(cert)
-                    .map_err(|e| pem("FLEET_REDIS_CA_FILE", path, &e))?;
+                    .map_err(|e| bad("FLEET_REDIS_CA_FILE", &e))?;
             }
         }
         None => {
-            let native = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(native.certs);
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
         }
     }
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    let config = match (&args.redis_client_cert, &args.redis_client_key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| pem("FLEET_REDIS_CLIENT_CERT", cert, &e))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| pem("FLEET_REDIS_CLIENT_KEY", key, &e))?;
+    let config = match &files.client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad("FLEET_REDIS_CLIENT_CERT", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| bad("FLEET_REDIS_CLIENT_KEY", &e))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| ConfigError(format!("FLEET_REDIS_CLIENT_CERT: {e}")))?
+                .map_err(|e| bad("FLEET_REDIS_CLIENT_CERT", &e))?
         }
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
     Ok(Some(Arc::new(config)))
+}
+
+/// The TLS files the settings name, read (each error names its setting).
+struct TlsFiles {
+    root_cert: Option<Vec<u8>>,
+    /// Certificate chain and key, PEM.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    fn read(args: &RedisArgs) -> Result<TlsFiles, ConfigError> {
+        let read = |setting: &str,
+                    path: &Option<std::path::PathBuf>|
+         -> Result<Option<Vec<u8>>, ConfigError> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::read(p)
+                        .map_err(|e| ConfigError(format!("{setting}: {}: {e}", p.display())))
+                })
+                .transpose()
+        };
+        let client = match (
+            read("FLEET_REDIS_CLIENT_CERT", &args.redis_client_cert)?,
+            read("FLEET_REDIS_CLIENT_KEY", &args.redis_client_key)?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => None,
+        };
+        Ok(TlsFiles {
+            root_cert: read("FLEET_REDIS_CA_FILE", &args.redis_ca_file)?,
+            client,
+        })
+    }
 }
 
 /// A connection that reconnects by itself. `response_timeout` must exceed any BLOCK it is used for.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cli::WorkerArgs;
-use crate::config::{ConfigError, FileConfig};
+use crate::config::{ConfigError, FileConfig, Tuning};
 use crate::connect::{self, redis_connection};
 use crate::handler::Handler;
 use crate::health::{Dependency, Health};
@@ -22,7 +22,9 @@ pub struct Worker {
     args: WorkerArgs,
     config: Arc<FileConfig>,
     redis: redis::Client,
-    read_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Built with the other settings, so a URL it cannot use exits 2 before anything connects;
+    /// taken by `run`.
+    reads: Option<ReadConn>,
     group: String,
     consumer: String,
     specs: Vec<StreamSpec>,
@@ -37,9 +39,11 @@ impl Worker {
             None => FileConfig::default(),
         };
         let redis = args.redis.client()?;
-        let read_tls = connect::read_tls(&args.redis)?;
-        // Checked here so a URL the read connection cannot use exits 2 before anything connects.
-        ReadConn::new(&redis, read_tls.clone(), Duration::ZERO)?;
+        let reads = ReadConn::new(
+            &redis,
+            connect::read_tls(&args.redis)?,
+            read_timeout(&config.tuning),
+        )?;
         let specs: Vec<StreamSpec> = args
             .streams
             .iter()
@@ -73,7 +77,7 @@ impl Worker {
             args,
             config: Arc::new(config),
             redis,
-            read_tls,
+            reads: Some(reads),
             group,
             consumer,
             specs,
@@ -96,7 +100,7 @@ impl Worker {
     }
 
     /// Runs until SIGTERM/SIGINT and a clean drain. Redis or sink outages are waited out.
-    pub async fn run<H: Handler>(self, handler: H) -> anyhow::Result<()> {
+    pub async fn run<H: Handler>(mut self, handler: H) -> anyhow::Result<()> {
         connect::init_tls();
         let metrics = crate::metrics::install().context("metrics recorder")?;
         let health = Arc::new(Health::default());
@@ -112,8 +116,7 @@ impl Worker {
             "starting"
         );
         let tuning = &self.config.tuning;
-        let read_timeout = Duration::from_millis(tuning.block_ms) + Duration::from_secs(5);
-        let Some(reader) = self.connect(read_timeout, &health, &shutdown).await else {
+        let Some(reader) = self.connect(read_timeout(tuning), &health, &shutdown).await else {
             return Ok(());
         };
         let Some(writer) = self
@@ -122,7 +125,7 @@ impl Worker {
         else {
             return Ok(());
         };
-        let reads = ReadConn::new(&self.redis, self.read_tls.clone(), read_timeout)?;
+        let reads = self.reads.take().context("the worker runs once")?;
         let source = Source::new(
             reads,
             reader,
@@ -176,4 +179,9 @@ impl Worker {
             }
         }
     }
+}
+
+/// How long a read may take: its BLOCK, and then some.
+fn read_timeout(t: &Tuning) -> Duration {
+    Duration::from_millis(t.block_ms) + Duration::from_secs(5)
 }
