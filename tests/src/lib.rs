@@ -232,6 +232,13 @@ impl Worker {
         self.child.id().expect("running")
     }
 
+    /// SIGTERM, then asserts a clean exit (status 0) within 20 s: the graceful drain.
+    pub async fn stop_cleanly(&mut self) {
+        self.signal("TERM").await;
+        let status = self.wait(Duration::from_secs(20)).await;
+        assert!(status.success(), "exit after SIGTERM: {status}");
+    }
+
     /// Sends a signal by name (`TERM`, `KILL`, ...).
     pub async fn signal(&self, name: &str) {
         let status = Command::new("kill")

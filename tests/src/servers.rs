@@ -374,6 +374,13 @@ impl PrivatePostgres {
         }
     }
 
+    /// `pg_ctl -D <data>`, run as the postgres user.
+    fn pg_ctl(&self) -> Command {
+        let mut c = self.as_pg(self.bin.join("pg_ctl"));
+        c.arg("-D").arg(&self.data).stdout(Stdio::null());
+        c
+    }
+
     /// The URL of its `fleet` database.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/fleet", self.port)
@@ -382,11 +389,8 @@ impl PrivatePostgres {
     /// Stops it (fast shutdown: clients are disconnected).
     pub fn stop(&self) {
         let ok = self
-            .as_pg(self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
+            .pg_ctl()
             .args(["-m", "fast", "-w", "stop"])
-            .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(ok.success(), "pg_ctl stop");
@@ -399,13 +403,10 @@ impl PrivatePostgres {
             self.port
         );
         let ok = self
-            .as_pg(self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
+            .pg_ctl()
             .arg("-l")
             .arg(self.data.join("server.log"))
             .args(["-w", "-t", "60", "-o", &opts, "start"])
-            .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(ok.success(), "pg_ctl start");
@@ -415,11 +416,8 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let _ = self
-            .as_pg(self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
+            .pg_ctl()
             .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.data);

@@ -128,8 +128,7 @@ async fn kill_9_five_times_during_a_load_of_50000_loses_and_doubles_nothing() {
     )
     .await;
     assert_eq!(o.published, 50_000);
-    last.signal("TERM").await;
-    assert!(last.wait(Duration::from_secs(20)).await.success());
+    last.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,8 +190,7 @@ async fn postgres_stopped_for_10s_mid_load_is_waited_out() {
         "{down_lines} outage lines:\n{log}"
     );
     assert!(worker.metric("fleet_handler_errors_total", "").await > 0.0);
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,8 +231,7 @@ async fn redis_restarted_mid_load_with_aof_loses_and_doubles_nothing() {
         worker.metric("fleet_reconnects_total", "redis").await >= 1.0,
         "reconnected after the restart"
     );
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,8 +280,7 @@ async fn a_killed_consumers_pending_entries_are_reclaimed_and_it_is_removed_once
         },
     )
     .await;
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,8 +367,7 @@ async fn a_poison_event_reaches_the_dlq_after_max_deliveries_without_holding_up_
         last_commit < given_up,
         "the rest committed at {last_commit}, poison given up at {given_up}"
     );
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,6 +419,5 @@ async fn sigterm_under_load_exits_0_and_leaves_everything_acknowledged_or_pendin
         &corpus,
     )
     .await;
-    again.signal("TERM").await;
-    assert!(again.wait(Duration::from_secs(20)).await.success());
+    again.stop_cleanly().await;
 }

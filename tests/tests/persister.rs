@@ -169,8 +169,7 @@ async fn mixed_load_of_20000_lands_exactly_once_with_dead_letters() {
         200.0
     );
     assert!(worker.metric("fleet_events_deduplicated_total", "").await > 0.0);
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,8 +207,7 @@ async fn two_persisters_in_one_group_share_the_work_with_no_double_rows() {
         "each entry delivered to one consumer"
     );
     for w in [&mut a, &mut b] {
-        w.signal("TERM").await;
-        assert!(w.wait(Duration::from_secs(20)).await.success());
+        w.stop_cleanly().await;
     }
 }
 
@@ -259,8 +257,7 @@ async fn sigterm_during_steady_publish_exits_0_and_restart_loses_and_doubles_not
     publisher.await.unwrap();
     wait_drained(&pool, &stream).await;
     assert_landed(&pool, &stream, &corpus, true).await;
-    second.signal("TERM").await;
-    assert!(second.wait(Duration::from_secs(20)).await.success());
+    second.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,8 +278,7 @@ async fn own_pending_entries_are_reapplied_first_after_a_crash() {
     wait_drained(&pool, &stream).await;
     assert_landed(&pool, &stream, &corpus, true).await;
     assert!(worker.log_text().contains("own pending entries re-read"));
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,8 +332,7 @@ async fn legacy_bus_entries_are_upcast_and_replays_deduplicate() {
     }
 
     // Replaying the same entries (a new group reading from the start) adds no row.
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
     let mut again = WorkerEnv::new(&format!("flow:events:{flow}*"), &db)
         .set("FLEET_CONFIG", &cfg)
         .set("FLEET_GROUP", "replay")
@@ -363,8 +358,7 @@ async fn legacy_bus_entries_are_upcast_and_replays_deduplicate() {
             .await
             >= 50.0
     );
-    again.signal("TERM").await;
-    assert!(again.wait(Duration::from_secs(20)).await.success());
+    again.stop_cleanly().await;
 }
 
 /// The documented legacy namespace (schemas/events/README.md), restated so a change to it in the
@@ -497,8 +491,7 @@ async fn the_reclaimer_scans_once_per_interval_not_once_per_batch() {
         claims <= 3,
         "XAUTOCLAIM ran {claims} times during one claim interval ({reads} reads)"
     );
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,8 +545,7 @@ async fn entries_that_keep_crashing_their_consumer_reach_the_dlq_after_max_deliv
         .filter(|e| matches!(e, Expect::Valid { user: true, .. }))
         .count();
     assert_eq!(rows as usize, expected, "the rest is applied normally");
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }
 
 /// The reader has its own connection (`read_conn`): it must select the URL's database as the
@@ -603,6 +595,5 @@ async fn a_redis_database_other_than_0_is_read_and_acknowledged_there() {
         .await
         .unwrap();
     assert!(!exists, "nothing was created in database 0");
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
 }

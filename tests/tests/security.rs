@@ -102,8 +102,7 @@ async fn persister_over_tls_with_acl_user_and_verified_postgres_tls() {
     .await
     .unwrap();
     assert_eq!(plain, 0);
-    worker.signal("TERM").await;
-    assert!(worker.wait(Duration::from_secs(20)).await.success());
+    worker.stop_cleanly().await;
     assert!(
         !worker.log_text().contains(PASSWORD),
         "the password reached the log"
