@@ -1,20 +1,30 @@
-//! The acknowledge stage: once the handler has confirmed a batch, its dead letters and the XACK of
-//! every entry (but those held for redelivery) go to Redis in one MULTI/EXEC round trip, so a
-//! crash leaves both or neither. Batches are settled in the order they were confirmed.
+//! The acknowledge stage: once the handler has confirmed a batch, its entries are acknowledged and
+//! its dead letters written, in one round trip. Batches are settled in the order they were
+//! confirmed.
+//!
+//! The plain `XACK`s of applied entries need no memory, so they go through even when Redis is at
+//! `maxmemory` (a `MULTI` would be refused whole). Dead letters go through one script per stream
+//! (`dlq::DEAD_LETTER_SCRIPT`) that acknowledges an entry only once its dead letter exists, and
+//! writes it only while the entry is still pending: a failed dead letter (out of memory, a `:dlq`
+//! key of another type) leaves its entries pending, unacknowledged, for the reclaimer to bring
+//! back once it can be written, and is reported by name; a retry never writes one twice.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use redis::aio::ConnectionManager;
+use redis::{RedisError, RedisResult, Value};
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::dlq::{add_dead_letter, DlqReason};
+use crate::dlq::{dead_letter_fields, dlq_stream, trials_key, DlqReason, DEAD_LETTER_SCRIPT};
 use crate::entry::{Entry, EntryId};
 use crate::handler::Applied;
-use crate::health::{Dependency, Health};
+use crate::health::{Dependency, Fault, Health};
 use crate::inflight::{BatchIds, InFlight};
 use crate::metrics as m;
 use crate::shutdown::Shutdown;
+use crate::source::StreamLabels;
 
 /// An entry that leaves through the dead letter stream.
 #[derive(Debug)]
@@ -47,51 +57,135 @@ pub struct Settlement {
     pub started: Instant,
 }
 
-impl Settlement {
-    fn is_held(&self, e: &Entry) -> bool {
-        self.held
-            .iter()
-            .any(|(s, id)| *s == e.stream && *id == e.id)
-    }
+/// What becomes of one entry of a settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Ack,
+    Held,
+    Dead,
+}
 
-    /// The MULTI/EXEC pipeline, from the batch's ids as registered in flight; `None` when there
-    /// is nothing to send (everything held).
-    fn commands(&self, group: &str, ids: &BatchIds) -> Option<redis::Pipeline> {
-        let held: Vec<(&Arc<str>, String)> = self
-            .held
-            .iter()
-            .map(|(s, id)| (s, id.to_string()))
-            .collect();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut commands = self.dead.len();
+/// One command of the settlement's round trip, to read its reply.
+#[derive(Debug)]
+enum Step {
+    Ack,
+    DeadLetters { stream: Arc<str>, entries: usize },
+}
+
+/// Why dead letters could not be written: the fault to report.
+fn dead_letter_fault(stream: &str, e: &RedisError) -> (Fault, String) {
+    match e.code() {
+        Some("OOM") => (
+            Fault::RedisOutOfMemory,
+            "Redis out of memory (maxmemory reached): dead letters cannot be written; their entries stay pending".into(),
+        ),
+        Some("WRONGTYPE") => (
+            Fault::DeadLetters,
+            format!(
+                "{} holds another type than a stream: dead letters of {stream} cannot be written; their entries stay pending",
+                dlq_stream(stream)
+            ),
+        ),
+        _ => (
+            Fault::DeadLetters,
+            format!("dead letters of {stream} cannot be written: {e}"),
+        ),
+    }
+}
+
+impl Settlement {
+    fn fates(&self) -> Vec<Fate> {
+        let mut fates = vec![Fate::Ack; self.entries.len()];
         for d in &self.dead {
-            add_dead_letter(&mut pipe, &self.entries[d.index], group, d.reason, &d.error);
+            fates[d.index] = Fate::Dead;
         }
-        for (stream, ids) in ids {
-            let ack: Vec<&String> = ids
-                .iter()
-                .filter(|id| !held.iter().any(|(s, h)| *s == stream && h == *id))
-                .collect();
-            if !ack.is_empty() {
-                pipe.cmd("XACK").arg(&**stream).arg(group).arg(ack).ignore();
-                commands += 1;
+        if !self.held.is_empty() {
+            for (i, e) in self.entries.iter().enumerate() {
+                if self
+                    .held
+                    .iter()
+                    .any(|(s, id)| *s == e.stream && *id == e.id)
+                {
+                    fates[i] = Fate::Held;
+                }
             }
         }
-        (commands > 0).then_some(pipe)
+        fates
     }
 
-    fn record(&self) {
+    /// The round trip, from the batch's ids as registered in flight (each formatted once), and
+    /// what each of its commands is.
+    fn commands(
+        &self,
+        group: &str,
+        ids: &BatchIds,
+        fates: &[Fate],
+    ) -> (redis::Pipeline, Vec<Step>) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut steps = Vec::new();
+        let at = OffsetDateTime::now_utc();
+        let mut index = 0;
+        for (stream, ids) in ids {
+            let run = index..index + ids.len();
+            index = run.end;
+            let ack: Vec<&String> = ids
+                .iter()
+                .zip(&fates[run.clone()])
+                .filter(|(_, f)| **f == Fate::Ack)
+                .map(|(id, _)| id)
+                .collect();
+            if !ack.is_empty() {
+                pipe.cmd("XACK").arg(&**stream).arg(group).arg(ack);
+                steps.push(Step::Ack);
+            }
+            let dead: Vec<&DeadLetter> = self
+                .dead
+                .iter()
+                .filter(|d| run.contains(&d.index))
+                .collect();
+            if !dead.is_empty() {
+                let cmd = pipe
+                    .cmd("EVAL")
+                    .arg(DEAD_LETTER_SCRIPT)
+                    .arg(3)
+                    .arg(&**stream)
+                    .arg(dlq_stream(stream))
+                    .arg(trials_key(stream))
+                    .arg(group);
+                for d in &dead {
+                    let entry = &self.entries[d.index];
+                    let fields = dead_letter_fields(entry, group, d.reason, &d.error, at);
+                    cmd.arg(&ids[d.index - run.start])
+                        .arg(fields.len())
+                        .arg(fields);
+                }
+                steps.push(Step::DeadLetters {
+                    stream: stream.clone(),
+                    entries: dead.len(),
+                });
+            }
+        }
+        (pipe, steps)
+    }
+
+    fn record(&self, fates: &[Fate], labels: &StreamLabels) {
+        let mut start = 0;
         for run in self.entries.chunk_by(|a, b| a.stream == b.stream) {
-            let stream = run[0].stream.to_string();
-            let kept = run.iter().filter(|e| self.is_held(e)).count();
+            let stream = labels.of(&run[0].stream).to_string();
+            let acked = fates[start..start + run.len()]
+                .iter()
+                .filter(|f| **f != Fate::Held)
+                .count();
+            start += run.len();
             metrics::counter!(m::EVENTS_READ, "stream" => stream.clone())
                 .increment(run.len() as u64);
-            metrics::counter!(m::EVENTS_ACKNOWLEDGED, "stream" => stream)
-                .increment((run.len() - kept) as u64);
+            metrics::counter!(m::EVENTS_ACKNOWLEDGED, "stream" => stream).increment(acked as u64);
         }
         for d in &self.dead {
-            metrics::counter!(m::EVENTS_DEAD_LETTERED, "stream" => self.entries[d.index].stream.to_string(), "reason" => d.reason.as_str()).increment(1);
+            if fates[d.index] == Fate::Dead {
+                metrics::counter!(m::EVENTS_DEAD_LETTERED, "stream" => labels.of(&self.entries[d.index].stream).to_string(), "reason" => d.reason.as_str()).increment(1);
+            }
         }
         let c = &self.counts;
         metrics::counter!(m::EVENTS_APPLIED).increment(c.applied.applied as u64);
@@ -108,43 +202,83 @@ impl Settlement {
     }
 }
 
-/// Settles batches until the processor closes the channel. A Redis outage is retried with
-/// backoff; if the drain starts first, the rest stays pending (its effects are already durable,
-/// so the redelivery is a no-op).
-pub async fn run(
-    mut conn: ConnectionManager,
-    group: String,
-    mut settlements: mpsc::Receiver<Settlement>,
-    health: Arc<Health>,
-    shutdown: Shutdown,
-    in_flight: InFlight,
-) {
-    while let Some(s) = settlements.recv().await {
-        let mut settled = true;
-        let pipe = in_flight
-            .with_ids(s.ticket, |ids| s.commands(&group, ids))
-            .flatten();
-        if let Some(pipe) = pipe {
-            let mut delays = crate::backoff::backoff();
-            loop {
-                match pipe.query_async::<()>(&mut conn).await {
-                    Ok(()) => {
-                        health.up(Dependency::Redis);
-                        break;
-                    }
-                    Err(e) => {
-                        health.down(Dependency::Redis, &e);
-                        if !shutdown.sleep(delays.next().unwrap_or_default()).await {
-                            settled = false;
-                            break;
-                        }
+/// Where the acknowledge stage reports and what it must know.
+pub struct Acker {
+    pub conn: ConnectionManager,
+    pub group: String,
+    pub health: Arc<Health>,
+    pub shutdown: Shutdown,
+    pub in_flight: InFlight,
+    pub labels: StreamLabels,
+}
+
+impl Acker {
+    /// Settles batches until the processor closes the channel. A Redis outage is retried with
+    /// backoff; once the drain has started a failed round trip is not tried again: the rest stays
+    /// pending (its effects are durable, so the redelivery is a no-op).
+    pub async fn run(mut self, mut settlements: mpsc::Receiver<Settlement>) {
+        while let Some(s) = settlements.recv().await {
+            let mut fates = s.fates();
+            if self.settle(&s, &mut fates).await {
+                s.record(&fates, &self.labels);
+            }
+            self.in_flight.release(s.ticket);
+        }
+    }
+
+    /// One settlement; false if it was given up (drain), leaving every entry pending.
+    async fn settle(&mut self, s: &Settlement, fates: &mut [Fate]) -> bool {
+        let Some((pipe, steps)) = self
+            .in_flight
+            .with_ids(s.ticket, |ids| s.commands(&self.group, ids, fates))
+        else {
+            return false;
+        };
+        if steps.is_empty() {
+            return true;
+        }
+        let mut delays = crate::backoff::backoff();
+        let results = loop {
+            match pipe
+                .query_async::<Vec<RedisResult<Value>>>(&mut self.conn)
+                .await
+            {
+                Ok(results) => break results,
+                Err(e) => {
+                    self.health.down(Dependency::Redis, &e);
+                    if self.shutdown.is_triggered()
+                        || !self.shutdown.sleep(delays.next().unwrap_or_default()).await
+                    {
+                        tracing::info!("draining: the batch is left pending for redelivery");
+                        return false;
                     }
                 }
             }
+        };
+        self.health.up(Dependency::Redis);
+        for (step, result) in steps.iter().zip(results) {
+            match (step, result) {
+                (Step::DeadLetters { .. }, Ok(_)) => {
+                    self.health.clear(Fault::DeadLetters);
+                    self.health.clear(Fault::RedisOutOfMemory);
+                }
+                (Step::DeadLetters { stream, entries }, Err(e)) => {
+                    let (fault, detail) = dead_letter_fault(stream, &e);
+                    self.health.raise(fault, &detail);
+                    tracing::debug!(%stream, entries, error = %e, "dead letters not written");
+                    for (i, f) in fates.iter_mut().enumerate() {
+                        if *f == Fate::Dead && s.entries[i].stream == *stream {
+                            *f = Fate::Held;
+                        }
+                    }
+                }
+                (Step::Ack, Err(e)) => {
+                    // NOGROUP: the group was deleted meanwhile, and its pending entries with it.
+                    tracing::warn!(error = %e, "acknowledgement refused");
+                }
+                (Step::Ack, Ok(_)) => {}
+            }
         }
-        in_flight.release(s.ticket);
-        if settled {
-            s.record();
-        }
+        true
     }
 }

@@ -128,10 +128,12 @@ pub fn config_exit(bin: &str, err: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// Turns a worker's result into its exit status: 0 after a clean drain, 1 on a fatal error.
+/// Turns a worker's result into its exit status: 0 after a clean drain, 2 on a configuration
+/// error found while running (a missing privilege, a consumer name in use), 1 on a fatal error.
 pub fn finish(bin: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<crate::config::ConfigError>().is_some() => config_exit(bin, &e),
         Err(e) => {
             eprintln!("{bin}: error: {e:#}");
             ExitCode::from(EXIT_FATAL)

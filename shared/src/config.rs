@@ -71,6 +71,14 @@ pub struct Tuning {
     pub discover_interval_ms: u64,
     /// How often lag and pending counts are sampled for metrics.
     pub lag_interval_ms: u64,
+    /// Most streams one read names. Up to this many streams are read with one blocking
+    /// XREADGROUP; beyond, reads poll rotating slices of this many, so a read costs Redis the
+    /// same whatever the number of streams.
+    pub streams_per_read: usize,
+    /// With more streams than `streams_per_read`: the shortest time between the starts of two
+    /// polling rounds over all streams (unless the last one filled a batch). A new entry waits
+    /// about this long at most to be read.
+    pub poll_interval_ms: u64,
 }
 
 impl Default for Tuning {
@@ -90,6 +98,8 @@ impl Default for Tuning {
             max_data_bytes: crate::event::DEFAULT_MAX_DATA_BYTES,
             discover_interval_ms: 5000,
             lag_interval_ms: 5000,
+            streams_per_read: 100,
+            poll_interval_ms: 100,
         }
     }
 }
@@ -258,6 +268,12 @@ impl FileConfig {
         }
         if t.max_deliveries == 0 {
             return Err(fail("tuning.max_deliveries must be at least 1".into()));
+        }
+        if t.streams_per_read == 0 {
+            return Err(fail("tuning.streams_per_read must be at least 1".into()));
+        }
+        if t.poll_interval_ms == 0 {
+            return Err(fail("tuning.poll_interval_ms must be at least 1".into()));
         }
         if t.max_data_bytes == 0 {
             return Err(fail("tuning.max_data_bytes must be at least 1".into()));

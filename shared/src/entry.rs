@@ -6,7 +6,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use redis_protocol::resp2::types::RangeFrame;
+
+use crate::reply::{Elided, Frame};
 
 /// A stream entry id `<ms>-<seq>`, ordered as Redis orders them (text order is wrong: `9-0` < `10-0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,6 +59,9 @@ pub struct Entry {
 pub struct Fields {
     buf: Bytes,
     spans: Vec<(Range<usize>, Range<usize>)>,
+    /// Values cut while they arrived (too long for any entry): pair index and true length.
+    /// Empty, and free, for every entry of an acceptable size.
+    cut: Vec<(usize, usize)>,
 }
 
 impl Fields {
@@ -83,9 +87,25 @@ impl Fields {
         self.spans.is_empty()
     }
 
-    /// Total bytes of names and values, for size limits checked before any parsing.
+    /// Total bytes of names and values as the producer wrote them (cut values counted whole),
+    /// for size limits checked before any parsing.
     pub fn byte_size(&self) -> usize {
-        self.spans.iter().map(|(k, v)| k.len() + v.len()).sum()
+        let kept: usize = self.spans.iter().map(|(k, v)| k.len() + v.len()).sum();
+        kept + self
+            .cut
+            .iter()
+            .map(|&(i, len)| len - self.spans[i].1.len())
+            .sum::<usize>()
+    }
+
+    /// The length of the `i`-th value as the producer wrote it (a cut value holds only its first
+    /// bytes).
+    pub fn value_len(&self, i: usize) -> usize {
+        self.cut
+            .iter()
+            .find(|(at, _)| *at == i)
+            .map(|(_, len)| *len)
+            .unwrap_or_else(|| self.spans[i].1.len())
     }
 }
 
@@ -104,6 +124,7 @@ impl<K: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(K, V)> for Fields {
         Fields {
             buf: Bytes::from(buf),
             spans,
+            cut: Vec::new(),
         }
     }
 }
@@ -134,73 +155,86 @@ fn parse_id(id: &[u8]) -> Result<EntryId, ReplyError> {
 /// The entries read from each stream of one XREADGROUP.
 pub type StreamEntries = Vec<(Arc<str>, Vec<Entry>)>;
 
-fn span(frame: &RangeFrame) -> Result<Range<usize>, ReplyError> {
+fn span(frame: &Frame) -> Result<Range<usize>, ReplyError> {
     match frame {
-        RangeFrame::BulkString((start, end)) | RangeFrame::SimpleString((start, end)) => {
-            Ok(*start..*end)
-        }
+        Frame::Bulk(r) | Frame::Simple(r) => Ok(r.clone()),
         _ => Err(ReplyError("expected a string")),
     }
 }
 
-fn frames(frame: RangeFrame) -> Result<Vec<RangeFrame>, ReplyError> {
+fn frames(frame: Frame) -> Result<Vec<Frame>, ReplyError> {
     match frame {
-        RangeFrame::Array(a) => Ok(a),
-        RangeFrame::Null => Ok(Vec::new()),
+        Frame::Array(a) => Ok(a),
+        Frame::Null => Ok(Vec::new()),
         _ => Err(ReplyError("expected an array")),
     }
 }
 
-/// Parses a RESP2 XREADGROUP reply decoded as spans of `buf` (`[[stream, [[id, [f, v, ...]],
-/// ...]], ...]`, nil on timeout) into entries that share `buf`. Returns, per stream key, the
-/// entries read.
+/// A reply's buffer and the values cut in it, which entries parsed from it share.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyBuf<'a> {
+    pub buf: &'a Bytes,
+    pub elided: &'a [Elided],
+}
+
+/// Parses a RESP2 XREADGROUP reply (`[[stream, [[id, [f, v, ...]], ...]], ...]`, nil on timeout)
+/// into entries that share the reply's buffer. Returns, per stream key, the entries read.
 pub fn parse_read_frame(
-    buf: &Bytes,
-    reply: RangeFrame,
+    reply: ReplyBuf<'_>,
+    frame: Frame,
     keys: &[Arc<str>],
 ) -> Result<StreamEntries, ReplyError> {
     let mut out = Vec::new();
-    for pair in frames(reply)? {
+    for pair in frames(frame)? {
         let mut pair = frames(pair)?.into_iter();
         let (Some(key), Some(list)) = (pair.next(), pair.next()) else {
             return Err(ReplyError("stream reply pair"));
         };
-        let key = &buf[span(&key)?];
+        let key = &reply.buf[span(&key)?];
         let stream = keys
             .iter()
             .find(|s| s.as_bytes() == key)
             .cloned()
             .unwrap_or_else(|| Arc::from(String::from_utf8_lossy(key).as_ref()));
-        let entries = parse_entry_list(buf, &stream, list)?;
+        let entries = parse_entry_list(reply, &stream, list)?;
         out.push((stream, entries));
     }
     Ok(out)
 }
 
 /// Parses a list of `[id, [field, value, ...]]` entries of `stream` (an XREADGROUP stream's
-/// list, or XAUTOCLAIM's), decoded as spans of `buf`; a deleted entry's fields are nil.
+/// list, or XAUTOCLAIM's); a deleted entry's fields are nil.
 pub fn parse_entry_list(
-    buf: &Bytes,
+    reply: ReplyBuf<'_>,
     stream: &Arc<str>,
-    list: RangeFrame,
+    list: Frame,
 ) -> Result<Vec<Entry>, ReplyError> {
+    let buf = reply.buf;
     let list = frames(list)?;
     let mut entries = Vec::with_capacity(list.len());
     for item in list {
         let mut item = frames(item)?.into_iter();
         let id = parse_id(&buf[span(&item.next().ok_or(ReplyError("entry without id"))?)?])?;
         let fields = match item.next() {
-            None | Some(RangeFrame::Null) => None,
+            None | Some(Frame::Null) => None,
             Some(flat) => {
                 let flat = frames(flat)?;
                 let mut spans = Vec::with_capacity(flat.len() / 2);
+                let mut cut = Vec::new();
                 let mut it = flat.iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    spans.push((span(k)?, span(v)?));
+                    let v = span(v)?;
+                    if !reply.elided.is_empty() {
+                        if let Some(e) = reply.elided.iter().find(|e| e.at == v.start) {
+                            cut.push((spans.len(), e.len));
+                        }
+                    }
+                    spans.push((span(k)?, v));
                 }
                 Some(Fields {
                     buf: buf.clone(),
                     spans,
+                    cut,
                 })
             }
         };
@@ -215,7 +249,7 @@ pub fn parse_entry_list(
 }
 
 /// The text of a string frame.
-pub fn frame_text<'a>(buf: &'a [u8], frame: &RangeFrame) -> Result<&'a [u8], ReplyError> {
+pub fn frame_text<'a>(buf: &'a [u8], frame: &Frame) -> Result<&'a [u8], ReplyError> {
     Ok(&buf[span(frame)?])
 }
 
@@ -237,13 +271,17 @@ mod tests {
     #[test]
     fn parses_reply_with_deleted_entry_without_copying_fields() {
         let raw = b"*1\r\n*2\r\n$2\r\nst\r\n*2\r\n*2\r\n$3\r\n1-1\r\n*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$0\r\n\r\n*2\r\n$3\r\n1-2\r\n*-1\r\n";
-        let buf = Bytes::from_static(raw);
-        let (frame, used) = redis_protocol::resp2::decode::decode_range(&buf)
-            .unwrap()
-            .unwrap();
-        assert_eq!(used, raw.len());
+        let mut parser = crate::reply::ReplyParser::new(1, 1 << 20, 4096);
+        let mut bytes = bytes::BytesMut::from(&raw[..]);
+        assert!(parser.feed(&mut bytes).unwrap());
+        let (mut frames, elided) = parser.finish();
+        let buf = bytes.freeze();
+        let reply = ReplyBuf {
+            buf: &buf,
+            elided: &elided,
+        };
         let keys = [Arc::from("st")];
-        let out = parse_read_frame(&buf, frame, &keys).unwrap();
+        let out = parse_read_frame(reply, frames.pop().unwrap(), &keys).unwrap();
         assert_eq!(out.len(), 1);
         assert!(Arc::ptr_eq(&out[0].0, &keys[0]));
         let entries = &out[0].1;
@@ -255,10 +293,9 @@ mod tests {
         assert_eq!(fields.byte_size(), 3);
         assert!(entries[1].fields.is_none());
         // A blocking read that timed out.
-        let (nil, _) = redis_protocol::resp2::decode::decode_range(b"*-1\r\n")
+        assert!(parse_read_frame(reply, Frame::Null, &keys)
             .unwrap()
-            .unwrap();
-        assert!(parse_read_frame(&buf, nil, &keys).unwrap().is_empty());
+            .is_empty());
     }
 
     #[test]

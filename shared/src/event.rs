@@ -97,6 +97,14 @@ pub struct Limits {
     pub max_data_bytes: usize,
 }
 
+impl Limits {
+    /// The largest entry accepted: `data` and room for the other fields. Any single value longer
+    /// than this makes its entry too large, whatever the rest.
+    pub fn max_entry_bytes(&self) -> usize {
+        self.max_data_bytes + ENVELOPE_ALLOWANCE
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -128,6 +136,8 @@ pub enum DecodeError {
     BadSource(String),
     #[error("field `time`: {0:?} is not an RFC 3339 time")]
     BadTime(String),
+    #[error("field `time`: {0:?} falls outside the years 0000 to 9999 in UTC")]
+    TimeOutOfRange(String),
     #[error("field `{field}`: not valid JSON: {cause}")]
     DataNotJson { field: &'static str, cause: String },
     #[error("field `{0}`: must be a JSON object")]
@@ -187,10 +197,10 @@ pub fn decode<'a>(
 ) -> Result<Event<'a>, DecodeError> {
     // Size first, before anything is parsed: a huge entry must cost as little as possible.
     let size = fields.byte_size();
-    if size > limits.max_data_bytes + ENVELOPE_ALLOWANCE {
+    if size > limits.max_entry_bytes() {
         return Err(DecodeError::TooLarge {
             size,
-            limit: limits.max_data_bytes + ENVELOPE_ALLOWANCE,
+            limit: limits.max_entry_bytes(),
         });
     }
     let mut f = V1Fields::default();
@@ -230,7 +240,8 @@ pub fn decode<'a>(
     let source = check_source(text("source", f.source)?)?;
     let time_text = text("time", f.time)?;
     let time = OffsetDateTime::parse(time_text, &Rfc3339)
-        .map_err(|_| DecodeError::BadTime(time_text.to_owned()))?;
+        .map_err(|_| DecodeError::BadTime(time_text.to_owned()))
+        .and_then(|t| check_time(time_text, t))?;
     let data = check_data("data", text("data", f.data)?, limits)?;
     let key = match f.key {
         None => None,
@@ -299,6 +310,20 @@ pub(crate) fn check_source(s: &str) -> Result<&str, DecodeError> {
         Ok(s)
     } else {
         Err(DecodeError::BadSource(s.to_owned()))
+    }
+}
+
+/// Checks that the instant of a valid RFC 3339 time can be written in UTC. `9999-12-31T23:59:59-01:00`
+/// is valid RFC 3339, but its instant is in the year 10000: no sink (nor RFC 3339 in UTC) can hold
+/// it, and converting it panics, so it is rejected here, as `invalid`, before any handler sees it.
+pub(crate) fn check_time(text: &str, t: OffsetDateTime) -> Result<OffsetDateTime, DecodeError> {
+    // `time` holds years -9999 to 9999, so the conversion itself cannot overflow here.
+    let year = t
+        .checked_to_offset(time::UtcOffset::UTC)
+        .map(|utc| utc.year());
+    match year {
+        Some(0..=9999) => Ok(t),
+        _ => Err(DecodeError::TimeOutOfRange(text.to_owned())),
     }
 }
 
@@ -449,6 +474,15 @@ pub(crate) mod tests {
             E::BadSource(_)
         ));
         assert!(matches!(reason(&with("time", "yesterday")), E::BadTime(_)));
+        // Valid RFC 3339, but the instant is in the year 10000 (or -1) in UTC.
+        for t in ["9999-12-31T23:59:59-01:00", "0000-01-01T00:30:00+01:00"] {
+            assert!(
+                matches!(reason(&with("time", t)), E::TimeOutOfRange(_)),
+                "{t}"
+            );
+        }
+        assert!(decode_pairs(&with("time", "9999-12-31T23:59:59+01:00")).is_ok());
+        assert!(decode_pairs(&with("time", "0000-01-01T00:00:00Z")).is_ok());
         assert!(matches!(
             reason(&with("time", "2026-11-24T10:00:00")),
             E::BadTime(_)

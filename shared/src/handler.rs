@@ -50,17 +50,29 @@ pub struct Applied {
     pub skipped: usize,
 }
 
-/// Why a batch could not be applied.
+/// Why a batch could not be applied. The variant decides what the pipeline does next, so a
+/// handler classifies its sink's errors with care: waiting out a fault is always safe, while
+/// blaming events sends them to the dead letter stream.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// Worth retrying (sink unreachable, timeout, deadlock). The pipeline retries the whole batch
-    /// with backoff; nothing of it is acknowledged until an attempt succeeds.
+    /// This attempt failed and another may succeed (a deadlock, a serialization failure, a
+    /// timeout). The pipeline retries with backoff; if the sink still answers other statements
+    /// and the batch keeps failing, it applies the events one by one to find the ones at fault.
     #[error("{0}")]
     Transient(String),
     /// Some event of the batch can never be applied (e.g. a value the sink rejects). The pipeline
     /// applies the batch event by event to find it, and dead-letters it alone (`handler_error`).
     #[error("{0}")]
     Permanent(String),
+    /// The sink cannot take anything now (unreachable, read-only, out of disk): the whole batch
+    /// waits, with nothing counted against its events, and the worker is not ready meanwhile.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The sink answers but refuses the worker's statements (a missing privilege or table): only
+    /// an operator can fix it. At start the worker exits 2; while running, batches wait whole, as
+    /// for `Unavailable`, and the fault is reported as an error.
+    #[error("{0}")]
+    Misconfigured(String),
     /// Retrying cannot help (e.g. the database schema is newer than this build): the worker stops.
     #[error("{0}")]
     Fatal(String),
@@ -68,7 +80,7 @@ pub enum HandlerError {
 
 /// A worker's job. Cloned once per handler lane (`handler_concurrency`): clones share the sink
 /// (e.g. a connection pool) and may apply batches at the same time.
-pub trait Handler: Clone + Send + 'static {
+pub trait Handler: Clone + Send + Sync + 'static {
     /// Applies the batch idempotently: applying the same events again must have no second effect.
     fn apply(
         &mut self,
@@ -82,6 +94,17 @@ pub trait Handler: Clone + Send + 'static {
 
     /// Whether the handler's sink is reachable, for `/readyz` while the worker is idle.
     fn check(&self) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The checkpoint of `stream` for `group`, if the handler keeps checkpoints: where a consumer
+    /// group that has to be created again (deleted, or its stream expired) resumes, so that what
+    /// was settled before is not delivered again.
+    fn checkpoint(
+        &self,
+        _stream: &str,
+        _group: &str,
+    ) -> impl Future<Output = Result<Option<EntryId>, HandlerError>> + Send {
+        async { Ok(None) }
+    }
 }
 
 impl std::ops::AddAssign for Applied {

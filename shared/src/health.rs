@@ -1,21 +1,20 @@
 //! Liveness and readiness state, updated by the pipeline as it talks to Redis and the sink.
 //! Transitions are logged once each (not once per retry), and recoveries counted as reconnects.
+//!
+//! Two kinds of trouble make a worker unready. A dependency that does not answer (an outage: the
+//! worker waits it out, logged as a warning) and a [`Fault`]: a dependency that answers but
+//! refuses what the worker needs (Redis out of memory, a dead letter key of the wrong type, a
+//! missing privilege). A fault needs an operator, so it is logged as an error, and `/readyz` names
+//! it with its detail until it clears.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use crate::metrics as m;
 
 // States of a dependency; 0 (the default) means not yet known.
 const UP: u8 = 1;
 const DOWN: u8 = 2;
-
-/// What `/readyz` reports.
-#[derive(Debug, Default)]
-pub struct Health {
-    redis: AtomicU8,
-    sink: AtomicU8,
-    draining: AtomicBool,
-}
 
 /// A dependency whose reachability is tracked.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +30,60 @@ impl Dependency {
             Dependency::Sink => "sink",
         }
     }
+}
+
+/// Something that answers but refuses what the worker needs; it lasts until an operator (or time)
+/// fixes it, and the worker is not ready meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Redis is at `maxmemory` and cannot evict: writes that need memory (dead letters, group
+    /// creation) are refused, while reads and acknowledgements go on.
+    RedisOutOfMemory,
+    /// Dead letters cannot be written (e.g. the `:dlq` key holds another type); the entries
+    /// concerned stay pending until they can be.
+    DeadLetters,
+    /// The consumer group is missing on a stream and could not be created yet.
+    GroupMissing,
+    /// The sink answers but refuses the worker's statements (a missing privilege or table).
+    SinkMisconfigured,
+    /// Another live process consumes the same streams under the same group and consumer name.
+    ConsumerNameInUse,
+}
+
+impl Fault {
+    const ALL: [Fault; 5] = [
+        Fault::RedisOutOfMemory,
+        Fault::DeadLetters,
+        Fault::GroupMissing,
+        Fault::SinkMisconfigured,
+        Fault::ConsumerNameInUse,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::RedisOutOfMemory => "redis_out_of_memory",
+            Fault::DeadLetters => "dead_letters_blocked",
+            Fault::GroupMissing => "group_missing",
+            Fault::SinkMisconfigured => "sink_misconfigured",
+            Fault::ConsumerNameInUse => "consumer_name_in_use",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << Fault::ALL.iter().position(|f| *f == self).unwrap_or(0)
+    }
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    redis: AtomicU8,
+    sink: AtomicU8,
+    draining: AtomicBool,
+    /// One bit per fault raised, so the hot path checks a single atomic.
+    faults: AtomicU8,
+    /// The detail of each fault raised, by position in `Fault::ALL`.
+    details: Mutex<[Option<String>; 5]>,
 }
 
 impl Health {
@@ -62,30 +115,73 @@ impl Health {
         }
     }
 
+    /// Whether `dep` answered last time.
+    pub fn is_up(&self, dep: Dependency) -> bool {
+        self.state(dep).load(Ordering::Relaxed) == UP
+    }
+
+    /// Raises `fault` with what an operator needs to know; logs an error when it is new (or its
+    /// detail changed), a debug line otherwise.
+    pub fn raise(&self, fault: Fault, detail: &dyn std::fmt::Display) {
+        let detail = detail.to_string();
+        let index = Fault::ALL.iter().position(|f| *f == fault).unwrap_or(0);
+        let mut details = self.details.lock().expect("health lock");
+        if details[index].as_deref() == Some(detail.as_str()) {
+            tracing::debug!(fault = fault.name(), %detail, "still failing");
+            return;
+        }
+        tracing::error!(fault = fault.name(), %detail, "not ready");
+        details[index] = Some(detail);
+        self.faults.fetch_or(fault.bit(), Ordering::Relaxed);
+    }
+
+    /// Clears `fault` if it was raised, logging the recovery once.
+    pub fn clear(&self, fault: Fault) {
+        if self.faults.load(Ordering::Relaxed) & fault.bit() == 0 {
+            return;
+        }
+        let index = Fault::ALL.iter().position(|f| *f == fault).unwrap_or(0);
+        let mut details = self.details.lock().expect("health lock");
+        if details[index].take().is_some() {
+            tracing::info!(fault = fault.name(), "recovered");
+        }
+        self.faults.fetch_and(!fault.bit(), Ordering::Relaxed);
+    }
+
+    /// Whether `fault` is raised.
+    pub fn has(&self, fault: Fault) -> bool {
+        self.faults.load(Ordering::Relaxed) & fault.bit() != 0
+    }
+
     /// Marks the worker as draining: no longer ready.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    fn is_up(&self, dep: Dependency) -> bool {
-        self.state(dep).load(Ordering::Relaxed) == UP
-    }
-
-    /// Redis answered last time, the sink answered last time, and not draining.
+    /// Redis answered last time, the sink answered last time, no fault is raised, and not
+    /// draining.
     pub fn is_ready(&self) -> bool {
         self.is_up(Dependency::Redis)
             && self.is_up(Dependency::Sink)
+            && self.faults.load(Ordering::Relaxed) == 0
             && !self.draining.load(Ordering::Relaxed)
     }
 
-    /// A short text for `/readyz`.
+    /// A short text for `/readyz`: the state of each dependency, then one line per fault.
     pub fn describe(&self) -> String {
-        format!(
+        let mut out = format!(
             "redis={} sink={} draining={}\n",
             self.is_up(Dependency::Redis),
             self.is_up(Dependency::Sink),
             self.draining.load(Ordering::Relaxed)
-        )
+        );
+        let details = self.details.lock().expect("health lock");
+        for (fault, detail) in Fault::ALL.iter().zip(details.iter()) {
+            if let Some(detail) = detail {
+                out.push_str(&format!("{}: {detail}\n", fault.name()));
+            }
+        }
+        out
     }
 }
 
@@ -94,7 +190,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ready_only_when_both_answered_and_not_draining() {
+    fn ready_only_when_both_answered_no_fault_and_not_draining() {
         let h = Health::default();
         assert!(!h.is_ready());
         h.up(Dependency::Redis);
@@ -104,6 +200,16 @@ mod tests {
         h.down(Dependency::Sink, &"gone");
         assert!(!h.is_ready());
         h.up(Dependency::Sink);
+        h.raise(Fault::RedisOutOfMemory, &"Redis out of memory");
+        assert!(!h.is_ready());
+        assert!(h
+            .describe()
+            .contains("redis_out_of_memory: Redis out of memory"));
+        h.clear(Fault::DeadLetters); // not raised: no effect
+        assert!(h.has(Fault::RedisOutOfMemory));
+        h.clear(Fault::RedisOutOfMemory);
+        assert!(h.is_ready());
+        assert!(!h.describe().contains("memory"));
         h.drain();
         assert!(!h.is_ready());
     }

@@ -1,11 +1,13 @@
 //! The entries read and not yet settled, across the pipeline's stages, kept "alive" in the
 //! pending entry list while they wait, like a Kafka consumer's heartbeat: without it a long sink
-//! outage would let another consumer's reclaimer take them over and count redeliveries against
-//! valid events.
+//! outage, a settlement waiting for Redis or a handler retry would let a reclaimer (another
+//! consumer's, or this one's) take them over and process them a second time, counting
+//! redeliveries against valid events. The heartbeat runs on a timer of its own, whatever the
+//! stages are doing.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
@@ -18,7 +20,6 @@ pub type BatchIds = Vec<(Arc<str>, Vec<String>)>;
 struct State {
     next: u64,
     batches: BTreeMap<u64, BatchIds>,
-    touched: Instant,
 }
 
 /// A registry of in-flight batches shared by the reader, the processor and the acker.
@@ -33,7 +34,6 @@ impl Default for InFlight {
             state: Arc::new(Mutex::new(State {
                 next: 0,
                 batches: BTreeMap::new(),
-                touched: Instant::now(),
             })),
         }
     }
@@ -79,36 +79,52 @@ impl InFlight {
             .remove(&ticket);
     }
 
-    /// Resets the idle time of every in-flight entry (XCLAIM JUSTID: no delivery is counted) once
-    /// `every` has passed since the last reset. Entries another consumer has claimed meanwhile
-    /// (idle less than `every`) are left to it.
+    /// Whether the entry `id` of `stream` is in flight here (a reclaim may return entries this
+    /// worker is still processing: they must not be processed twice).
+    pub fn contains(&self, stream: &str, id: &str) -> bool {
+        let s = self.state.lock().expect("in-flight lock");
+        s.batches
+            .values()
+            .flatten()
+            .any(|(st, ids)| &**st == stream && ids.iter().any(|i| i == id))
+    }
+
+    /// Every `every`, resets the idle time of every entry in flight (XCLAIM JUSTID: no delivery is
+    /// counted), until the task is dropped. `every` must be well below `claim_idle_ms`: an entry
+    /// is then never idle long enough to be reclaimed while this worker holds it. Entries another
+    /// consumer claimed meanwhile (idle less than `every`) are left to it.
     pub async fn keep_alive(
-        &self,
-        conn: &mut ConnectionManager,
-        group: &str,
-        consumer: &str,
+        self,
+        mut conn: ConnectionManager,
+        group: String,
+        consumer: String,
         every: Duration,
     ) {
-        let mut pipe = redis::pipe();
-        {
-            let mut s = self.state.lock().expect("in-flight lock");
-            if s.touched.elapsed() < every || s.batches.is_empty() {
-                return;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let mut pipe = redis::pipe();
+            {
+                let s = self.state.lock().expect("in-flight lock");
+                if s.batches.is_empty() {
+                    continue;
+                }
+                for (stream, ids) in s.batches.values().flatten() {
+                    pipe.cmd("XCLAIM")
+                        .arg(&**stream)
+                        .arg(&group)
+                        .arg(&consumer)
+                        .arg(every.as_millis() as u64)
+                        .arg(ids)
+                        .arg("JUSTID")
+                        .ignore();
+                }
             }
-            s.touched = Instant::now();
-            for (stream, ids) in s.batches.values().flatten() {
-                pipe.cmd("XCLAIM")
-                    .arg(&**stream)
-                    .arg(group)
-                    .arg(consumer)
-                    .arg(every.as_millis() as u64)
-                    .arg(ids)
-                    .arg("JUSTID")
-                    .ignore();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::debug!(error = %e, "could not refresh the entries in flight");
             }
-        }
-        if let Err(e) = pipe.query_async::<()>(conn).await {
-            tracing::debug!(error = %e, "could not refresh the entries in flight");
         }
     }
 }

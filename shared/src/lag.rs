@@ -1,16 +1,20 @@
-//! Watches the consumer group beside the pipeline: lag and pending per stream into gauges (so lag
-//! is visible and KEDA can scale on it), consumers active and idle, and the safe removal of idle
-//! consumers that own no pending entries.
+//! Watches the consumer group beside the pipeline: lag and pending into gauges (so lag is visible
+//! and KEDA can scale on it), consumers active and idle, the safe removal of idle consumers that
+//! own no pending entries, and no other live process under this consumer name. Figures are summed
+//! per `FLEET_STREAMS` item, so a glob over thousands of streams is a handful of series.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::Value;
+use redis::{RedisResult, Value};
 use tokio::sync::watch;
 
+use crate::health::{Fault, Health};
+use crate::identity::Identity;
 use crate::metrics as m;
+use crate::source::StreamLabels;
 
 /// Lag and pending of one group on one stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,11 +31,17 @@ pub async fn group_state(
     stream: &str,
     group: &str,
 ) -> redis::RedisResult<Option<GroupState>> {
-    let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+    let groups: Value = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query_async(conn)
         .await?;
+    parse_group_state(&groups, group)
+}
+
+/// The state of `group` in an `XINFO GROUPS` reply.
+fn parse_group_state(reply: &Value, group: &str) -> redis::RedisResult<Option<GroupState>> {
+    let groups: Vec<HashMap<String, Value>> = redis::from_redis_value_ref(reply)?;
     let int = |v: Option<&Value>| match v {
         Some(Value::Int(n)) => u64::try_from(*n).ok(),
         _ => None,
@@ -109,6 +119,108 @@ pub struct Watch {
     pub consumer: String,
     pub interval: Duration,
     pub consumer_idle_ms: u64,
+    /// To check that no other live process uses this consumer name.
+    pub identity: Identity,
+    pub health: Arc<Health>,
+    /// The `stream` label of each stream's metrics.
+    pub labels: StreamLabels,
+}
+
+/// Streams sampled per round trip.
+const SAMPLE_CHUNK: usize = 100;
+
+/// The figures of one label (a `FLEET_STREAMS` item) summed over its streams.
+#[derive(Debug, Default)]
+struct Totals {
+    lag: Option<u64>,
+    pending: u64,
+    active: u64,
+    idle: u64,
+    deleted: u64,
+}
+
+impl Watch {
+    /// One sample: lag, pending and consumers of every stream, summed per label, one pipelined
+    /// round trip per chunk of streams; and the duplicate consumer check.
+    async fn sample(&self, conn: &mut ConnectionManager, streams: &[Arc<str>]) {
+        let mut totals: BTreeMap<Arc<str>, Totals> = BTreeMap::new();
+        for chunk in streams.chunks(SAMPLE_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for stream in chunk {
+                pipe.cmd("XINFO").arg("GROUPS").arg(&**stream);
+                pipe.cmd("EVAL")
+                    .arg(CLEAN_CONSUMERS)
+                    .arg(1)
+                    .arg(&**stream)
+                    .arg(&self.group)
+                    .arg(self.consumer_idle_ms)
+                    .arg(&self.consumer);
+            }
+            let replies: Vec<RedisResult<Value>> = match pipe.query_async(conn).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "lag sample failed");
+                    return;
+                }
+            };
+            for (stream, pair) in chunk.iter().zip(replies.chunks(2)) {
+                let t = totals.entry(self.labels.of(stream)).or_default();
+                let state = pair[0]
+                    .as_ref()
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| parse_group_state(v, &self.group).map_err(|e| e.to_string()));
+                match state {
+                    Ok(Some(state)) => {
+                        if let Some(lag) = state.lag {
+                            t.lag = Some(t.lag.unwrap_or(0) + lag);
+                        }
+                        t.pending += state.pending;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, %stream, "lag sample failed"),
+                }
+                let cleaned = pair[1].as_ref().map_err(|e| e.to_string()).and_then(|v| {
+                    redis::from_redis_value_ref::<(Vec<String>, u64, u64)>(v)
+                        .map_err(|e| e.to_string())
+                });
+                match cleaned {
+                    Ok((deleted, active, idle)) => {
+                        for name in &deleted {
+                            tracing::info!(%stream, consumer = %name, "deleted idle consumer with no pending entries");
+                        }
+                        t.deleted += deleted.len() as u64;
+                        t.active += active;
+                        t.idle += idle;
+                    }
+                    Err(e) => tracing::debug!(error = %e, %stream, "consumer clean-up failed"),
+                }
+            }
+        }
+        for (label, t) in totals {
+            let label = label.to_string();
+            if let Some(lag) = t.lag {
+                metrics::gauge!(m::GROUP_LAG, "stream" => label.clone()).set(lag as f64);
+            }
+            metrics::gauge!(m::GROUP_PENDING, "stream" => label.clone()).set(t.pending as f64);
+            metrics::counter!(m::CONSUMERS_DELETED, "stream" => label.clone()).increment(t.deleted);
+            metrics::gauge!(m::GROUP_CONSUMERS, "stream" => label.clone(), "state" => "active")
+                .set(t.active as f64);
+            metrics::gauge!(m::GROUP_CONSUMERS, "stream" => label, "state" => "idle")
+                .set(t.idle as f64);
+        }
+        match self.identity.duplicates(conn).await {
+            Some(d) if !d.is_empty() => self.health.raise(
+                Fault::ConsumerNameInUse,
+                &format!(
+                    "consumer {} of group {} is also used by a live process ({}): entries may be processed twice",
+                    self.consumer, self.group, d[0]
+                ),
+            ),
+            Some(_) => self.health.clear(Fault::ConsumerNameInUse),
+            None => {}
+        }
+    }
 }
 
 /// Samples every `interval` until the task is dropped.
@@ -117,47 +229,13 @@ pub fn spawn_sampler(
     watch: Watch,
     streams: watch::Receiver<Vec<Arc<str>>>,
 ) -> tokio::task::JoinHandle<()> {
-    let Watch {
-        group,
-        consumer,
-        interval,
-        consumer_idle_ms,
-    } = watch;
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = tokio::time::interval(watch.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let current = streams.borrow().clone();
-            for stream in current {
-                match group_state(&mut conn, &stream, &group).await {
-                    Ok(Some(state)) => {
-                        let label = stream.to_string();
-                        if let Some(lag) = state.lag {
-                            metrics::gauge!(m::GROUP_LAG, "stream" => label.clone())
-                                .set(lag as f64);
-                        }
-                        metrics::gauge!(m::GROUP_PENDING, "stream" => label)
-                            .set(state.pending as f64);
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(error = %e, %stream, "lag sample failed"),
-                }
-                match clean_consumers(&mut conn, &stream, &group, consumer_idle_ms, &consumer).await
-                {
-                    Ok(c) => {
-                        let label = stream.to_string();
-                        for name in &c.deleted {
-                            tracing::info!(%stream, consumer = %name, "deleted idle consumer with no pending entries");
-                        }
-                        metrics::counter!(m::CONSUMERS_DELETED, "stream" => label.clone())
-                            .increment(c.deleted.len() as u64);
-                        metrics::gauge!(m::GROUP_CONSUMERS, "stream" => label.clone(), "state" => "active").set(c.active as f64);
-                        metrics::gauge!(m::GROUP_CONSUMERS, "stream" => label, "state" => "idle")
-                            .set(c.idle as f64);
-                    }
-                    Err(e) => tracing::debug!(error = %e, %stream, "consumer clean-up failed"),
-                }
-            }
+            watch.sample(&mut conn, &current).await;
         }
     })
 }

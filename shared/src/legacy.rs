@@ -67,6 +67,7 @@ pub(crate) fn upcast<'a>(
     let timestamp = event::text("timestamp", get("timestamp"))?;
     let time =
         parse_isoformat(timestamp).ok_or_else(|| DecodeError::BadTime(timestamp.to_owned()))?;
+    let time = event::check_time(timestamp, time)?;
     let data = event::check_data("payload", event::text("payload", get("payload"))?, limits)?;
     let source = match get("source") {
         None | Some(b"") => DEFAULT_LEGACY_SOURCE,

@@ -5,6 +5,7 @@
 //! (acknowledge, retry, sleep for backpressure, dead-letter, count metrics) lives here.
 
 pub mod ack;
+pub mod apply;
 pub mod backoff;
 pub mod backpressure;
 pub mod channel;
@@ -17,6 +18,7 @@ pub mod event;
 pub mod handler;
 pub mod health;
 pub mod http;
+pub mod identity;
 pub mod inflight;
 pub mod lag;
 pub mod legacy;
@@ -26,6 +28,7 @@ pub mod overlap;
 pub mod pattern;
 pub mod pipeline;
 pub mod read_conn;
+pub mod reply;
 pub mod shutdown;
 pub mod source;
 pub mod store;

@@ -8,10 +8,18 @@
 //! a batch sharing an event id with an earlier one still being applied waits for it (`overlap`),
 //! so the first entry of an id still wins.
 //! Nothing of a batch is acknowledged before the handler has confirmed it (its effects and the
-//! checkpoints are durable);
-//! a crash anywhere before the acknowledgement leaves the batch pending: it is redelivered and,
-//! effects being idempotent, applied once. Memory is bounded by the few batches in flight,
-//! whatever the backlog.
+//! checkpoints are durable); a crash anywhere before the acknowledgement leaves the batch pending:
+//! it is redelivered and, effects being idempotent, applied once. Memory is bounded by the few
+//! batches in flight, whatever the backlog. What a failure of the handler means is `apply`'s job.
+//!
+//! An entry delivered more than `max_deliveries` times is a suspect, not a culprit: crashes and
+//! restarts redeliver whole batches, so most suspects are innocent neighbours of the entry that
+//! caused them. A suspect is applied alone, after a *trial marker* (a field of `<stream>:trials`)
+//! says so in Redis; if it fails alone it is dead-lettered (`max_deliveries`), if it succeeds it is
+//! applied like any event. A suspect found with its marker already set was being applied alone
+//! when the worker died: that one is the culprit, and goes to the dead letter stream without
+//! another try. So an entry that crashes the process is dead-lettered after `max_deliveries`, and
+//! the events read with it are not.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,15 +28,16 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
-use crate::ack::{Counts, DeadLetter, Settlement};
+use crate::ack::{Acker, Counts, DeadLetter, Settlement};
+use crate::apply::{Alone, Applier};
 use crate::backoff::backoff;
 use crate::backpressure::BackpressureStage;
 use crate::config::{FileConfig, Tuning};
-use crate::dlq::DlqReason;
-use crate::entry::{Entry, EntryId};
+use crate::dlq::{trial_field, trials_key, DlqReason};
+use crate::entry::Entry;
 use crate::event::{decode, Event, Limits};
 use crate::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
-use crate::health::{Dependency, Health};
+use crate::health::{Dependency, Fault, Health};
 use crate::inflight::InFlight;
 use crate::overlap::Overlap;
 use crate::shutdown::Shutdown;
@@ -40,7 +49,7 @@ pub struct Pipeline<H> {
     pub group: String,
     /// Reads batches (dedicated connection: it blocks).
     pub source: Source,
-    /// Writes dead letters and acknowledgements.
+    /// Writes dead letters, acknowledgements and trial markers; keeps entries alive.
     pub writer: ConnectionManager,
     /// Routes, backpressure rules and tuning.
     pub config: Arc<FileConfig>,
@@ -68,12 +77,14 @@ pub fn read_ahead(t: &Tuning) -> usize {
 
 /// How often an idle worker checks that its sink is reachable.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-/// Failed attempts, while the sink answers, before a batch is applied event by event.
-const ISOLATE_AFTER: u32 = 3;
+/// How long a trial marker outlives its last use: a marker whose entry was settled by another
+/// consumer is not removed by this one, and must not stay for ever.
+const TRIALS_TTL_S: u64 = 7 * 24 * 3600;
 
 impl<H: Handler> Pipeline<H> {
     /// Runs until the shutdown is triggered, then returns once every batch read is settled or
-    /// left pending. Fails only when the handler reports a fatal error while preparing.
+    /// left pending. Fails only when the handler reports a fatal (or configuration) error while
+    /// preparing.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), HandlerError> {
         let Pipeline {
             group,
@@ -84,17 +95,22 @@ impl<H: Handler> Pipeline<H> {
             health,
         } = self;
         let consumer = source.consumer().to_owned();
+        let labels = source.labels();
         let in_flight = InFlight::default();
         let mut processor = Processor {
             group: group.clone(),
-            consumer,
+            consumer: consumer.clone(),
             writer: writer.clone(),
             limits: Limits {
                 max_data_bytes: config.tuning.max_data_bytes,
             },
             backpressure: Arc::new(BackpressureStage::new(config.backpressure.clone())),
             config: config.clone(),
-            handler,
+            applier: Applier {
+                handler,
+                health: health.clone(),
+                timeout: Duration::from_millis(config.tuning.handler_timeout_ms),
+            },
             health: health.clone(),
             in_flight: in_flight.clone(),
             overlap: Overlap::default(),
@@ -105,6 +121,12 @@ impl<H: Handler> Pipeline<H> {
         }
         let (batches_tx, batches_rx) = mpsc::channel(read_ahead(&config.tuning));
         let (settle_tx, settle_rx) = mpsc::channel(1);
+        let keeper = tokio::spawn(in_flight.clone().keep_alive(
+            writer.clone(),
+            group.clone(),
+            consumer,
+            Duration::from_millis(config.tuning.claim_idle_ms / 4),
+        ));
         let reader = tokio::spawn(read(
             source,
             batches_tx,
@@ -112,14 +134,17 @@ impl<H: Handler> Pipeline<H> {
             shutdown.clone(),
             in_flight.clone(),
         ));
-        let acker = tokio::spawn(crate::ack::run(
-            writer,
-            group,
-            settle_rx,
-            health.clone(),
-            shutdown.clone(),
-            in_flight,
-        ));
+        let acker = tokio::spawn(
+            Acker {
+                conn: writer,
+                group,
+                health: health.clone(),
+                shutdown: shutdown.clone(),
+                in_flight,
+                labels,
+            }
+            .run(settle_rx),
+        );
         // Lanes share the batches (and the backpressure stage, so rate limits stay global).
         let batches_rx = Arc::new(tokio::sync::Mutex::new(batches_rx));
         let mut lanes_running = tokio::task::JoinSet::new();
@@ -133,6 +158,7 @@ impl<H: Handler> Pipeline<H> {
         lanes_running.join_all().await;
         let _ = reader.await;
         let _ = acker.await;
+        keeper.abort();
         health.drain();
         tracing::info!("drained: no batch in flight");
         Ok(())
@@ -150,14 +176,20 @@ async fn read(
     let mut delays = backoff();
     while !shutdown.is_triggered() {
         match source.read().await {
-            Ok(entries) => {
+            Ok(mut read) => {
                 health.up(Dependency::Redis);
                 delays = backoff();
-                if entries.is_empty() {
+                if read.reclaimed {
+                    // Entries still being processed here (their keep-alive lost a race) are not
+                    // processed a second time.
+                    read.entries
+                        .retain(|e| !in_flight.contains(&e.stream, &e.id.to_string()));
+                }
+                if read.entries.is_empty() {
                     continue;
                 }
-                let ticket = in_flight.register(&entries);
-                if batches.send((ticket, entries)).await.is_err() {
+                let ticket = in_flight.register(&read.entries);
+                if batches.send((ticket, read.entries)).await.is_err() {
                     break;
                 }
             }
@@ -173,30 +205,29 @@ async fn read(
 /// and the entries of one read.
 type SharedBatches = Arc<tokio::sync::Mutex<mpsc::Receiver<(u64, Vec<Entry>)>>>;
 
-/// The processor stage: decode, route, backpressure, and the handler with its retries. Each
-/// lane is a clone.
+/// The processor stage: decode, route, backpressure, and the handler with its policy. Each lane
+/// is a clone.
 #[derive(Clone)]
 struct Processor<H> {
     group: String,
     consumer: String,
+    /// For trial markers.
     writer: ConnectionManager,
     limits: Limits,
     backpressure: Arc<BackpressureStage>,
     config: Arc<FileConfig>,
-    handler: H,
+    applier: Applier<H>,
     health: Arc<Health>,
     in_flight: InFlight,
     overlap: Overlap,
 }
 
-/// What became of a batch's events once the handler confirmed it.
-#[derive(Debug, Default)]
-struct Confirmed {
-    applied: Applied,
-    /// Rejected by the sink: dead letters with reason `handler_error`.
-    rejected: Vec<(Arc<str>, EntryId, String)>,
-    /// Kept failing: left pending (not acknowledged) for redelivery.
-    held: Vec<(Arc<str>, EntryId)>,
+/// What became of a suspect applied alone.
+enum Trial {
+    Applied(Applied),
+    Dead(String),
+    /// Not decided (Redis refused the marker, or the drain started): left pending.
+    Pending,
 }
 
 impl<H: Handler> Processor<H> {
@@ -219,30 +250,39 @@ impl<H: Handler> Processor<H> {
                                 break;
                             }
                         }
+                        // Left pending: the keep-alive forgets it, the reclaimer brings it back.
                         None => self.in_flight.release(ticket),
                     }
                 }
                 Ok(None) => break,
                 // Idle: probe the sink so /readyz tells the truth without traffic.
-                Err(_) => match self.handler.check().await {
-                    Ok(()) => self.health.up(Dependency::Sink),
+                Err(_) => match self.applier.handler.check().await {
+                    Ok(()) => {
+                        self.health.up(Dependency::Sink);
+                        self.health.clear(Fault::SinkMisconfigured);
+                    }
+                    Err(HandlerError::Misconfigured(e)) => {
+                        self.health.raise(Fault::SinkMisconfigured, &e)
+                    }
                     Err(e) => self.health.down(Dependency::Sink, &e),
                 },
             }
         }
     }
 
-    /// Runs the handler's preparation, retrying transient failures. Ok(false) if the drain
-    /// started first.
+    /// Runs the handler's preparation, retrying while the sink is unreachable. Ok(false) if the
+    /// drain started first; a fatal or configuration error stops the worker.
     async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, HandlerError> {
         let mut delays = backoff();
         loop {
-            match self.handler.prepare().await {
+            match self.applier.handler.prepare().await {
                 Ok(()) => {
                     self.health.up(Dependency::Sink);
                     return Ok(true);
                 }
-                Err(HandlerError::Fatal(e)) => return Err(HandlerError::Fatal(e)),
+                Err(e @ (HandlerError::Fatal(_) | HandlerError::Misconfigured(_))) => {
+                    return Err(e)
+                }
                 Err(e) => {
                     self.health.down(Dependency::Sink, &e);
                     if !shutdown.sleep(delays.next().unwrap_or_default()).await {
@@ -265,23 +305,12 @@ impl<H: Handler> Processor<H> {
         let mut dead: Vec<DeadLetter> = Vec::new();
         let mut decoded: Vec<(usize, Event<'_>)> = Vec::with_capacity(entries.len());
         let mut counts = Counts::default();
-        let max_deliveries = self.config.tuning.max_deliveries;
         for (index, entry) in entries.iter().enumerate() {
             let Some(fields) = &entry.fields else {
                 counts.deleted += 1;
                 continue;
             };
-            if entry.deliveries > max_deliveries {
-                dead.push(DeadLetter {
-                    index,
-                    reason: DlqReason::MaxDeliveries,
-                    error: format!(
-                        "delivered {} times, more than max_deliveries = {max_deliveries}",
-                        entry.deliveries
-                    ),
-                });
-                continue;
-            }
+            // Malformed entries are dead-lettered for what they are, however often delivered.
             match decode(&entry.stream, entry.id, fields, &self.limits) {
                 Ok(event) => decoded.push((index, event)),
                 Err(e) => {
@@ -306,16 +335,25 @@ impl<H: Handler> Processor<H> {
         counts.batch_duplicates = before - decoded.len();
 
         let config = self.config.clone();
+        let max_deliveries = config.tuning.max_deliveries;
         let mut routed = Vec::with_capacity(decoded.len());
+        let mut suspects = Vec::new();
         for (index, event) in &decoded {
             let entry = &entries[*index];
             match config.routes.lookup(&event.channel) {
-                Some((_, route)) => routed.push(Routed {
-                    event,
-                    route,
-                    stream: &entry.stream,
-                    entry_id: entry.id,
-                }),
+                Some((_, route)) => {
+                    let r = Routed {
+                        event,
+                        route,
+                        stream: &entry.stream,
+                        entry_id: entry.id,
+                    };
+                    if entry.deliveries > max_deliveries {
+                        suspects.push((*index, r));
+                    } else {
+                        routed.push(r);
+                    }
+                }
                 None => counts.unrouted += 1,
             }
         }
@@ -330,9 +368,10 @@ impl<H: Handler> Processor<H> {
         };
         // Of two entries of one id in different batches, the earlier one's is applied.
         let _turn = self.overlap.enter(ticket, seen).await;
-        let confirmed = self.confirm(&batch, shutdown).await?;
+        let confirmed = self.applier.confirm(&batch, shutdown).await?;
         drop(batch);
         counts.applied = confirmed.applied;
+        let mut held = confirmed.held;
         for (stream, id, error) in confirmed.rejected {
             if let Some(index) = entries
                 .iter()
@@ -345,6 +384,18 @@ impl<H: Handler> Processor<H> {
                 });
             }
         }
+        for (index, suspect) in suspects {
+            let entry = &entries[index];
+            match self.trial(suspect, entry, shutdown).await {
+                Trial::Applied(applied) => counts.applied += applied,
+                Trial::Dead(error) => dead.push(DeadLetter {
+                    index,
+                    reason: DlqReason::MaxDeliveries,
+                    error,
+                }),
+                Trial::Pending => held.push((entry.stream.clone(), entry.id)),
+            }
+        }
         if tracing::enabled!(tracing::Level::DEBUG) {
             for (_, e) in &decoded {
                 tracing::debug!(event_id = %e.id, channel = %e.channel, correlation_id = e.correlation_id.as_deref().unwrap_or(""), "confirmed");
@@ -355,169 +406,112 @@ impl<H: Handler> Processor<H> {
             ticket,
             entries,
             dead,
-            held: confirmed.held,
+            held,
             counts,
             started,
         })
     }
 
-    /// One handler attempt, bounded by the handler timeout.
-    async fn attempt(&mut self, batch: &Batch<'_>) -> Result<Applied, HandlerError> {
-        let timeout = Duration::from_millis(self.config.tuning.handler_timeout_ms);
-        let started = Instant::now();
-        let outcome = match tokio::time::timeout(timeout, self.handler.apply(batch)).await {
-            Ok(r) => r,
-            Err(_) => Err(HandlerError::Transient(format!(
-                "handler took longer than handler_timeout_ms = {}",
-                timeout.as_millis()
-            ))),
-        };
-        metrics::histogram!(crate::metrics::HANDLER_DURATION)
-            .record(started.elapsed().as_secs_f64());
-        if outcome.is_err() {
-            metrics::counter!(crate::metrics::HANDLER_ERRORS).increment(1);
-        }
-        outcome
-    }
-
-    /// After a transient failure: whether the sink itself answers (then the batch, not the sink,
-    /// is the problem). Marks readiness either way.
-    async fn sink_answers(&mut self, error: &HandlerError) -> bool {
-        match self.handler.check().await {
-            Ok(()) => true,
-            Err(_) => {
-                self.health.down(Dependency::Sink, error);
-                false
-            }
-        }
-    }
-
-    /// Applies the batch, retrying with backoff while the sink is down (nothing is counted against
-    /// the events then). When the batch keeps failing although the sink answers, or the sink
-    /// rejects something in it, the events are isolated one by one. `None` if the drain started
-    /// first (nothing acknowledged: the entries stay pending for redelivery).
-    async fn confirm(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<Confirmed> {
-        let mut delays = backoff();
-        loop {
-            let mut strikes = 0;
-            loop {
-                match self.attempt(batch).await {
-                    Ok(applied) => {
-                        self.health.up(Dependency::Sink);
-                        return Some(Confirmed {
-                            applied,
-                            ..Confirmed::default()
-                        });
-                    }
-                    Err(HandlerError::Permanent(e)) => {
-                        tracing::warn!(error = %e, events = batch.events.len(), "the sink rejected the batch: isolating the event(s) at fault");
-                        break;
-                    }
-                    Err(e) => {
-                        if self.sink_answers(&e).await {
-                            strikes += 1;
-                            tracing::warn!(error = %e, attempt = strikes, "batch failed although the sink answers");
-                            if strikes >= ISOLATE_AFTER && !batch.events.is_empty() {
-                                break;
-                            }
-                        }
-                        if !self.pause(&mut delays, shutdown).await {
-                            return None;
-                        }
-                    }
-                }
-            }
-            let confirmed = self.isolate(batch, shutdown).await?;
-            if confirmed.held.len() > 1 && confirmed.held.len() == batch.events.len() {
-                // Every event fails: the sink is the problem, not one poison event. Wait it out
-                // rather than letting redeliveries count against every event.
-                tracing::error!(
-                    events = batch.events.len(),
-                    "every event of the batch fails: treating the sink as down"
-                );
-                self.health.down(Dependency::Sink, &"every event fails");
-                if !self.pause(&mut delays, shutdown).await {
-                    return None;
-                }
-                continue;
-            }
-            self.health.up(Dependency::Sink);
-            return Some(confirmed);
-        }
-    }
-
-    /// Applies each event alone: rejected ones become dead letters, ones that keep failing are
-    /// held (left pending, so the reclaimer redelivers them and their delivery count rises to
-    /// `max_deliveries`), the rest are applied; then the checkpoints are written.
-    async fn isolate(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<Confirmed> {
-        let mut out = Confirmed::default();
-        for routed in &batch.events {
-            let single = Batch {
-                group: batch.group,
-                events: vec![*routed],
-                checkpoints: Vec::new(),
-            };
-            let mut delays = backoff();
-            let mut strikes = 0;
-            loop {
-                match self.attempt(&single).await {
-                    Ok(applied) => {
-                        out.applied += applied;
-                        break;
-                    }
-                    Err(HandlerError::Permanent(e)) => {
-                        tracing::warn!(event_id = %routed.event.id, entry_id = %routed.entry_id, correlation_id = routed.event.correlation_id.as_deref().unwrap_or(""), error = %e, "dead-lettering the event the sink rejects");
-                        out.rejected
-                            .push((routed.stream.clone(), routed.entry_id, e));
-                        break;
-                    }
-                    Err(e) => {
-                        if self.sink_answers(&e).await {
-                            strikes += 1;
-                            if strikes >= ISOLATE_AFTER {
-                                tracing::warn!(event_id = %routed.event.id, entry_id = %routed.entry_id, error = %e, "event keeps failing: left pending for redelivery");
-                                out.held.push((routed.stream.clone(), routed.entry_id));
-                                break;
-                            }
-                        }
-                        if !self.pause(&mut delays, shutdown).await {
-                            return None;
-                        }
-                    }
-                }
-            }
-        }
-        let checkpoints = Batch {
-            group: batch.group,
-            events: Vec::new(),
-            checkpoints: batch.checkpoints.clone(),
-        };
-        let mut delays = backoff();
-        while let Err(e) = self.attempt(&checkpoints).await {
-            self.health.down(Dependency::Sink, &e);
-            if !self.pause(&mut delays, shutdown).await {
-                return None;
-            }
-        }
-        Some(out)
-    }
-
-    /// Sleeps for the next backoff step, keeping the entries in flight owned; false if the drain
-    /// started (stop retrying).
-    async fn pause(
-        &mut self,
-        delays: &mut impl Iterator<Item = Duration>,
-        shutdown: &Shutdown,
-    ) -> bool {
-        if shutdown.is_triggered() || !shutdown.sleep(delays.next().unwrap_or_default()).await {
-            tracing::warn!("draining during retries: the batch is left pending for redelivery");
-            return false;
-        }
-        let every = Duration::from_millis(self.config.tuning.claim_idle_ms / 3);
-        self.in_flight
-            .keep_alive(&mut self.writer, &self.group, &self.consumer, every)
+    /// A suspect (delivered more than `max_deliveries` times) applied alone, under a trial marker
+    /// (see the module doc).
+    async fn trial(&mut self, suspect: Routed<'_>, entry: &Entry, shutdown: &Shutdown) -> Trial {
+        let max = self.config.tuning.max_deliveries;
+        let key = trials_key(&entry.stream);
+        let field = trial_field(&self.group, &entry.id.to_string());
+        let marked: redis::RedisResult<Option<String>> = redis::cmd("HGET")
+            .arg(&key)
+            .arg(&field)
+            .query_async(&mut self.writer)
             .await;
-        true
+        match marked {
+            Ok(Some(by)) => {
+                tracing::error!(stream = %entry.stream, entry_id = %entry.id, event_id = %suspect.event.id, deliveries = entry.deliveries, consumer = %by, "the worker stopped while applying this entry alone: dead-lettering it");
+                return Trial::Dead(format!(
+                    "delivered {} times, more than max_deliveries = {max}; the worker ({by}) stopped while applying it alone",
+                    entry.deliveries
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "trial marker not read: the entry stays pending");
+                return Trial::Pending;
+            }
+        }
+        let mark: redis::RedisResult<()> = redis::pipe()
+            .cmd("HSET")
+            .arg(&key)
+            .arg(&field)
+            .arg(&self.consumer)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(TRIALS_TTL_S)
+            .ignore()
+            .query_async(&mut self.writer)
+            .await;
+        if let Err(e) = mark {
+            if e.code() == Some("OOM") {
+                self.health.raise(
+                    Fault::RedisOutOfMemory,
+                    &"Redis out of memory (maxmemory reached): entries past max_deliveries wait to be tried",
+                );
+            }
+            tracing::debug!(error = %e, "trial marker not written: the entry stays pending");
+            return Trial::Pending;
+        }
+        let single = Batch {
+            group: &self.group,
+            events: vec![suspect],
+            checkpoints: Vec::new(),
+        };
+        match self.applier.alone(&single, shutdown).await {
+            Some(Alone::Applied(applied)) => {
+                tracing::info!(stream = %entry.stream, entry_id = %entry.id, deliveries = entry.deliveries, "entry past max_deliveries applied alone: it was not at fault");
+                // Settled at once, not with the batch: a crash while a later suspect is tried
+                // must not find this one's marker and take it for the culprit.
+                let mut delays = backoff();
+                loop {
+                    let settled: redis::RedisResult<()> = redis::pipe()
+                        .cmd("XACK")
+                        .arg(&*entry.stream)
+                        .arg(&self.group)
+                        .arg(entry.id.to_string())
+                        .ignore()
+                        .cmd("HDEL")
+                        .arg(&key)
+                        .arg(&field)
+                        .ignore()
+                        .query_async(&mut self.writer)
+                        .await;
+                    match settled {
+                        Ok(()) => break,
+                        Err(e) => {
+                            self.health.down(Dependency::Redis, &e);
+                            if !shutdown.sleep(delays.next().unwrap_or_default()).await {
+                                break;
+                            }
+                        }
+                    }
+                }
+                Trial::Applied(applied)
+            }
+            Some(Alone::Rejected(e) | Alone::KeptFailing(e)) => {
+                tracing::warn!(stream = %entry.stream, entry_id = %entry.id, event_id = %suspect.event.id, deliveries = entry.deliveries, error = %e, "dead-lettering an entry past max_deliveries that fails alone");
+                Trial::Dead(format!(
+                    "delivered {} times, more than max_deliveries = {max}; alone: {e}",
+                    entry.deliveries
+                ))
+            }
+            None => {
+                // The drain cut the trial short: it proved nothing.
+                let _: redis::RedisResult<()> = redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg(&field)
+                    .query_async(&mut self.writer)
+                    .await;
+                Trial::Pending
+            }
+        }
     }
 }
 

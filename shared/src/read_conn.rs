@@ -1,25 +1,28 @@
 //! The reader's own Redis connection. It carries the commands that return entries (XREADGROUP,
 //! XAUTOCLAIM), whose replies are large (a batch), and decodes each reply where it landed: the reply is read into
-//! one buffer, decoded into spans of it (redis-protocol's `decode_range`), and the entries share
+//! one buffer, parsed into spans of it (`reply`), and the entries share
 //! that buffer. redis-rs instead builds a `Value` tree with a heap buffer per field, which cost the
 //! persister about half of its CPU (perf, docs/performance.md).
 //!
 //! The connection opens lazily and is dropped on any I/O, timeout or protocol failure; the next
-//! query reconnects (the pipeline backs off between attempts). It speaks RESP2 and authenticates
-//! and selects the database as the URL says, over TLS for `rediss://`.
+//! query reconnects (the pipeline backs off between attempts). It speaks RESP2, authenticates
+//! and selects the database as the URL says, over TLS for `rediss://`, and names itself
+//! (`CLIENT SETNAME`) so that `CLIENT LIST` shows which worker, group and consumer it reads for.
+//!
+//! Replies are parsed as they arrive (`reply`): a value longer than any acceptable entry is cut
+//! to its first bytes while it streams in, so an oversized entry never sits whole in memory.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use redis::ConnectionAddr;
-use redis_protocol::resp2::decode::decode_range;
-use redis_protocol::resp2::types::RangeFrame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::ConfigError;
+use crate::reply::{Elided, Frame, ReplyParser};
 
 /// Room made in the buffer before each socket read: Redis writes a large reply 64 KiB at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -27,6 +30,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// settled; a handful cover the batches in flight, and anything older is left to the allocator.
 const SPARE_BUFFERS: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Buffers above this size are not kept for reuse, and replies above it do not size the next
+/// buffer: one exceptional reply must not keep its memory.
+const MAX_KEPT_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Why a query on the read connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +76,11 @@ pub struct ReadConn {
     username: Option<String>,
     password: Option<String>,
     db: i64,
+    /// `CLIENT SETNAME` at each connection, if set.
+    name: Option<String>,
     response_timeout: Duration,
+    /// Values longer than this are cut to `dlq::TRUNCATED_VALUE_BYTES` as they arrive.
+    value_limit: usize,
     socket: Option<Box<dyn Socket>>,
     /// Where the next reply is read.
     buf: BytesMut,
@@ -82,13 +92,25 @@ pub struct ReadConn {
     last_reply: usize,
 }
 
+/// The replies of a pipeline: frames are spans of `buf`.
+#[derive(Debug)]
+pub struct Replies {
+    pub buf: Bytes,
+    /// One per command, in order; an error reply is a `Frame::Error`.
+    pub frames: Vec<Frame>,
+    /// Values cut while they arrived (their true length).
+    pub elided: Vec<Elided>,
+}
+
 impl ReadConn {
     /// A connection to where `client` connects, with `tls` for a `rediss://` URL.
-    /// `response_timeout` must exceed any BLOCK it is used for.
+    /// `response_timeout` must exceed any BLOCK it is used for; values longer than `value_limit`
+    /// bytes are cut as they arrive.
     pub fn new(
         client: &redis::Client,
         tls: Option<Arc<rustls::ClientConfig>>,
         response_timeout: Duration,
+        value_limit: usize,
     ) -> Result<Self, ConfigError> {
         let info = client.get_connection_info();
         let (host, port, tls) = match info.addr() {
@@ -122,7 +144,9 @@ impl ReadConn {
             username: settings.username().map(str::to_owned),
             password: settings.password().map(str::to_owned),
             db: settings.db(),
+            name: None,
             response_timeout,
+            value_limit,
             socket: None,
             buf: BytesMut::new(),
             spare: Default::default(),
@@ -130,20 +154,39 @@ impl ReadConn {
         })
     }
 
-    /// Sends `cmd` and returns its reply, decoded as spans of the returned buffer. An error
-    /// reply is `ReadError::Server`; any other failure drops the connection.
-    pub async fn query(&mut self, cmd: &redis::Cmd) -> Result<(Bytes, RangeFrame), ReadError> {
-        let result = self.round_trip(cmd).await;
-        if let Err(e) = &result {
-            if !matches!(e, ReadError::Server(_)) {
-                self.socket = None;
-                self.buf.clear();
-            }
+    /// Names the connection (`CLIENT SETNAME`) from the next connect on.
+    pub fn set_name(&mut self, name: String) {
+        self.name = Some(name);
+    }
+
+    /// Sends `cmd` and returns its reply. An error reply is `ReadError::Server`; any other failure
+    /// drops the connection.
+    pub async fn query(
+        &mut self,
+        cmd: &redis::Cmd,
+    ) -> Result<(Bytes, Frame, Vec<Elided>), ReadError> {
+        let mut replies = self.pipeline(std::slice::from_ref(cmd)).await?;
+        match replies.frames.pop() {
+            Some(Frame::Error(r)) => Err(ReadError::Server(
+                String::from_utf8_lossy(&replies.buf[r]).into_owned(),
+            )),
+            Some(frame) => Ok((replies.buf, frame, replies.elided)),
+            None => Err(ReadError::Protocol("no reply".into())),
+        }
+    }
+
+    /// Sends `cmds` in one round trip and returns their replies (errors included, as frames); any
+    /// failure other than an error reply drops the connection.
+    pub async fn pipeline(&mut self, cmds: &[redis::Cmd]) -> Result<Replies, ReadError> {
+        let result = self.round_trip(cmds).await;
+        if result.is_err() {
+            self.socket = None;
+            self.buf.clear();
         }
         result
     }
 
-    async fn round_trip(&mut self, cmd: &redis::Cmd) -> Result<(Bytes, RangeFrame), ReadError> {
+    async fn round_trip(&mut self, cmds: &[redis::Cmd]) -> Result<Replies, ReadError> {
         if self.socket.is_none() {
             let socket = self.connect().await?;
             self.socket = Some(socket);
@@ -158,14 +201,27 @@ impl ReadConn {
             if self.db != 0 {
                 hello.push(redis::cmd("SELECT").arg(self.db).clone());
             }
-            for cmd in &hello {
-                if let Err(e) = self.exchange(cmd).await {
-                    self.socket = None;
-                    return Err(e);
+            let named = self.name.is_some();
+            if let Some(name) = &self.name {
+                hello.push(redis::cmd("CLIENT").arg("SETNAME").arg(name).clone());
+            }
+            if hello.is_empty() {
+                return self.exchange(cmds).await;
+            }
+            let replies = self.exchange(&hello).await?;
+            for (i, frame) in replies.frames.iter().enumerate() {
+                if let Frame::Error(r) = frame {
+                    let message = String::from_utf8_lossy(&replies.buf[r.clone()]).into_owned();
+                    if named && i == hello.len() - 1 {
+                        // A name is a convenience (and a duplicate check): an ACL may forbid it.
+                        tracing::debug!(error = %message, "CLIENT SETNAME refused");
+                    } else {
+                        return Err(ReadError::Server(message));
+                    }
                 }
             }
         }
-        self.exchange(cmd).await
+        self.exchange(cmds).await
     }
 
     /// Makes `buf` an empty buffer with room for a reply like the last one: a spare whose entries
@@ -176,8 +232,8 @@ impl ReadConn {
         }
         // Room for a reply like the last one; new buffers get half as much again, so replies
         // that vary a little in size still fit the spares.
-        let need = self.last_reply + READ_CHUNK / 4;
-        if self.buf.capacity() >= need {
+        let need = self.last_reply.min(MAX_KEPT_BUFFER) + READ_CHUNK / 4;
+        if self.buf.capacity() >= need && self.buf.capacity() <= MAX_KEPT_BUFFER {
             return;
         }
         let old = std::mem::take(&mut self.buf);
@@ -186,7 +242,7 @@ impl ReadConn {
             Some(buf) => buf,
             None => BytesMut::with_capacity(need + need / 2),
         };
-        if old.capacity() > 0 {
+        if old.capacity() > 0 && old.capacity() <= MAX_KEPT_BUFFER {
             self.spare.push_back(old);
             if self.spare.len() > SPARE_BUFFERS {
                 self.spare.pop_front();
@@ -194,32 +250,37 @@ impl ReadConn {
         }
     }
 
-    async fn exchange(&mut self, cmd: &redis::Cmd) -> Result<(Bytes, RangeFrame), ReadError> {
+    async fn exchange(&mut self, cmds: &[redis::Cmd]) -> Result<Replies, ReadError> {
         self.fresh_buffer();
         let deadline = Instant::now() + self.response_timeout;
         let timeout = ReadError::Timeout(self.response_timeout);
         let socket = self.socket.as_mut().ok_or(ReadError::Closed)?;
-        timeout_at(deadline, socket.write_all(&cmd.get_packed_command()))
+        let mut packed = Vec::new();
+        for cmd in cmds {
+            cmd.write_packed_command(&mut packed);
+        }
+        timeout_at(deadline, socket.write_all(&packed))
             .await
             .map_err(|_| ReadError::Timeout(self.response_timeout))??;
+        let mut parser = ReplyParser::new(
+            cmds.len(),
+            self.value_limit,
+            crate::dlq::TRUNCATED_VALUE_BYTES,
+        );
         loop {
-            // A complete reply ends with CRLF; Redis sends a large one 64 KiB at a time, and
-            // decoding every partial read from the start would cost several full decodes.
-            if self.buf.ends_with(b"\r\n") {
-                match decode_range(&self.buf) {
-                    Ok(Some((frame, len))) => {
-                        let reply = self.buf.split_to(len).freeze();
-                        self.last_reply = len;
-                        if let RangeFrame::Error((start, end)) = frame {
-                            return Err(ReadError::Server(
-                                String::from_utf8_lossy(&reply[start..end]).into_owned(),
-                            ));
-                        }
-                        return Ok((reply, frame));
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(ReadError::Protocol(e.to_string())),
-                }
+            if parser
+                .feed(&mut self.buf)
+                .map_err(|e| ReadError::Protocol(e.to_string()))?
+            {
+                let len = parser.used();
+                let buf = self.buf.split_to(len).freeze();
+                self.last_reply = len;
+                let (frames, elided) = parser.finish();
+                return Ok(Replies {
+                    buf,
+                    frames,
+                    elided,
+                });
             }
             self.buf.reserve(READ_CHUNK);
             let read = timeout_at(deadline, socket.read_buf(&mut self.buf)).await;

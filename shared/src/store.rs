@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::config::ConfigError;
 use crate::connect::redact;
+use crate::entry::EntryId;
 use crate::handler::Checkpoint;
 
 /// The SQL migrations under `schemas/migrations`, embedded at build time (no database needed to build).
@@ -105,6 +106,29 @@ impl EventStore {
             .execute(&self.pool)
             .await
             .map(|_| ())
+    }
+
+    /// The role the worker connects as, to name it in errors.
+    pub async fn role(&self) -> Result<String, sqlx::Error> {
+        sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// The checkpoint of `stream` for `group`, if one was written.
+    pub async fn checkpoint(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> Result<Option<EntryId>, sqlx::Error> {
+        let position: Option<String> = sqlx::query_scalar(
+            "SELECT position FROM checkpoints WHERE stream = $1 AND group_name = $2",
+        )
+        .bind(stream)
+        .bind(group)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(position.and_then(|p| p.parse().ok()))
     }
 
     /// Inserts the rows and advances the checkpoints atomically (one statement). Returns how many

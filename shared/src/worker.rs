@@ -9,12 +9,13 @@ use anyhow::Context;
 use crate::cli::WorkerArgs;
 use crate::config::{ConfigError, FileConfig, Tuning};
 use crate::connect::{self, redis_connection};
-use crate::handler::Handler;
+use crate::handler::{Handler, HandlerError};
 use crate::health::{Dependency, Health};
+use crate::identity::Identity;
 use crate::pipeline::Pipeline;
 use crate::read_conn::ReadConn;
 use crate::shutdown::Shutdown;
-use crate::source::{Source, StreamSpec};
+use crate::source::{ResumeFrom, Source, StreamSpec};
 
 /// A configured worker, ready to run.
 pub struct Worker {
@@ -43,6 +44,10 @@ impl Worker {
             &redis,
             connect::read_tls(&args.redis)?,
             read_timeout(&config.tuning),
+            crate::event::Limits {
+                max_data_bytes: config.tuning.max_data_bytes,
+            }
+            .max_entry_bytes(),
         )?;
         let specs: Vec<StreamSpec> = args
             .streams
@@ -125,7 +130,23 @@ impl Worker {
         else {
             return Ok(());
         };
-        let reads = self.reads.take().context("the worker runs once")?;
+        let identity = Identity::new(
+            self.name,
+            &self.group,
+            &self.consumer,
+            &self.specs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            self.redis.get_connection_info().redis_settings().db(),
+        );
+        let mut writer = writer;
+        if let Some(first) = duplicate(&identity, &mut writer).await {
+            return Err(ConfigError(format!(
+                "FLEET_CONSUMER: {} of group {} is already in use on these streams by a live process ({first}); give each process its own consumer name",
+                self.consumer, self.group
+            ))
+            .into());
+        }
+        let mut reads = self.reads.take().context("the worker runs once")?;
+        reads.set_name(identity.client_name().to_owned());
         let source = Source::new(
             reads,
             reader,
@@ -133,6 +154,8 @@ impl Worker {
             self.consumer.clone(),
             self.specs.clone(),
             tuning.clone(),
+            health.clone(),
+            resume_from(&handler, &self.group),
         );
         let sampler = crate::lag::spawn_sampler(
             writer.clone(),
@@ -141,6 +164,9 @@ impl Worker {
                 consumer: self.consumer.clone(),
                 interval: Duration::from_millis(tuning.lag_interval_ms),
                 consumer_idle_ms: tuning.consumer_idle_ms,
+                identity,
+                health: health.clone(),
+                labels: source.labels(),
             },
             source.watch_streams(),
         );
@@ -155,7 +181,12 @@ impl Worker {
         let result = pipeline.run(shutdown).await;
         sampler.abort();
         http.abort();
-        result.map_err(anyhow::Error::from)?;
+        match result {
+            Ok(()) => {}
+            // Only an operator can fix it: a configuration error, exit 2.
+            Err(HandlerError::Misconfigured(e)) => return Err(ConfigError(e).into()),
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(worker = self.name, "stopped cleanly");
         Ok(())
     }
@@ -179,6 +210,32 @@ impl Worker {
             }
         }
     }
+}
+
+/// Another live process with this identity, if there is one. A process killed an instant ago may
+/// still be listed until Redis notices its closed connection: a duplicate counts only if it is
+/// still there a moment later.
+async fn duplicate(
+    identity: &Identity,
+    conn: &mut redis::aio::ConnectionManager,
+) -> Option<crate::identity::Duplicate> {
+    identity.duplicates(conn).await?.first()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    identity.duplicates(conn).await?.first().cloned()
+}
+
+/// Where a group that has to be created starts: the handler's checkpoint of the stream.
+fn resume_from<H: Handler>(handler: &H, group: &str) -> ResumeFrom {
+    let (handler, group) = (handler.clone(), group.to_owned());
+    Arc::new(move |stream| {
+        let (handler, group) = (handler.clone(), group.clone());
+        Box::pin(async move {
+            handler
+                .checkpoint(&stream, &group)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    })
 }
 
 /// How long a read may take: its BLOCK, and then some.

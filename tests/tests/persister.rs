@@ -133,9 +133,19 @@ async fn assert_landed(pool: &PgPool, stream: &str, corpus: &Corpus, single_cons
         assert_eq!(f["dlq_group"], GROUP);
         assert!(!f["dlq_error"].is_empty());
         assert!(f.contains_key("dlq_at") && f.contains_key("dlq_deliveries"));
-        // The original fields travel unchanged.
+        // The original fields travel unchanged; in the dead letter of a too large entry, a long
+        // value keeps only its first 4 KiB, and is named with its size.
         for (k, v) in &entries[i].1 {
-            assert_eq!(f.get(k), Some(v), "original field {k}");
+            if reason == "too_large" && v.len() > 4096 {
+                assert!(f[k].len() == 4096 && v.starts_with(&f[k]), "prefix of {k}");
+                assert!(
+                    f["dlq_truncated"].contains(&format!("{k}={}", v.len())),
+                    "{k} named in dlq_truncated: {}",
+                    f["dlq_truncated"]
+                );
+            } else {
+                assert!(f.get(k) == Some(v), "original field {k} unchanged");
+            }
         }
     }
 
@@ -494,57 +504,143 @@ async fn the_reclaimer_scans_once_per_interval_not_once_per_batch() {
     worker.stop_cleanly().await;
 }
 
+/// Makes the six first entries of `stream` look as if they had crashed their consumer `c1` four
+/// times in a row: read, then re-read three times by restarts that died before settling them.
+async fn crash_loop_six(conn: &mut redis::aio::MultiplexedConnection, stream: &str) {
+    abandon_entries(conn, stream, GROUP, "c1", 6).await;
+    for _ in 0..3 {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg("c1")
+            .arg("STREAMS")
+            .arg(stream)
+            .arg("0")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+async fn rows_of(pool: &PgPool, stream: &str) -> usize {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE stream = $1")
+        .bind(stream)
+        .fetch_one(pool)
+        .await
+        .unwrap() as usize
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_that_keep_crashing_their_consumer_reach_the_dlq_after_max_deliveries() {
+async fn innocent_entries_redelivered_by_crashes_past_max_deliveries_are_applied() {
     // Each crash and restart re-reads the consumer's own pending entries, and each re-read counts
-    // as a delivery: past max_deliveries they are dead-lettered instead of crashing it again.
+    // as a delivery. Past max_deliveries an entry is only a suspect: applied alone, it succeeds,
+    // so it is applied, not dead-lettered with the entry that caused the crashes.
     let db = fresh_database().await;
     let pool = PgPool::connect(&db).await.unwrap();
     let stream = unique("crashloop:");
     let corpus = corpus::mixed(60, 0, 0);
     publish_lines(&stream, &corpus.lines).await;
     let mut conn = redis().await;
-    abandon_entries(&mut conn, &stream, GROUP, "c1", 6).await;
-    for _ in 0..3 {
-        // Three more crashed runs, each re-reading its pending entries before dying.
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg("c1")
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg("0")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    crash_loop_six(&mut conn, &stream).await;
     let env = WorkerEnv::new(&stream, &db).set(
         "FLEET_CONFIG",
         &config_file("[tuning]\nmax_deliveries = 3\n"),
     );
     let mut worker = env.start("persister").await;
     wait_drained(&pool, &stream).await;
-
-    let entries = read_stream(&mut conn, &stream).await;
     let dead = read_stream(&mut conn, &format!("{stream}:dlq")).await;
-    assert_eq!(dead.len(), 6, "the six crash-looping entries");
-    for ((id, _), (_, f)) in entries.iter().zip(&dead) {
-        assert_eq!(&f["dlq_entry_id"], id);
-        assert_eq!(f["dlq_reason"], "max_deliveries");
-        assert_eq!(
-            f["dlq_deliveries"], "5",
-            "1 delivery + 3 crashed re-reads + this one"
-        );
-    }
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&pool)
+    assert!(dead.is_empty(), "no innocent entry dead-lettered: {dead:?}");
+    assert_eq!(rows_of(&pool, &stream).await, corpus.expected_rows().len());
+    let marks: u64 = redis::cmd("HLEN")
+        .arg(format!("{stream}:trials"))
+        .query_async(&mut conn)
         .await
         .unwrap();
-    let expected = corpus.expected[6..]
-        .iter()
-        .filter(|e| matches!(e, Expect::Valid { user: true, .. }))
-        .count();
-    assert_eq!(rows as usize, expected, "the rest is applied normally");
+    assert_eq!(marks, 0, "no trial marker left behind");
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_kills_the_worker_while_applied_alone_is_dead_lettered_and_its_neighbours_are_not(
+) {
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let migrated = WorkerEnv::new("x", &db)
+        .run_to_end_with_args("fleetctl", &["migrate"])
+        .await;
+    assert!(migrated.0.success(), "migrate: {}", migrated.1);
+    // Applying this one event hangs the worker (then fails): the test kills the worker meanwhile,
+    // as an out-of-memory kill or a segfault would.
+    sqlx::raw_sql(
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.data ? 'stall' THEN PERFORM pg_sleep(5); RAISE EXCEPTION 'stalled'; END IF;
+           RETURN NEW; END $$;
+         CREATE TRIGGER stall BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION stall();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let stream = unique("killer:");
+    let mut corpus = corpus::mixed(60, 0, 0);
+    let killer = Uuid::now_v7();
+    corpus.lines[2] = serde_json::json!({"v": 1, "id": killer.to_string(), "type": "user.updated",
+        "channel": "user.1", "source": "tests", "time": "2026-11-24T10:00:00Z",
+        "data": {"stall": true}, "correlation_id": "req-killer"})
+    .to_string();
+    corpus.expected[2] = Expect::Dead("max_deliveries");
+    publish_lines(&stream, &corpus.lines).await;
+    let mut conn = redis().await;
+    crash_loop_six(&mut conn, &stream).await;
+    let entries = read_stream(&mut conn, &stream).await;
+    let killer_entry = entries[2].0.clone();
+
+    let env = WorkerEnv::new(&stream, &db)
+        .set("FLEET_SKIP_MIGRATIONS", "true")
+        .set(
+            "FLEET_CONFIG",
+            &config_file(
+                "[tuning]\nmax_deliveries = 3\nhandler_timeout_ms = 20000\nclaim_idle_ms = 30000\n",
+            ),
+        );
+    let mut worker = env.start("persister").await;
+    // The worker marks the entry it tries alone, then hangs on it: kill it there.
+    wait_until(Duration::from_secs(30), "the killer's trial", || {
+        let mut conn = conn.clone();
+        let (stream, field) = (stream.clone(), format!("{GROUP}:{killer_entry}"));
+        async move {
+            redis::cmd("HEXISTS")
+                .arg(format!("{stream}:trials"))
+                .arg(field)
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    worker.signal("KILL").await;
+    worker.wait(Duration::from_secs(10)).await;
+
+    let mut worker = env.start("persister").await;
+    wait_drained(&pool, &stream).await;
+    let dead = read_stream(&mut conn, &format!("{stream}:dlq")).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the entry that killed the worker: {dead:?}"
+    );
+    let f = &dead[0].1;
+    assert_eq!(f["dlq_entry_id"], killer_entry);
+    assert_eq!(f["dlq_reason"], "max_deliveries");
+    assert!(
+        f["dlq_error"].contains("stopped while applying it alone"),
+        "{}",
+        f["dlq_error"]
+    );
+    assert_eq!(
+        rows_of(&pool, &stream).await,
+        corpus.expected_rows().len(),
+        "its neighbours are applied"
+    );
     worker.stop_cleanly().await;
 }
 

@@ -1,0 +1,285 @@
+//! The handler's retry, isolation and poison policy: everything between "here is a batch" and "its
+//! effects are durable", with no Redis in it.
+//!
+//! What a failure means decides what happens next, and waiting is always the safe answer:
+//! - the sink cannot take anything (down, read-only, a missing privilege): the whole batch waits
+//!   with backoff and nothing is counted against its events;
+//! - the sink rejects something in the batch, or the handler panics: the events are applied one
+//!   by one, and the ones at fault are dead-lettered (`handler_error`);
+//! - the batch keeps failing although the sink answers other statements: the events are applied
+//!   one by one, and the ones that keep failing are *held*: left pending, so that the reclaimer
+//!   redelivers them and their delivery count rises to `max_deliveries`. Any number of such events,
+//!   together or apart, end up in the dead letter stream, each once; the rest is never held up.
+//!
+//! During a drain, a batch whose sink is down is left pending at once (its entries are redelivered
+//! after the restart), and a retry in progress is cancelled: only a first attempt on a healthy
+//! sink is allowed to finish.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+
+use crate::backoff::backoff;
+use crate::entry::EntryId;
+use crate::handler::{Applied, Batch, Handler, HandlerError};
+use crate::health::{Dependency, Fault, Health};
+use crate::shutdown::Shutdown;
+
+/// Failed attempts, while the sink answers, before a batch is applied event by event (and before
+/// an event applied alone is held for redelivery).
+pub const STRIKES: u32 = 3;
+
+/// What became of a batch's events once the handler confirmed it.
+#[derive(Debug, Default)]
+pub struct Confirmed {
+    pub applied: Applied,
+    /// Rejected by the sink (or made the handler panic): dead letters with reason `handler_error`.
+    pub rejected: Vec<(Arc<str>, EntryId, String)>,
+    /// Kept failing while the sink answered: left pending for redelivery.
+    pub held: Vec<(Arc<str>, EntryId)>,
+}
+
+/// What one failed attempt says about the batch.
+#[derive(Debug)]
+enum Verdict {
+    /// Something in the batch is at fault: find it event by event.
+    BlameEvents(String),
+    /// The sink answers, yet this attempt failed: try again, and count a strike.
+    Strike(String),
+    /// The sink cannot take anything now: wait, counting nothing against the events.
+    Wait,
+}
+
+/// The handler with its policy. Each handler lane has its own.
+#[derive(Clone)]
+pub struct Applier<H> {
+    pub handler: H,
+    pub health: Arc<Health>,
+    /// Longest one attempt may take.
+    pub timeout: Duration,
+}
+
+impl<H: Handler> Applier<H> {
+    /// One attempt, bounded by the handler timeout. A panic in the handler is caught and reported
+    /// as a permanent failure of the batch (so it is isolated), never allowed to kill the
+    /// process: a crash would count a delivery against every event of the batch. With
+    /// `cancel_on_drain`, the drain cancels the attempt (its effects are idempotent: the batch
+    /// stays pending and is applied again after the restart).
+    async fn attempt(
+        &mut self,
+        batch: &Batch<'_>,
+        shutdown: &Shutdown,
+        cancel_on_drain: bool,
+    ) -> Option<Result<Applied, HandlerError>> {
+        let started = Instant::now();
+        let apply = AssertUnwindSafe(self.handler.apply(batch)).catch_unwind();
+        let bounded = tokio::time::timeout(self.timeout, apply);
+        let outcome = if cancel_on_drain {
+            tokio::select! {
+                biased;
+                _ = shutdown.triggered() => return None,
+                outcome = bounded => outcome,
+            }
+        } else {
+            bounded.await
+        };
+        let outcome = match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(HandlerError::Permanent(format!(
+                "the handler panicked: {}",
+                panic_message(&*panic)
+            ))),
+            Err(_) => Err(HandlerError::Transient(format!(
+                "handler took longer than handler_timeout_ms = {}",
+                self.timeout.as_millis()
+            ))),
+        };
+        metrics::histogram!(crate::metrics::HANDLER_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        if outcome.is_err() {
+            metrics::counter!(crate::metrics::HANDLER_ERRORS).increment(1);
+        } else {
+            self.health.up(Dependency::Sink);
+            self.health.clear(Fault::SinkMisconfigured);
+        }
+        Some(outcome)
+    }
+
+    /// Reads a failure, marking readiness: an outage or a configuration fault makes the worker
+    /// unready; a failure while the sink answers does not.
+    async fn judge(&mut self, error: HandlerError) -> Verdict {
+        match error {
+            HandlerError::Permanent(e) => Verdict::BlameEvents(e),
+            HandlerError::Unavailable(e) => {
+                self.health.down(Dependency::Sink, &e);
+                Verdict::Wait
+            }
+            HandlerError::Misconfigured(e) | HandlerError::Fatal(e) => {
+                self.health.up(Dependency::Sink);
+                self.health.raise(Fault::SinkMisconfigured, &e);
+                Verdict::Wait
+            }
+            HandlerError::Transient(e) => match self.handler.check().await {
+                Ok(()) => Verdict::Strike(e),
+                Err(HandlerError::Misconfigured(m)) => {
+                    self.health.raise(Fault::SinkMisconfigured, &m);
+                    Verdict::Wait
+                }
+                Err(_) => {
+                    self.health.down(Dependency::Sink, &e);
+                    Verdict::Wait
+                }
+            },
+        }
+    }
+
+    /// Whether a first attempt may start during a drain: only on a sink that answered last time.
+    fn may_start(&self, shutdown: &Shutdown) -> bool {
+        !shutdown.is_triggered()
+            || (self.health.is_up(Dependency::Sink) && !self.health.has(Fault::SinkMisconfigured))
+    }
+
+    /// Applies the batch: see the module doc. `None` if the drain started first (nothing is
+    /// acknowledged then: the entries stay pending for redelivery).
+    pub async fn confirm(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<Confirmed> {
+        if !self.may_start(shutdown) {
+            tracing::info!(
+                events = batch.events.len(),
+                "draining while the sink is down: the batch is left pending"
+            );
+            return None;
+        }
+        let mut delays = backoff();
+        let mut strikes = 0;
+        let mut retry = false;
+        loop {
+            let error = match self.attempt(batch, shutdown, retry).await? {
+                Ok(applied) => {
+                    return Some(Confirmed {
+                        applied,
+                        ..Confirmed::default()
+                    })
+                }
+                Err(e) => e,
+            };
+            retry = true;
+            match self.judge(error).await {
+                Verdict::BlameEvents(e) => {
+                    tracing::warn!(error = %e, events = batch.events.len(), "the batch failed because of its content: isolating the event(s) at fault");
+                    break;
+                }
+                Verdict::Strike(e) => {
+                    strikes += 1;
+                    tracing::warn!(error = %e, attempt = strikes, "batch failed although the sink answers");
+                    if strikes >= STRIKES && !batch.events.is_empty() {
+                        break;
+                    }
+                }
+                Verdict::Wait => {}
+            }
+            pause(&mut delays, shutdown).await?;
+        }
+        self.isolate(batch, shutdown).await
+    }
+
+    /// Applies each event alone: rejected ones become dead letters, ones that keep failing are
+    /// held, the rest are applied; then the checkpoints are written.
+    async fn isolate(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<Confirmed> {
+        let mut out = Confirmed::default();
+        for routed in &batch.events {
+            let single = Batch {
+                group: batch.group,
+                events: vec![*routed],
+                checkpoints: Vec::new(),
+            };
+            match self.alone(&single, shutdown).await? {
+                Alone::Applied(applied) => out.applied += applied,
+                Alone::Rejected(e) => {
+                    tracing::warn!(event_id = %routed.event.id, entry_id = %routed.entry_id, correlation_id = routed.event.correlation_id.as_deref().unwrap_or(""), error = %e, "dead-lettering the event the sink rejects");
+                    out.rejected
+                        .push((routed.stream.clone(), routed.entry_id, e));
+                }
+                Alone::KeptFailing(e) => {
+                    tracing::warn!(event_id = %routed.event.id, entry_id = %routed.entry_id, error = %e, "event keeps failing: left pending for redelivery");
+                    out.held.push((routed.stream.clone(), routed.entry_id));
+                }
+            }
+        }
+        let checkpoints = Batch {
+            group: batch.group,
+            events: Vec::new(),
+            checkpoints: batch.checkpoints.clone(),
+        };
+        self.until_applied(&checkpoints, shutdown).await?;
+        Some(out)
+    }
+
+    /// One event alone (`batch` holds one), retried while the sink cannot take it.
+    pub async fn alone(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<Alone> {
+        let mut delays = backoff();
+        let mut strikes = 0;
+        loop {
+            let error = match self.attempt(batch, shutdown, true).await? {
+                Ok(applied) => return Some(Alone::Applied(applied)),
+                Err(e) => e,
+            };
+            match self.judge(error).await {
+                Verdict::BlameEvents(e) => return Some(Alone::Rejected(e)),
+                Verdict::Strike(e) => {
+                    strikes += 1;
+                    if strikes >= STRIKES {
+                        return Some(Alone::KeptFailing(e));
+                    }
+                }
+                Verdict::Wait => {}
+            }
+            pause(&mut delays, shutdown).await?;
+        }
+    }
+
+    /// Applies `batch` (checkpoints alone, here) until it succeeds; `None` if the drain starts.
+    async fn until_applied(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<()> {
+        let mut delays = backoff();
+        loop {
+            match self.attempt(batch, shutdown, true).await? {
+                Ok(_) => return Some(()),
+                Err(e) => {
+                    if let Verdict::BlameEvents(e) | Verdict::Strike(e) = self.judge(e).await {
+                        tracing::warn!(error = %e, "writing the checkpoints failed: retrying");
+                    }
+                }
+            }
+            pause(&mut delays, shutdown).await?;
+        }
+    }
+}
+
+/// What became of one event applied alone.
+#[derive(Debug)]
+pub enum Alone {
+    Applied(Applied),
+    /// The sink rejects it (or the handler panicked on it).
+    Rejected(String),
+    /// It failed on every attempt although the sink answered.
+    KeptFailing(String),
+}
+
+/// Sleeps for the next backoff step; `None` if the drain started (stop retrying).
+async fn pause(delays: &mut impl Iterator<Item = Duration>, shutdown: &Shutdown) -> Option<()> {
+    if shutdown.is_triggered() || !shutdown.sleep(delays.next().unwrap_or_default()).await {
+        tracing::info!("draining during retries: the batch is left pending for redelivery");
+        return None;
+    }
+    Some(())
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
