@@ -283,3 +283,349 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use crate::config::Route;
+    use crate::event::Event;
+    use crate::handler::Routed;
+
+    /// A sink that fails on some events, or on everything, as told.
+    #[derive(Clone, Default)]
+    struct Fake {
+        /// Fails with a transient error every time, while the sink answers.
+        poison: Arc<HashSet<Uuid>>,
+        /// Rejected: a permanent error.
+        reject: Arc<HashSet<Uuid>>,
+        /// Makes the handler panic.
+        panics: Arc<HashSet<Uuid>>,
+        /// The sink does not answer at all (until this many more attempts).
+        down_for: Arc<AtomicUsize>,
+        /// The sink refuses every statement (until this many more attempts).
+        refused_for: Arc<AtomicUsize>,
+        attempts: Arc<AtomicUsize>,
+        /// Applied events, one entry per application.
+        applied: Arc<std::sync::Mutex<Vec<Uuid>>>,
+        /// Set when the drain should start at the next attempt.
+        drain_at_attempt: Arc<AtomicUsize>,
+        shutdown: Shutdown,
+    }
+
+    fn countdown(n: &AtomicUsize) -> bool {
+        n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .is_ok()
+    }
+
+    impl Handler for Fake {
+        async fn apply(&mut self, batch: &Batch<'_>) -> Result<Applied, HandlerError> {
+            let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.drain_at_attempt.load(Ordering::Relaxed) == n {
+                self.shutdown.trigger();
+            }
+            if countdown(&self.down_for) {
+                return Err(HandlerError::Unavailable("connection refused".into()));
+            }
+            if countdown(&self.refused_for) {
+                return Err(HandlerError::Misconfigured("permission denied".into()));
+            }
+            for r in &batch.events {
+                if self.panics.contains(&r.event.id) {
+                    panic!("boom");
+                }
+                if self.reject.contains(&r.event.id) {
+                    return Err(HandlerError::Permanent("rejected".into()));
+                }
+                if self.poison.contains(&r.event.id) {
+                    return Err(HandlerError::Transient("serialization failure".into()));
+                }
+            }
+            let mut applied = self.applied.lock().unwrap();
+            applied.extend(batch.events.iter().map(|r| r.event.id));
+            Ok(Applied {
+                applied: batch.events.len(),
+                ..Applied::default()
+            })
+        }
+
+        async fn check(&self) -> Result<(), HandlerError> {
+            if self.down_for.load(Ordering::Relaxed) > 0 {
+                Err(HandlerError::Unavailable("connection refused".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn event(id: Uuid) -> Event<'static> {
+        Event {
+            id,
+            event_type: Cow::Borrowed("user.updated"),
+            channel: Cow::Borrowed("user.1"),
+            source: Cow::Borrowed("tests"),
+            time: OffsetDateTime::UNIX_EPOCH,
+            data: Cow::Borrowed("{}"),
+            key: None,
+            correlation_id: None,
+        }
+    }
+
+    /// Runs `confirm` on `n` events (ids in order) with `fake` and returns the outcome, the ids,
+    /// and the health.
+    async fn confirm(
+        fake: impl FnOnce(&[Uuid]) -> Fake,
+        n: usize,
+    ) -> (Option<Confirmed>, Vec<Uuid>, Fake, Arc<Health>) {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        let fake = fake(&ids);
+        let events: Vec<Event<'static>> = ids.iter().map(|id| event(*id)).collect();
+        let route = Route {
+            pattern: "user.#".parse().unwrap(),
+            strict: true,
+            actions: Vec::new(),
+        };
+        let stream: Arc<str> = Arc::from("s");
+        let batch = Batch {
+            group: "g",
+            events: events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| Routed {
+                    event: e,
+                    route: &route,
+                    stream: &stream,
+                    entry_id: EntryId {
+                        ms: 1,
+                        seq: i as u64,
+                    },
+                })
+                .collect(),
+            checkpoints: Vec::new(),
+        };
+        let health = Arc::new(Health::default());
+        health.up(Dependency::Redis);
+        health.up(Dependency::Sink);
+        let mut applier = Applier {
+            handler: fake.clone(),
+            health: health.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        let out = applier.confirm(&batch, &fake.shutdown).await;
+        (out, ids, fake, health)
+    }
+
+    fn held(c: &Confirmed) -> Vec<u64> {
+        c.held.iter().map(|(_, id)| id.seq).collect()
+    }
+
+    fn set(ids: &[Uuid], at: &[usize]) -> Arc<HashSet<Uuid>> {
+        Arc::new(at.iter().map(|i| ids[*i]).collect())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_two_or_three_poison_events_together_are_held_and_the_rest_applied() {
+        for poison in [vec![3], vec![3, 4], vec![0, 1, 2]] {
+            let n = if poison == [0, 1, 2] { 3 } else { 10 };
+            let (out, ids, fake, health) = confirm(
+                |ids| Fake {
+                    poison: set(ids, &poison),
+                    ..Fake::default()
+                },
+                n,
+            )
+            .await;
+            let out = out.expect("confirmed");
+            assert_eq!(
+                held(&out),
+                poison.iter().map(|i| *i as u64).collect::<Vec<_>>()
+            );
+            assert_eq!(out.applied.applied, n - poison.len());
+            let applied = fake.applied.lock().unwrap();
+            assert!(poison.iter().all(|i| !applied.contains(&ids[*i])));
+            assert!(health.is_ready(), "the sink answers: still ready");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_event_failing_while_the_sink_answers_holds_them_all() {
+        let (out, _, _, health) = confirm(
+            |ids| Fake {
+                poison: set(ids, &(0..6).collect::<Vec<_>>()),
+                ..Fake::default()
+            },
+            6,
+        )
+        .await;
+        assert_eq!(held(&out.unwrap()), vec![0, 1, 2, 3, 4, 5]);
+        assert!(health.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_and_panicking_events_are_dead_lettered_alone() {
+        let (out, ids, fake, _) = confirm(
+            |ids| Fake {
+                reject: set(ids, &[1]),
+                panics: set(ids, &[4]),
+                ..Fake::default()
+            },
+            6,
+        )
+        .await;
+        let out = out.unwrap();
+        let rejected: Vec<(u64, &str)> = out
+            .rejected
+            .iter()
+            .map(|(_, id, e)| (id.seq, e.as_str()))
+            .collect();
+        assert_eq!(
+            rejected,
+            vec![(1, "rejected"), (4, "the handler panicked: boom")]
+        );
+        assert_eq!(out.applied.applied, 4);
+        assert!(!fake.applied.lock().unwrap().contains(&ids[1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_that_does_not_answer_is_waited_out_with_nothing_counted() {
+        let (out, _, fake, health) = confirm(
+            |_| Fake {
+                down_for: Arc::new(AtomicUsize::new(20)),
+                ..Fake::default()
+            },
+            5,
+        )
+        .await;
+        let out = out.unwrap();
+        assert!(out.held.is_empty() && out.rejected.is_empty());
+        assert_eq!(out.applied.applied, 5);
+        // Whole-batch attempts only: no event was tried alone.
+        assert_eq!(fake.attempts.load(Ordering::Relaxed), 21);
+        assert!(health.is_ready(), "ready again once it answers");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusing_sink_is_waited_out_whole_and_reported_as_a_fault() {
+        let (out, _, fake, health) = confirm(
+            |_| Fake {
+                refused_for: Arc::new(AtomicUsize::new(4)),
+                ..Fake::default()
+            },
+            5,
+        )
+        .await;
+        assert_eq!(out.unwrap().applied.applied, 5);
+        // Four whole-batch attempts refused, then the one that worked: no event tried alone.
+        assert_eq!(fake.attempts.load(Ordering::Relaxed), 5);
+        assert!(
+            !health.has(Fault::SinkMisconfigured),
+            "cleared once it works"
+        );
+        // While it lasts, the fault is raised (and the worker unready).
+        let health = Health::default();
+        let mut applier = Applier {
+            handler: Fake {
+                refused_for: Arc::new(AtomicUsize::new(1)),
+                ..Fake::default()
+            },
+            health: Arc::new(health),
+            timeout: Duration::from_secs(5),
+        };
+        let verdict = applier
+            .judge(HandlerError::Misconfigured("permission denied".into()))
+            .await;
+        assert!(matches!(verdict, Verdict::Wait));
+        assert!(applier.health.has(Fault::SinkMisconfigured));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_leaves_a_failing_batch_pending_at_once() {
+        // While the sink is down.
+        let (out, _, fake, _) = confirm(
+            |_| Fake {
+                down_for: Arc::new(AtomicUsize::new(usize::MAX)),
+                drain_at_attempt: Arc::new(AtomicUsize::new(3)),
+                ..Fake::default()
+            },
+            5,
+        )
+        .await;
+        assert!(out.is_none());
+        assert_eq!(fake.attempts.load(Ordering::Relaxed), 3);
+        // While events are being isolated.
+        let (out, _, fake, _) = confirm(
+            |ids| Fake {
+                poison: set(ids, &[0, 1]),
+                drain_at_attempt: Arc::new(AtomicUsize::new(5)),
+                ..Fake::default()
+            },
+            4,
+        )
+        .await;
+        assert!(out.is_none());
+        assert_eq!(fake.attempts.load(Ordering::Relaxed), 5);
+        // While a refusing sink is waited out.
+        let (out, _, _, _) = confirm(
+            |_| Fake {
+                refused_for: Arc::new(AtomicUsize::new(usize::MAX)),
+                drain_at_attempt: Arc::new(AtomicUsize::new(2)),
+                ..Fake::default()
+            },
+            4,
+        )
+        .await;
+        assert!(out.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn during_the_drain_a_batch_starts_only_on_a_sink_that_answered() {
+        let ids: Vec<Uuid> = vec![Uuid::now_v7()];
+        let shutdown = Shutdown::default();
+        shutdown.trigger();
+        let fake = Fake {
+            shutdown: shutdown.clone(),
+            ..Fake::default()
+        };
+        let ev = event(ids[0]);
+        let route = Route {
+            pattern: "user.#".parse().unwrap(),
+            strict: true,
+            actions: Vec::new(),
+        };
+        let stream: Arc<str> = Arc::from("s");
+        let batch = Batch {
+            group: "g",
+            events: vec![Routed {
+                event: &ev,
+                route: &route,
+                stream: &stream,
+                entry_id: EntryId { ms: 1, seq: 0 },
+            }],
+            checkpoints: Vec::new(),
+        };
+        let health = Arc::new(Health::default());
+        let mut applier = Applier {
+            handler: fake.clone(),
+            health: health.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        health.down(Dependency::Sink, &"gone");
+        assert!(applier.confirm(&batch, &shutdown).await.is_none());
+        assert_eq!(
+            fake.attempts.load(Ordering::Relaxed),
+            0,
+            "no attempt on a sink that is down"
+        );
+        health.up(Dependency::Sink);
+        assert!(
+            applier.confirm(&batch, &shutdown).await.is_some(),
+            "finished on a healthy sink"
+        );
+    }
+}

@@ -484,9 +484,9 @@ impl Source {
             self.read_new(&streams).await
         };
         match result {
-            Err(e) if e.code() == Some("NOGROUP") => {
-                // A group (or its stream) was deleted: find on which of the streams just read,
-                // and create it again there, at the checkpoint.
+            Err(e) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                // A group (or its stream) was deleted, before or during the read: find on which
+                // of the streams just read, and create it again there, at the checkpoint.
                 tracing::warn!(error = %e, group = %self.group, "consumer group missing: creating it again");
                 let suspects = std::mem::take(&mut self.last_slice);
                 self.repair(&suspects).await?;

@@ -4,6 +4,7 @@
 
 pub mod corpus;
 pub mod outcome;
+pub mod scenario;
 pub mod servers;
 
 use std::collections::HashMap;
@@ -33,8 +34,12 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Path of a workspace binary, built by `cargo build` (scripts/test does it first).
+/// Path of a workspace binary, built by `cargo build` (scripts/test does it first), or found in
+/// `STREAMFLEET_BIN_DIR` when set (to run the suite against another build, e.g. an older one).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("STREAMFLEET_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
@@ -225,6 +230,31 @@ impl Worker {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Asserts that the process has not exited (a crash would otherwise show only as a timeout).
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("worker exited with {status}:\n{}", self.log_text());
+        }
+    }
+
+    /// The status code and body of `/readyz`.
+    pub async fn readyz(&self) -> (u16, String) {
+        http_get(&self.http, "/readyz")
+            .await
+            .unwrap_or((0, String::new()))
+    }
+
+    /// The peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
     }
 
     /// The process id.

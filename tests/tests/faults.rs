@@ -5,24 +5,12 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
-use streamfleet_tests::corpus::{self, Corpus, TEST_MAX_DATA_BYTES};
-use streamfleet_tests::outcome::{acknowledged_but_missing, measure, report, Outcome};
+use streamfleet_tests::corpus;
+use streamfleet_tests::outcome::{acknowledged_but_missing, measure};
+use streamfleet_tests::scenario::{conclude, config, rows, wait_settled, GROUP};
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
-
-const GROUP: &str = "persister";
-
-fn config(extra: &str) -> String {
-    let path = std::env::temp_dir().join(format!("{}.toml", unique("cfg")));
-    std::fs::write(
-        &path,
-        format!("[tuning]\nmax_data_bytes = {TEST_MAX_DATA_BYTES}\nblock_ms = 200\n{extra}"),
-    )
-    .unwrap();
-    path.display().to_string()
-}
 
 /// A number in `lo..hi` that differs from run to run (no seed to manage: the point is to hit
 /// different moments).
@@ -32,44 +20,6 @@ fn random_between(lo: u64, hi: u64) -> u64 {
         .unwrap()
         .subsec_nanos() as u64;
     lo + (nanos.wrapping_mul(6364136223846793005) >> 33) % (hi - lo)
-}
-
-async fn wait_settled(conn: &MultiplexedConnection, stream: &str, group: &str) {
-    wait_until(
-        Duration::from_secs(180),
-        "lag 0 and nothing pending",
-        || {
-            let mut conn = conn.clone();
-            async move {
-                lag(&mut conn, stream, group).await == Some(0)
-                    && pending(&mut conn, stream, group).await == 0
-            }
-        },
-    )
-    .await;
-}
-
-async fn rows(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(pool)
-        .await
-        .unwrap_or(0)
-}
-
-/// Asserts exactly-once and reports the scenario.
-async fn conclude(
-    scenario: &str,
-    conn: &mut MultiplexedConnection,
-    pool: &PgPool,
-    stream: &str,
-    corpus: &Corpus,
-) -> Outcome {
-    let o = measure(conn, pool, stream, GROUP, corpus).await;
-    report(scenario, &o);
-    assert_eq!(o.lost, 0, "{scenario}: lost");
-    assert_eq!(o.doubled, 0, "{scenario}: doubled");
-    assert_eq!(o.pending, 0, "{scenario}: pending");
-    o
 }
 
 async fn publish_in_chunks(

@@ -1,0 +1,67 @@
+//! What every fault scenario shares: its configuration file, waiting until the group has settled
+//! everything, and the verdict (exactly once, from PostgreSQL and Redis alone) with its line in
+//! the fault report.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use sqlx::PgPool;
+
+use crate::corpus::{Corpus, TEST_MAX_DATA_BYTES};
+use crate::outcome::{measure, report, Outcome};
+use crate::{lag, pending, unique, wait_until};
+
+/// The persister's default group.
+pub const GROUP: &str = "persister";
+
+/// A configuration file with the tests' small `data` limit, short blocking reads and `extra`
+/// (more `[tuning]` lines, then any other table).
+pub fn config(extra: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("cfg")));
+    std::fs::write(
+        &path,
+        format!("[tuning]\nmax_data_bytes = {TEST_MAX_DATA_BYTES}\nblock_ms = 200\n{extra}"),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// Waits (at most 180 s) until the group has no lag and nothing pending on `stream`.
+pub async fn wait_settled(conn: &MultiplexedConnection, stream: &str, group: &str) {
+    wait_until(
+        Duration::from_secs(180),
+        "lag 0 and nothing pending",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                lag(&mut conn, stream, group).await == Some(0)
+                    && pending(&mut conn, stream, group).await == 0
+            }
+        },
+    )
+    .await;
+}
+
+/// Rows in `events`.
+pub async fn rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Asserts exactly-once (nothing lost, nothing doubled, nothing pending) and reports the scenario.
+pub async fn conclude(
+    scenario: &str,
+    conn: &mut MultiplexedConnection,
+    pool: &PgPool,
+    stream: &str,
+    corpus: &Corpus,
+) -> Outcome {
+    let o = measure(conn, pool, stream, GROUP, corpus).await;
+    report(scenario, &o);
+    assert_eq!(o.lost, 0, "{scenario}: lost");
+    assert_eq!(o.doubled, 0, "{scenario}: doubled");
+    assert_eq!(o.pending, 0, "{scenario}: pending");
+    o
+}
