@@ -30,6 +30,9 @@ use crate::shutdown::Shutdown;
 /// Failed attempts, while the sink answers, before a batch is applied event by event (and before
 /// an event applied alone is held for redelivery).
 pub const STRIKES: u32 = 3;
+/// How long a first attempt still in progress when the drain starts may take to finish: a
+/// commit takes milliseconds; one that hangs (a frozen sink) is cancelled.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// What became of a batch's events once the handler confirmed it.
 #[derive(Debug, Default)]
@@ -64,9 +67,9 @@ pub struct Applier<H> {
 impl<H: Handler> Applier<H> {
     /// One attempt, bounded by the handler timeout. A panic in the handler is caught and reported
     /// as a permanent failure of the batch (so it is isolated), never allowed to kill the
-    /// process: a crash would count a delivery against every event of the batch. With
-    /// `cancel_on_drain`, the drain cancels the attempt (its effects are idempotent: the batch
-    /// stays pending and is applied again after the restart).
+    /// process: a crash would count a delivery against every event of the batch. The drain
+    /// cancels the attempt: at once with `cancel_on_drain` (a retry), else after `DRAIN_GRACE`
+    /// (its effects are idempotent: the batch stays pending and is applied after the restart).
     async fn attempt(
         &mut self,
         batch: &Batch<'_>,
@@ -76,14 +79,22 @@ impl<H: Handler> Applier<H> {
         let started = Instant::now();
         let apply = AssertUnwindSafe(self.handler.apply(batch)).catch_unwind();
         let bounded = tokio::time::timeout(self.timeout, apply);
-        let outcome = if cancel_on_drain {
-            tokio::select! {
-                biased;
-                _ = shutdown.triggered() => return None,
-                outcome = bounded => outcome,
-            }
+        let grace = if cancel_on_drain {
+            Duration::ZERO
         } else {
-            bounded.await
+            DRAIN_GRACE
+        };
+        let drained = async {
+            shutdown.triggered().await;
+            tokio::time::sleep(grace).await;
+        };
+        let outcome = tokio::select! {
+            biased;
+            outcome = bounded => outcome,
+            _ = drained => {
+                tracing::info!("draining: the attempt in progress is cancelled, its batch left pending");
+                return None;
+            }
         };
         let outcome = match outcome {
             Ok(Ok(result)) => result,

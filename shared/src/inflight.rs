@@ -89,17 +89,20 @@ impl InFlight {
             .any(|(st, ids)| &**st == stream && ids.iter().any(|i| i == id))
     }
 
-    /// Every `every`, resets the idle time of every entry in flight (XCLAIM JUSTID: no delivery is
-    /// counted), until the task is dropped. `every` must be well below `claim_idle_ms`: an entry
-    /// is then never idle long enough to be reclaimed while this worker holds it. Entries another
-    /// consumer claimed meanwhile (idle less than `every`) are left to it.
+    /// Every `claim_idle / 4`, resets the idle time of the entries in flight idle for at least
+    /// `claim_idle / 2` (XCLAIM JUSTID: no delivery is counted), until the task is dropped: an
+    /// entry is then never idle for `claim_idle` while this worker holds it. An entry another
+    /// consumer took over meanwhile, and keeps alive the same way, is never that idle: it is left
+    /// to it.
     pub async fn keep_alive(
         self,
         mut conn: ConnectionManager,
         group: String,
         consumer: String,
-        every: Duration,
+        claim_idle: Duration,
     ) {
+        let every = claim_idle / 4;
+        let min_idle = (claim_idle / 2).as_millis() as u64;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -116,7 +119,7 @@ impl InFlight {
                         .arg(&**stream)
                         .arg(&group)
                         .arg(&consumer)
-                        .arg(every.as_millis() as u64)
+                        .arg(min_idle)
                         .arg(ids)
                         .arg("JUSTID")
                         .ignore();

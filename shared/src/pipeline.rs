@@ -125,7 +125,7 @@ impl<H: Handler> Pipeline<H> {
             writer.clone(),
             group.clone(),
             consumer,
-            Duration::from_millis(config.tuning.claim_idle_ms / 4),
+            Duration::from_millis(config.tuning.claim_idle_ms),
         ));
         let reader = tokio::spawn(read(
             source,

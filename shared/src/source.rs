@@ -162,8 +162,8 @@ pub struct Source {
     /// The streams consumed, sorted.
     streams: Vec<Arc<str>>,
     labels: StreamLabels,
-    /// Streams whose group is missing and could not be created yet, with when to try again.
-    missing: BTreeMap<Arc<str>, Instant>,
+    /// Streams whose group is missing and could not be created yet: when to try again, and why.
+    missing: BTreeMap<Arc<str>, (Instant, String)>,
     /// Streams whose own pending entries are still being re-read, with the cursor.
     history: BTreeMap<Arc<str>, EntryId>,
     round: Round,
@@ -350,7 +350,12 @@ impl Source {
                     true
                 }
                 Err(e) if e.to_string().contains("no such key") => false,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // E.g. the key holds another type: only an operator can fix it.
+                    self.missing
+                        .insert(key.clone(), (Instant::now() + GROUP_RETRY, e.to_string()));
+                    continue;
+                }
             };
             let is_key = self
                 .specs
@@ -365,13 +370,13 @@ impl Source {
                     self.missing.remove(key);
                 }
                 Err(e) => {
-                    let retry = Instant::now() + GROUP_RETRY;
                     if e.code() == Some("OOM") {
                         self.health
                             .raise(Fault::RedisOutOfMemory, &"Redis out of memory (maxmemory reached): consumer groups cannot be created");
                     }
                     tracing::debug!(stream = %key, error = %e, "consumer group not created yet");
-                    self.missing.insert(key.clone(), retry);
+                    self.missing
+                        .insert(key.clone(), (Instant::now() + GROUP_RETRY, e.to_string()));
                 }
             }
         }
@@ -422,12 +427,12 @@ impl Source {
 
     /// Raises or clears the missing-group fault.
     fn report_missing(&self) {
-        match self.missing.keys().next() {
+        match self.missing.iter().next() {
             None => self.health.clear(Fault::GroupMissing),
-            Some(first) => self.health.raise(
+            Some((first, (_, why))) => self.health.raise(
                 Fault::GroupMissing,
                 &format!(
-                    "consumer group {} missing on {} stream(s) (first: {first}) and not created yet",
+                    "consumer group {} missing on {} stream(s) and not created yet (first: {first}: {why})",
                     self.group,
                     self.missing.len()
                 ),
@@ -457,7 +462,7 @@ impl Source {
         let due: Vec<Arc<str>> = self
             .missing
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, (at, _))| *at <= now)
             .map(|(k, _)| k.clone())
             .collect();
         if !due.is_empty() {
