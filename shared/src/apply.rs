@@ -119,8 +119,10 @@ impl<H: Handler> Applier<H> {
     }
 
     /// Reads a failure, marking readiness: an outage or a configuration fault makes the worker
-    /// unready; a failure while the sink answers does not.
-    async fn judge(&mut self, error: HandlerError) -> Verdict {
+    /// unready; a failure while the sink answers does not. Asking the sink may take long while
+    /// it is down: the drain does not wait for the answer (the batch then waits, i.e. stays
+    /// pending).
+    async fn judge(&mut self, error: HandlerError, shutdown: &Shutdown) -> Verdict {
         match error {
             HandlerError::Permanent(e) => Verdict::BlameEvents(e),
             HandlerError::Unavailable(e) => {
@@ -132,7 +134,11 @@ impl<H: Handler> Applier<H> {
                 self.health.raise(Fault::SinkMisconfigured, &e);
                 Verdict::Wait
             }
-            HandlerError::Transient(e) => match self.handler.check().await {
+            HandlerError::Transient(e) => match tokio::select! {
+                biased;
+                answer = self.handler.check() => answer,
+                _ = shutdown.triggered() => return Verdict::Wait,
+            } {
                 Ok(()) => Verdict::Strike(e),
                 Err(HandlerError::Misconfigured(m)) => {
                     self.health.raise(Fault::SinkMisconfigured, &m);
@@ -176,7 +182,7 @@ impl<H: Handler> Applier<H> {
                 Err(e) => e,
             };
             retry = true;
-            match self.judge(error).await {
+            match self.judge(error, shutdown).await {
                 Verdict::BlameEvents(e) => {
                     tracing::warn!(error = %e, events = batch.events.len(), "the batch failed because of its content: isolating the event(s) at fault");
                     break;
@@ -236,7 +242,7 @@ impl<H: Handler> Applier<H> {
                 Ok(applied) => return Some(Alone::Applied(applied)),
                 Err(e) => e,
             };
-            match self.judge(error).await {
+            match self.judge(error, shutdown).await {
                 Verdict::BlameEvents(e) => return Some(Alone::Rejected(e)),
                 Verdict::Strike(e) => {
                     strikes += 1;
@@ -257,7 +263,9 @@ impl<H: Handler> Applier<H> {
             match self.attempt(batch, shutdown, true).await? {
                 Ok(_) => return Some(()),
                 Err(e) => {
-                    if let Verdict::BlameEvents(e) | Verdict::Strike(e) = self.judge(e).await {
+                    if let Verdict::BlameEvents(e) | Verdict::Strike(e) =
+                        self.judge(e, shutdown).await
+                    {
                         tracing::warn!(error = %e, "writing the checkpoints failed: retrying");
                     }
                 }
@@ -549,7 +557,10 @@ mod tests {
             timeout: Duration::from_secs(5),
         };
         let verdict = applier
-            .judge(HandlerError::Misconfigured("permission denied".into()))
+            .judge(
+                HandlerError::Misconfigured("permission denied".into()),
+                &Shutdown::default(),
+            )
             .await;
         assert!(matches!(verdict, Verdict::Wait));
         assert!(applier.health.has(Fault::SinkMisconfigured));

@@ -255,8 +255,14 @@ impl<H: Handler> Processor<H> {
                     }
                 }
                 Ok(None) => break,
-                // Idle: probe the sink so /readyz tells the truth without traffic.
-                Err(_) => match self.applier.handler.check().await {
+                // Idle: probe the sink so /readyz tells the truth without traffic (but never
+                // hold up the drain: a sink that is down may take seconds to say so).
+                Err(_) if shutdown.is_triggered() => {}
+                Err(_) => match tokio::select! {
+                    biased;
+                    answer = self.applier.handler.check() => answer,
+                    _ = shutdown.triggered() => continue,
+                } {
                     Ok(()) => {
                         self.health.up(Dependency::Sink);
                         self.health.clear(Fault::SinkMisconfigured);
