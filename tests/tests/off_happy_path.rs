@@ -479,6 +479,10 @@ async fn sigterm_while_postgres_is_down_exits_0_at_once_and_nothing_is_lost() {
         "drained in {:?}",
         asked.elapsed()
     );
+    eprintln!(
+        "SIGTERM while postgres is down: exit 0 after {:?}",
+        asked.elapsed()
+    );
 
     pg.start_again();
     let pool = PgPool::connect(&pg.url()).await.unwrap();
