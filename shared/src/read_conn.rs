@@ -32,7 +32,7 @@ const SPARE_BUFFERS: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Buffers above this size are not kept for reuse, and replies above it do not size the next
 /// buffer: one exceptional reply must not keep its memory.
-const MAX_KEPT_BUFFER: usize = 8 * 1024 * 1024;
+const MAX_KEPT_BUFFER: usize = 2 * 1024 * 1024;
 
 /// Why a query on the read connection failed.
 #[derive(Debug, thiserror::Error)]
