@@ -167,6 +167,18 @@ impl Health {
             && !self.draining.load(Ordering::Relaxed)
     }
 
+    /// Sets the `fleet_ready` and `fleet_fault` gauges from the state now.
+    pub fn record(&self) {
+        metrics::gauge!(m::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
+        for fault in Fault::ALL {
+            metrics::gauge!(m::FAULT, "fault" => fault.name()).set(if self.has(fault) {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
     /// A short text for `/readyz`: the state of each dependency, then one line per fault.
     pub fn describe(&self) -> String {
         let mut out = format!(

@@ -47,5 +47,7 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn render_metrics(State(s): State<AppState>) -> String {
+    // Readiness as of this scrape: alerts cannot read /readyz.
+    s.health.record();
     s.metrics.render()
 }

@@ -134,6 +134,8 @@ const SAMPLE_CHUNK: usize = 100;
 struct Totals {
     lag: Option<u64>,
     pending: u64,
+    /// Age of the oldest pending entry, in milliseconds.
+    oldest_ms: Option<u64>,
     active: u64,
     idle: u64,
     deleted: u64,
@@ -149,6 +151,7 @@ impl Watch {
             pipe.ignore_errors();
             for stream in chunk {
                 pipe.cmd("XINFO").arg("GROUPS").arg(&**stream);
+                pipe.cmd("XPENDING").arg(&**stream).arg(&self.group);
                 pipe.cmd("EVAL")
                     .arg(CLEAN_CONSUMERS)
                     .arg(1)
@@ -164,9 +167,14 @@ impl Watch {
                     return;
                 }
             };
-            for (stream, pair) in chunk.iter().zip(replies.chunks(2)) {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            for (stream, replies) in chunk.iter().zip(replies.chunks(3)) {
+                let (info, summary, cleaned) = (&replies[0], &replies[1], &replies[2]);
                 let t = totals.entry(self.labels.of(stream)).or_default();
-                let state = pair[0]
+                let state = info
                     .as_ref()
                     .map_err(|e| e.to_string())
                     .and_then(|v| parse_group_state(v, &self.group).map_err(|e| e.to_string()));
@@ -180,7 +188,20 @@ impl Watch {
                     Ok(None) => {}
                     Err(e) => tracing::debug!(error = %e, %stream, "lag sample failed"),
                 }
-                let cleaned = pair[1].as_ref().map_err(|e| e.to_string()).and_then(|v| {
+                // XPENDING's summary: `[count, smallest id, greatest id, consumers]`; the smallest
+                // id's time is when the oldest pending entry was written.
+                if let Ok(Value::Array(parts)) = summary {
+                    if let Some(Value::BulkString(id)) = parts.get(1) {
+                        let ms = std::str::from_utf8(id)
+                            .ok()
+                            .and_then(|id| id.split('-').next()?.parse::<u64>().ok());
+                        if let Some(ms) = ms {
+                            let age = now_ms.saturating_sub(ms);
+                            t.oldest_ms = Some(t.oldest_ms.map_or(age, |o| o.max(age)));
+                        }
+                    }
+                }
+                let cleaned = cleaned.as_ref().map_err(|e| e.to_string()).and_then(|v| {
                     redis::from_redis_value_ref::<(Vec<String>, u64, u64)>(v)
                         .map_err(|e| e.to_string())
                 });
@@ -203,6 +224,8 @@ impl Watch {
                 metrics::gauge!(m::GROUP_LAG, "stream" => label.clone()).set(lag as f64);
             }
             metrics::gauge!(m::GROUP_PENDING, "stream" => label.clone()).set(t.pending as f64);
+            metrics::gauge!(m::GROUP_OLDEST_PENDING, "stream" => label.clone())
+                .set(t.oldest_ms.unwrap_or(0) as f64 / 1000.0);
             metrics::counter!(m::CONSUMERS_DELETED, "stream" => label.clone()).increment(t.deleted);
             metrics::gauge!(m::GROUP_CONSUMERS, "stream" => label.clone(), "state" => "active")
                 .set(t.active as f64);

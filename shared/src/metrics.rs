@@ -38,6 +38,12 @@ pub const GROUP_CONSUMERS: &str = "fleet_consumer_group_consumers";
 pub const CONSUMERS_DELETED: &str = "fleet_consumers_deleted_total";
 /// Streams this worker consumes.
 pub const STREAMS: &str = "fleet_streams";
+/// Age of the oldest entry still pending in the group, in seconds (labels: stream).
+pub const GROUP_OLDEST_PENDING: &str = "fleet_consumer_group_oldest_pending_seconds";
+/// 1 when `/readyz` would answer 200, else 0: readiness for alerts, which cannot read `/readyz`.
+pub const READY: &str = "fleet_ready";
+/// 1 while a fault is raised, else 0 (labels: fault): why the worker is not ready.
+pub const FAULT: &str = "fleet_fault";
 
 /// Installs the process-wide Prometheus recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -96,6 +102,12 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Dependency transitions from unreachable to reachable."
     );
     describe_gauge!(STREAMS, "Streams this worker consumes.");
+    describe_gauge!(
+        GROUP_OLDEST_PENDING,
+        "Age of the oldest entry still pending in the consumer group, in seconds."
+    );
+    describe_gauge!(READY, "1 when the worker is ready (/readyz 200), else 0.");
+    describe_gauge!(FAULT, "1 while a fault is raised (see /readyz), else 0.");
     describe_counter!(
         RECLAIMED,
         "Entries taken over from idle consumers (XAUTOCLAIM)."

@@ -150,6 +150,14 @@ impl PrivateRedis {
         Self::launch(port, vec!["--port".into(), port.to_string()], Vec::new())
     }
 
+    /// Starts it on a free port with extra server arguments (e.g. `--aclfile`).
+    pub fn start_with(args: &[String]) -> Self {
+        let port = free_port();
+        let mut server = vec!["--port".into(), port.to_string()];
+        server.extend(args.iter().cloned());
+        Self::launch(port, server, Vec::new())
+    }
+
     /// Starts a TLS-only server whose only user is `user` / `password` (the default user is off).
     pub fn start_tls(certs: &Certs, user: &str, password: &str) -> Self {
         let port = free_port();

@@ -1,5 +1,7 @@
-//! fleetctl: the operator's tool. For now: `publish` (events onto a stream) and `migrate`.
+//! fleetctl: the operator's tool. For now: `publish` (events onto a stream), `migrate` and
+//! `groups create`.
 
+mod groups;
 mod publish;
 
 use std::process::ExitCode;
@@ -41,6 +43,9 @@ enum Command {
     Publish(Box<publish::PublishArgs>),
     /// Apply the embedded SQL migrations to FLEET_DATABASE_URL.
     Migrate,
+    /// Consumer groups: create the streams and groups a deployment needs before its workers start.
+    #[command(subcommand)]
+    Groups(groups::GroupsCommand),
 }
 
 #[tokio::main]
@@ -57,6 +62,23 @@ async fn main() -> ExitCode {
                 Ok(()) => cli::finish(NAME, publish::run(client, *args).await),
                 Err(e) => cli::config_exit(NAME, &e),
             }
+        }
+        Command::Groups(groups::GroupsCommand::Create(args)) => {
+            let client = match cli.redis.client() {
+                Ok(c) => c,
+                Err(e) => return cli::config_exit(NAME, &e),
+            };
+            if let Err(e) = args.validate() {
+                return cli::config_exit(NAME, &e);
+            }
+            let store = match cli.database_url.as_deref() {
+                None => None,
+                Some(url) => match EventStore::connect_lazy(url, "FLEET_DATABASE_URL") {
+                    Ok(s) => Some(s),
+                    Err(e) => return cli::config_exit(NAME, &e),
+                },
+            };
+            cli::finish(NAME, groups::create(client, store, args).await)
         }
         Command::Migrate => {
             let store = match cli.database_url.as_deref() {

@@ -1,0 +1,96 @@
+//! `fleetctl groups create`: the streams and consumer groups a deployment needs, created before
+//! its workers start (the setup Job). KEDA's scaler, among others, misreads a group that does not
+//! exist yet.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use streamfleet::config::StartFrom;
+use streamfleet::entry::EntryId;
+use streamfleet::store::EventStore;
+
+#[derive(Debug, Subcommand)]
+pub enum GroupsCommand {
+    /// Create each stream (if missing) and its consumer group (if missing), idempotently.
+    Create(CreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Comma-separated stream keys (not globs: a glob's streams appear with their first entry).
+    #[arg(long, env = "FLEET_STREAMS", value_delimiter = ',', required = true)]
+    streams: Vec<String>,
+
+    /// Consumer group name.
+    #[arg(long, env = "FLEET_GROUP")]
+    group: String,
+
+    /// Where a new group starts when the stream has no checkpoint: oldest (0) | newest ($).
+    #[arg(long, value_parser = ["oldest", "newest"], default_value = "oldest")]
+    start_from: String,
+}
+
+impl CreateArgs {
+    /// Rejects globs and empty names before anything connects.
+    pub fn validate(&self) -> Result<(), String> {
+        for s in &self.streams {
+            if s.trim().is_empty() {
+                return Err("FLEET_STREAMS: an empty stream name".into());
+            }
+            if s.contains(['*', '?', '[']) {
+                return Err(format!(
+                    "FLEET_STREAMS: {s} is a glob; name the streams (their groups are created by the workers as they appear)"
+                ));
+            }
+        }
+        if self.group.trim().is_empty() {
+            return Err("FLEET_GROUP: must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Creates what is missing. A group starts at the stream's checkpoint in PostgreSQL when
+/// `store` is given and has one (a group destroyed and created again resumes there), else at
+/// `--start-from`.
+pub async fn create(
+    client: redis::Client,
+    store: Option<EventStore>,
+    args: CreateArgs,
+) -> anyhow::Result<()> {
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to Redis")?;
+    let default = match args.start_from.as_str() {
+        "newest" => StartFrom::Newest,
+        _ => StartFrom::Oldest,
+    };
+    for stream in args.streams.iter().map(|s| s.trim()) {
+        let checkpoint: Option<EntryId> = match &store {
+            Some(store) => store
+                .checkpoint(stream, &args.group)
+                .await
+                .with_context(|| format!("reading the checkpoint of {stream}"))?,
+            None => None,
+        };
+        let start = checkpoint.map_or_else(|| default.as_id().to_owned(), |c| c.to_string());
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(&args.group)
+            .arg(&start)
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => println!("{stream}: group {} created at {start}", args.group),
+            Err(e) if e.code() == Some("BUSYGROUP") => {
+                println!("{stream}: group {} already exists", args.group)
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating group {} on {stream}", args.group))
+            }
+        }
+    }
+    Ok(())
+}
