@@ -34,6 +34,15 @@ pub enum DlqReason {
 }
 
 impl DlqReason {
+    /// Every reason, in the contract's order.
+    pub const ALL: [DlqReason; 5] = [
+        DlqReason::Invalid,
+        DlqReason::UnsupportedVersion,
+        DlqReason::TooLarge,
+        DlqReason::MaxDeliveries,
+        DlqReason::HandlerError,
+    ];
+
     /// The contract's spelling.
     pub fn as_str(self) -> &'static str {
         match self {

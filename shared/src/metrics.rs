@@ -45,6 +45,46 @@ pub const READY: &str = "fleet_ready";
 /// 1 while a fault is raised, else 0 (labels: fault): why the worker is not ready.
 pub const FAULT: &str = "fleet_fault";
 
+/// Creates every counter at 0 for the label values known at start (the `FLEET_STREAMS` items, the
+/// dead letter reasons, the backpressure rules). A counter that appears only at its first
+/// increment hides that increment from `rate()` and `increase()`: an alert on the first dead
+/// letter would never fire, and a dashboard would show nothing where it should show 0.
+pub fn register_zeroes(streams: &[&str], rules: &[&str]) {
+    use metrics::counter;
+    counter!(EVENTS_APPLIED).increment(0);
+    counter!(HANDLER_ERRORS).increment(0);
+    for stage in ["batch", "sink"] {
+        counter!(EVENTS_DEDUPLICATED, "stage" => stage).increment(0);
+    }
+    for reason in ["unrouted", "not_for_worker", "backpressure", "deleted"] {
+        counter!(EVENTS_SKIPPED, "reason" => reason).increment(0);
+    }
+    for target in ["redis", "sink"] {
+        counter!(RECONNECTS, "target" => target).increment(0);
+    }
+    for stream in streams {
+        let stream = stream.to_string();
+        for name in [
+            EVENTS_READ,
+            EVENTS_ACKNOWLEDGED,
+            RECLAIMED,
+            CONSUMERS_DELETED,
+        ] {
+            counter!(name, "stream" => stream.clone()).increment(0);
+        }
+        for reason in crate::dlq::DlqReason::ALL {
+            counter!(EVENTS_DEAD_LETTERED, "stream" => stream.clone(), "reason" => reason.as_str())
+                .increment(0);
+        }
+    }
+    for rule in rules {
+        for action in ["delayed", "dropped", "coalesced"] {
+            counter!(BACKPRESSURE_ACTIONS, "rule" => rule.to_string(), "action" => action)
+                .increment(0);
+        }
+    }
+}
+
 /// Installs the process-wide Prometheus recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let buckets = [

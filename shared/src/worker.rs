@@ -108,6 +108,15 @@ impl Worker {
     pub async fn run<H: Handler>(mut self, handler: H) -> anyhow::Result<()> {
         connect::init_tls();
         let metrics = crate::metrics::install().context("metrics recorder")?;
+        crate::metrics::register_zeroes(
+            &self.specs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            &self
+                .config
+                .backpressure
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>(),
+        );
         let health = Arc::new(Health::default());
         let shutdown = Shutdown::on_signals(Duration::from_millis(self.args.shutdown_grace_ms));
         let http = crate::http::serve(self.args.http_addr, health.clone(), metrics)
