@@ -535,12 +535,16 @@ impl Source {
         }
         let mut out = Read::default();
         loop {
+            if self.round.cursor >= streams.len() {
+                // Discovery dropped streams since the last read: the round is over.
+                self.round.cursor = 0;
+            }
             if self.round.cursor == 0 {
                 self.round.started = Instant::now();
                 self.round.filled = false;
             }
             let budget = self.tuning.batch_size - out.entries.len();
-            let start = self.round.cursor.min(streams.len());
+            let start = self.round.cursor;
             let end = (start + per_read.min(budget)).min(streams.len());
             let slice = &streams[start..end];
             let cmd = self.xreadgroup(budget / slice.len());

@@ -902,3 +902,74 @@ async fn thousands_of_streams_read_in_slices_reclaimed_in_one_pass_with_bounded_
     );
     worker.stop_cleanly().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_vanishing_between_polling_slices_do_not_stop_the_worker() {
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let prefix = unique("vanish");
+    let kept = format!("{prefix}:kept");
+    let mut conn = redis().await;
+    // One stream per read, so the worker polls in slices.
+    let mut worker = WorkerEnv::new(&format!("{prefix}:*"), &db)
+        .set(
+            "FLEET_CONFIG",
+            &config("streams_per_read = 1\npoll_interval_ms = 20\ndiscover_interval_ms = 50\n"),
+        )
+        .start("persister")
+        .await;
+    let mut corpus = Corpus::default();
+    // Five streams come and go around `kept` and `z` (a glob's streams expire in normal
+    // operation): reads, discovery and group repair meet them half-gone, in every order.
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{prefix}:z"))
+        .arg("*")
+        .arg("v")
+        .arg("2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for round in 0..30 {
+        for name in ["x1", "x2", "x3", "x4", "x5"] {
+            let _: String = redis::cmd("XADD")
+                .arg(format!("{prefix}:{name}"))
+                .arg("*")
+                .arg("v")
+                .arg("2")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let line = corpus::valid_line(Uuid::now_v7(), true, round);
+        publish_lines(&kept, std::slice::from_ref(&line)).await;
+        corpus.expected.push(Expect::Valid {
+            id: serde_json::from_str::<Value>(&line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            user: true,
+        });
+        corpus.lines.push(line);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for name in ["x1", "x2", "x3", "x4", "x5"] {
+            let _: () = redis::cmd("DEL")
+                .arg(format!("{prefix}:{name}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        worker.assert_running();
+    }
+    settle(&mut worker, &conn, &kept, Duration::from_secs(60)).await;
+    conclude(
+        "streams vanishing between slices",
+        &mut conn,
+        &pool,
+        &kept,
+        &corpus,
+    )
+    .await;
+    worker.stop_cleanly().await;
+}
