@@ -29,6 +29,15 @@ fn pg_base() -> String {
     format!("postgres://postgres@127.0.0.1:{port}")
 }
 
+/// A file of the repository (deploy/, schemas/, ...), by its path from the root.
+pub fn repo_path(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())

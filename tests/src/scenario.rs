@@ -65,3 +65,17 @@ pub async fn conclude(
     assert_eq!(o.pending, 0, "{scenario}: pending");
     o
 }
+
+/// Makes PostgreSQL fail every insert of an event whose `data` has a `poison` key, with an error
+/// that looks transient (a serialization failure), while it answers every other statement.
+pub async fn install_poison_trigger(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.data ? 'poison' THEN RAISE EXCEPTION 'poison event' USING ERRCODE = '40001'; END IF;
+           RETURN NEW; END $$;
+         CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}

@@ -2,21 +2,12 @@
 //! worker really exports: a renamed metric or label fails here, not on an on-call night.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use streamfleet_tests::corpus;
 use streamfleet_tests::scenario::{config, wait_settled, GROUP};
 use streamfleet_tests::*;
-
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-        .display()
-        .to_string()
-}
 
 /// Labels every series gets from the Prometheus operator's scrape, not from the worker.
 const TARGET_LABELS: [&str; 6] = [
@@ -103,8 +94,8 @@ async fn the_dashboard_and_the_alerts_name_only_metrics_and_labels_a_worker_expo
     let exported = exported(&body);
 
     let out = Command::new("python3")
-        .arg(repo("deploy/prometheus/metric_names.py"))
-        .current_dir(repo(""))
+        .arg(repo_path("deploy/prometheus/metric_names.py"))
+        .current_dir(repo_path(""))
         .output()
         .expect("python3");
     assert!(
@@ -130,7 +121,7 @@ async fn the_dashboard_and_the_alerts_name_only_metrics_and_labels_a_worker_expo
         "deploy/prometheus/rules.yml",
         "deploy/grafana/streamfleet.json",
     ] {
-        let text = std::fs::read_to_string(repo(file)).unwrap();
+        let text = std::fs::read_to_string(repo_path(file)).unwrap();
         for (metric, label) in selectors(&text) {
             let known = exported.get(&metric).is_some_and(|l| l.contains(&label))
                 || TARGET_LABELS.contains(&label.as_str());

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 use sqlx::PgPool;
 use streamfleet_tests::corpus;
 use streamfleet_tests::outcome::{acknowledged_but_missing, measure};
-use streamfleet_tests::scenario::{conclude, config, rows, wait_settled, GROUP};
+use streamfleet_tests::scenario::{
+    conclude, config, install_poison_trigger, rows, wait_settled, GROUP,
+};
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
 
@@ -242,15 +244,7 @@ async fn a_poison_event_reaches_the_dlq_after_max_deliveries_without_holding_up_
         .await;
     assert!(out.0.success(), "migrate: {}", out.1);
     // The sink fails on this one event every time, with an error that looks transient.
-    sqlx::raw_sql(
-        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           IF NEW.data ? 'poison' THEN RAISE EXCEPTION 'poison event' USING ERRCODE = '40001'; END IF;
-           RETURN NEW; END $$;
-         CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison();",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    install_poison_trigger(&pool).await;
     let stream = unique("poison:");
     let mut corpus = corpus::mixed(2000, 0, 0);
     let poison = uuid::Uuid::now_v7();

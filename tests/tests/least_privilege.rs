@@ -2,7 +2,6 @@
 //! user (deploy/redis/users.acl) and its PostgreSQL role (deploy/postgres/roles.sql and the
 //! migrations' grants), the setup steps under theirs, and what lies outside is refused.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,17 +11,9 @@ use streamfleet_tests::scenario::{conclude, config, GROUP};
 use streamfleet_tests::servers::PrivateRedis;
 use streamfleet_tests::*;
 
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-        .display()
-        .to_string()
-}
-
 /// The shipped ACL file with the test's key prefix and passwords.
 fn acl_file(prefix: &str) -> String {
-    let text = std::fs::read_to_string(repo("deploy/redis/users.acl")).unwrap();
+    let text = std::fs::read_to_string(repo_path("deploy/redis/users.acl")).unwrap();
     let text = text
         .replace("{app}", &format!("{{{prefix}}}"))
         .replace("CHANGE-ME-", "pw-");
@@ -51,7 +42,7 @@ async fn the_persister_runs_under_its_shipped_acl_user_and_role_and_nothing_more
             "-v",
             "persister_password=pw-persister",
         ])
-        .args(["-f", &repo("deploy/postgres/roles.sql")])
+        .args(["-f", &repo_path("deploy/postgres/roles.sql")])
         .output()
         .unwrap();
     assert!(

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Corpus, Expect};
 use streamfleet_tests::outcome::{report, Outcome};
-use streamfleet_tests::scenario::{conclude, config, rows, GROUP};
+use streamfleet_tests::scenario::{conclude, config, install_poison_trigger, rows, GROUP};
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
 use uuid::Uuid;
@@ -297,15 +297,7 @@ async fn any_number_of_poison_events_reach_the_dlq_once_each_while_the_worker_st
     let pool = migrated_database(&db).await;
     // The sink fails on these events every time, with an error that looks transient, while it
     // answers every other statement.
-    sqlx::raw_sql(
-        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           IF NEW.data ? 'poison' THEN RAISE EXCEPTION 'poison event' USING ERRCODE = '40001'; END IF;
-           RETURN NEW; END $$;
-         CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison();",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    install_poison_trigger(&pool).await;
     let stream = unique("poisons:");
     let mut corpus = corpus::mixed(1500, 0, 0);
     // Three together (reclaimed together, as one batch where every event fails), two apart.
