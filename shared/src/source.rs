@@ -14,7 +14,8 @@
 //! The cost of a read must not grow with the number of streams: up to `streams_per_read` streams
 //! are read with one blocking XREADGROUP; beyond, reads poll rotating slices of that many streams
 //! (non-blocking), and a round over all of them starts at most every `poll_interval_ms` unless the
-//! last round filled a batch. A batch never exceeds `batch_size` entries.
+//! last round filled a batch. A batch never exceeds `batch_size` entries, nor, when entries are
+//! large, about `READ_BUDGET` bytes: 500 entries of 1 MiB would be a 500 MiB reply.
 //!
 //! Every `claim_interval_ms` the reclaimer takes over entries pending longer than `claim_idle_ms`
 //! (XAUTOCLAIM, one pipelined round trip per slice of streams), whichever consumer owns them (a
@@ -175,8 +176,18 @@ pub struct Source {
     warned: HashSet<Vec<u8>>,
     /// The streams named by the last read: where a `NOGROUP` came from.
     last_slice: Vec<Arc<str>>,
+    /// Bytes per entry of recent replies (grows at once, shrinks by halves), once known: bounds
+    /// reads in bytes.
+    entry_bytes: Option<usize>,
     published: tokio::sync::watch::Sender<Vec<Arc<str>>>,
 }
+
+/// About how many bytes one read may bring: with large entries, reads take fewer of them (each
+/// byte read is held a few times over while in flight: read buffer, batch, statement; measured,
+/// 1 MiB keeps a backlog of 1 MB entries under the 64 MiB target).
+const READ_BUDGET: usize = 1024 * 1024;
+/// Entries the first read may take, before their size is known.
+const FIRST_READ: usize = 1;
 
 /// How long a stream whose group could not be created waits before the next attempt.
 const GROUP_RETRY: Duration = Duration::from_secs(1);
@@ -220,6 +231,7 @@ impl Source {
             next_claim: Instant::now(),
             warned: HashSet::new(),
             last_slice: Vec::new(),
+            entry_bytes: None,
             published: tokio::sync::watch::Sender::new(Vec::new()),
         }
     }
@@ -512,19 +524,35 @@ impl Source {
         cmd
     }
 
+    /// Entries one read may bring: `batch_size`, fewer when entries are large.
+    fn budget(&self) -> usize {
+        match self.entry_bytes {
+            None => FIRST_READ,
+            Some(bytes) => READ_BUDGET / bytes.max(1),
+        }
+        .clamp(1, self.tuning.batch_size)
+    }
+
+    /// Learns the size of entries from a reply of `bytes` that brought `entries`.
+    fn sized(&mut self, bytes: usize, entries: usize) {
+        if let Some(sample) = bytes.checked_div(entries) {
+            self.entry_bytes = Some(match self.entry_bytes {
+                Some(known) if sample < known => (known + sample) / 2,
+                _ => sample,
+            });
+        }
+    }
+
     /// How many streams one read names.
     fn slice_len(&self) -> usize {
-        self.tuning
-            .streams_per_read
-            .min(self.tuning.batch_size)
-            .max(1)
+        self.tuning.streams_per_read.min(self.budget()).max(1)
     }
 
     async fn read_new(&mut self, streams: &[Arc<str>]) -> Result<Read, SourceError> {
         let per_read = self.slice_len();
         if streams.len() <= per_read {
             // Few streams: one blocking read over all of them.
-            let mut cmd = self.xreadgroup(self.tuning.batch_size / streams.len());
+            let mut cmd = self.xreadgroup(self.budget() / streams.len());
             cmd.arg("BLOCK").arg(self.tuning.block_ms);
             return self.read_slice(cmd, streams, ">").await;
         }
@@ -543,7 +571,7 @@ impl Source {
                 self.round.started = Instant::now();
                 self.round.filled = false;
             }
-            let budget = self.tuning.batch_size - out.entries.len();
+            let budget = self.budget().saturating_sub(out.entries.len()).max(1);
             let start = self.round.cursor;
             let end = (start + per_read.min(budget)).min(streams.len());
             let slice = &streams[start..end];
@@ -551,7 +579,7 @@ impl Source {
             let read = self.read_slice(cmd, slice, ">").await?;
             out.entries.extend(read.entries);
             self.round.cursor = if end >= streams.len() { 0 } else { end };
-            if out.entries.len() >= self.tuning.batch_size {
+            if out.entries.len() >= self.budget() {
                 self.round.filled = true;
                 return Ok(out);
             }
@@ -585,6 +613,7 @@ impl Source {
         for (_, entries) in parse_read_frame(reply, frame, slice)? {
             out.entries.extend(entries);
         }
+        self.sized(buf.len(), out.entries.len());
         Ok(out)
     }
 
@@ -600,7 +629,7 @@ impl Source {
             self.history.clear();
             return Ok(Vec::new());
         }
-        let mut cmd = self.xreadgroup(self.tuning.batch_size / keys.len());
+        let mut cmd = self.xreadgroup(self.budget() / keys.len());
         cmd.arg("STREAMS");
         for s in &keys {
             cmd.arg(&**s);
@@ -633,6 +662,7 @@ impl Source {
         if self.history.is_empty() {
             tracing::info!(consumer = %self.consumer, "own pending entries re-read: now reading new entries");
         }
+        self.sized(buf.len(), out.len());
         Ok(out)
     }
 
@@ -660,7 +690,7 @@ impl Source {
                     Instant::now() + Duration::from_millis(self.tuning.claim_interval_ms);
                 return Ok(Read::default());
             }
-            let count = (self.tuning.batch_size / slice.len()).max(1);
+            let count = (self.budget() / slice.len()).max(1);
             let cmds: Vec<redis::Cmd> = slice
                 .iter()
                 .map(|(stream, cursor)| {
@@ -719,6 +749,7 @@ impl Source {
                     out.entries.extend(entries);
                 }
             }
+            self.sized(replies.buf.len(), out.entries.len());
             if !out.entries.is_empty() {
                 return Ok(out);
             }

@@ -965,3 +965,48 @@ async fn streams_vanishing_between_polling_slices_do_not_stop_the_worker() {
     .await;
     worker.stop_cleanly().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_valid_entries_is_read_a_few_at_a_time() {
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let stream = unique("large:");
+    // 120 valid events of ~1 MB each (under the default 1 MiB `data` limit): 500 to a read would
+    // be a 120 MB reply, and several batches are in flight.
+    let mut corpus = Corpus::default();
+    let blob = "x".repeat(1_000_000);
+    for _ in 0..120 {
+        let id = Uuid::now_v7();
+        corpus.lines.push(user_event(
+            id,
+            "2026-11-24T10:00:00Z",
+            json!({ "blob": blob }),
+        ));
+        corpus.expected.push(Expect::Valid { id, user: true });
+    }
+    drop(blob);
+    publish_lines(&stream, &corpus.lines).await;
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("cfg")));
+    std::fs::write(&cfg, "[tuning]\nblock_ms = 200\n").unwrap();
+    let mut worker = WorkerEnv::new(&stream, &db)
+        .set("FLEET_CONFIG", &cfg.display().to_string())
+        .start("persister")
+        .await;
+    let mut conn = redis().await;
+    settle(&mut worker, &conn, &stream, Duration::from_secs(120)).await;
+    let peak = worker.peak_rss();
+    eprintln!(
+        "peak RSS with 120 entries of 1 MB: {:.1} MiB",
+        peak as f64 / 1048576.0
+    );
+    assert!(peak < 64 << 20, "peak RSS {} MiB", peak >> 20);
+    conclude(
+        "120 valid entries of 1 MB",
+        &mut conn,
+        &pool,
+        &stream,
+        &corpus,
+    )
+    .await;
+    worker.stop_cleanly().await;
+}
