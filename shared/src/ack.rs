@@ -263,9 +263,15 @@ impl Acker {
                     self.health.clear(Fault::RedisOutOfMemory);
                 }
                 (Step::DeadLetters { stream, entries }, Err(e)) => {
-                    let (fault, detail) = dead_letter_fault(stream, &e);
-                    self.health.raise(fault, &detail);
-                    tracing::debug!(%stream, entries, error = %e, "dead letters not written");
+                    if e.code() == Some("NOGROUP") {
+                        // The group was destroyed while the batch was in flight, its pending
+                        // entries with it: the group created again delivers what it starts before.
+                        tracing::warn!(%stream, entries, "consumer group gone while settling: dead letters left to the group created again");
+                    } else {
+                        let (fault, detail) = dead_letter_fault(stream, &e);
+                        self.health.raise(fault, &detail);
+                        tracing::debug!(%stream, entries, error = %e, "dead letters not written");
+                    }
                     for (i, f) in fates.iter_mut().enumerate() {
                         if *f == Fate::Dead && s.entries[i].stream == *stream {
                             *f = Fate::Held;

@@ -455,6 +455,10 @@ impl<H: Handler> Processor<H> {
             .ignore()
             .query_async(&mut self.writer)
             .await;
+        if mark.is_ok() {
+            // Writing the marker needed memory: Redis has some again.
+            self.health.clear(Fault::RedisOutOfMemory);
+        }
         if let Err(e) = mark {
             if e.code() == Some("OOM") {
                 self.health.raise(

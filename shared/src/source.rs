@@ -380,6 +380,8 @@ impl Source {
             match self.create_group(key, !exists).await {
                 Ok(()) => {
                     self.missing.remove(key);
+                    // Creating a group needs memory: Redis has some again.
+                    self.health.clear(Fault::RedisOutOfMemory);
                 }
                 Err(e) => {
                     if e.code() == Some("OOM") {

@@ -859,11 +859,11 @@ async fn thousands_of_streams_read_in_slices_reclaimed_in_one_pass_with_bounded_
     }
     let _: redis::Value = read.query_async(&mut conn).await.unwrap();
     let mut worker = WorkerEnv::new(&format!("{prefix}:*"), &db)
-        .set("FLEET_CONFIG", &config("batch_size = 100\nhandler_timeout_ms = 500\nclaim_idle_ms = 1000\nclaim_interval_ms = 500\nlag_interval_ms = 500\n"))
+        .set("FLEET_CONFIG", &config("batch_size = 100\nhandler_timeout_ms = 2000\nclaim_idle_ms = 3000\nclaim_interval_ms = 500\nlag_interval_ms = 500\n"))
         .start("persister")
         .await;
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(150),
         "every stream's event persisted",
         || {
             let pool = pool.clone();
@@ -1008,5 +1008,65 @@ async fn a_backlog_of_large_valid_entries_is_read_a_few_at_a_time() {
         &corpus,
     )
     .await;
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_cannot_be_created_again_keeps_the_worker_unready_until_it_can() {
+    let server = PrivateRedis::start();
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let stream = unique("regroup:");
+    let corpus = corpus::mixed(600, 0, 2);
+    publish_lines_to(&server.url(), &stream, &corpus.lines).await;
+    let mut worker = WorkerEnv::new(&stream, &db)
+        .set("FLEET_REDIS_URL", &server.url())
+        .set("FLEET_CONFIG", &config(""))
+        .start("persister")
+        .await;
+    let mut conn = redis_at(&server.url()).await;
+    settle(&mut worker, &conn, &stream, Duration::from_secs(60)).await;
+    // Redis fills up and the group is destroyed: creating it again needs memory.
+    for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg(GROUP)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_readyz(&mut worker, 503, "group_missing").await;
+    // Memory again: the worker creates the group (at the checkpoint) by itself and carries on.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    settle(&mut worker, &conn, &stream, Duration::from_secs(60)).await;
+    wait_readyz(&mut worker, 200, "").await;
+    conclude(
+        "group missing and not creatable (OOM), then created",
+        &mut conn,
+        &pool,
+        &stream,
+        &corpus,
+    )
+    .await;
+    let log = worker.log_text();
+    assert_eq!(
+        error_lines(&log, "group_missing"),
+        1,
+        "one error line:\n{log}"
+    );
     worker.stop_cleanly().await;
 }
