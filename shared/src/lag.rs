@@ -133,6 +133,8 @@ const SAMPLE_CHUNK: usize = 100;
 #[derive(Debug, Default)]
 struct Totals {
     lag: Option<u64>,
+    /// Some stream's lag is unknown (Redis reports nil after deletions in the stream).
+    lag_unknown: bool,
     pending: u64,
     /// Age of the oldest pending entry, in milliseconds.
     oldest_ms: Option<u64>,
@@ -180,8 +182,9 @@ impl Watch {
                     .and_then(|v| parse_group_state(v, &self.group).map_err(|e| e.to_string()));
                 match state {
                     Ok(Some(state)) => {
-                        if let Some(lag) = state.lag {
-                            t.lag = Some(t.lag.unwrap_or(0) + lag);
+                        match state.lag {
+                            Some(lag) => t.lag = Some(t.lag.unwrap_or(0) + lag),
+                            None => t.lag_unknown = true,
                         }
                         t.pending += state.pending;
                     }
@@ -220,9 +223,13 @@ impl Watch {
         }
         for (label, t) in totals {
             let label = label.to_string();
-            if let Some(lag) = t.lag {
-                metrics::gauge!(m::GROUP_LAG, "stream" => label.clone()).set(lag as f64);
-            }
+            // Unknown is NaN (a gap on a graph, false in any comparison), never the last value
+            // seen: a stale lag would page "no progress" on a stream that has none to make.
+            let lag = match t.lag {
+                Some(lag) if !t.lag_unknown => lag as f64,
+                _ => f64::NAN,
+            };
+            metrics::gauge!(m::GROUP_LAG, "stream" => label.clone()).set(lag);
             metrics::gauge!(m::GROUP_PENDING, "stream" => label.clone()).set(t.pending as f64);
             metrics::gauge!(m::GROUP_OLDEST_PENDING, "stream" => label.clone())
                 .set(t.oldest_ms.unwrap_or(0) as f64 / 1000.0);

@@ -203,6 +203,25 @@ impl WorkerEnv {
 
     /// Starts `binary` and waits for `/readyz`.
     pub async fn start(&self, binary: &str) -> Worker {
+        let mut worker = self.spawn(binary).await;
+        worker.wait_ready().await;
+        worker
+    }
+
+    /// Starts `binary` and waits for `/livez` only: for a worker expected to be unready at once
+    /// (a fault it meets with its first batch).
+    pub async fn start_live(&self, binary: &str) -> Worker {
+        let mut worker = self.spawn(binary).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(&worker.http, "/livez").await.map(|(c, _)| c) != Some(200) {
+            worker.assert_running();
+            assert!(Instant::now() < deadline, "worker never answered /livez");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker
+    }
+
+    async fn spawn(&self, binary: &str) -> Worker {
         let http = free_addr();
         let log = std::env::temp_dir().join(format!("{}.log", unique(binary)));
         let file = std::fs::File::create(&log).unwrap();
@@ -215,9 +234,7 @@ impl WorkerEnv {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn worker");
-        let mut worker = Worker { child, http, log };
-        worker.wait_ready().await;
-        worker
+        Worker { child, http, log }
     }
 }
 

@@ -145,7 +145,8 @@ async fn dead_letters_blocked_by_a_key_of_another_type_leave_their_entries_pendi
         "FLEET_CONFIG",
         &config("handler_timeout_ms = 500\nclaim_idle_ms = 1500\nclaim_interval_ms = 200\n"),
     );
-    let mut worker = env.start("persister").await;
+    // Unready from its first batch on: wait for /livez only.
+    let mut worker = env.start_live("persister").await;
     wait_readyz(&mut worker, 503, "holds another type").await;
     wait_until(Duration::from_secs(60), "valid events persisted", || {
         let pool = pool.clone();
@@ -244,7 +245,7 @@ async fn redis_at_maxmemory_keeps_reading_and_acknowledging_and_dead_letters_onc
             "FLEET_CONFIG",
             &config("handler_timeout_ms = 500\nclaim_idle_ms = 1500\nclaim_interval_ms = 200\n"),
         );
-    let mut worker = env.start("persister").await;
+    let mut worker = env.start_live("persister").await;
     wait_until(
         Duration::from_secs(60),
         "valid events persisted and acknowledged",
