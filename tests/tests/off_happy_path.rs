@@ -3,14 +3,14 @@
 //! and recovering by itself once the cause is gone, and `/readyz` and the log telling the truth;
 //! each reports its line in the fault table (scripts/test prints it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Corpus, Expect};
-use streamfleet_tests::outcome::{report, Outcome};
+use streamfleet_tests::outcome::{judge, report, Outcome};
 use streamfleet_tests::scenario::{conclude, config, install_poison_trigger, rows, GROUP};
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
@@ -516,34 +516,9 @@ async fn judge_loads(
             }
         }
     }
-    let rows: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM events WHERE stream = $1")
-        .bind(stream)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    let dead = read_stream(conn, &format!("{stream}:dlq")).await;
-    let mut dead_count: HashMap<String, usize> = HashMap::new();
-    for (_, f) in &dead {
-        *dead_count.entry(f["dlq_entry_id"].clone()).or_default() += 1;
-    }
-    let row_set: HashSet<Uuid> = rows.iter().copied().collect();
-    Outcome {
-        published: loads.iter().map(|(ids, _)| ids.len()).sum(),
-        persisted: rows.len(),
-        dead_lettered: dead.len(),
-        lost: want_rows.difference(&row_set).count()
-            + want_dead
-                .iter()
-                .filter(|id| !dead_count.contains_key(*id))
-                .count(),
-        doubled: dead_count.values().map(|n| n - 1).sum::<usize>()
-            + dead_count
-                .keys()
-                .filter(|id| !want_dead.contains(*id))
-                .count()
-            + (rows.len() - row_set.len()),
-        pending: 0,
-    }
+    let mut o = judge(conn, pool, stream, &want_rows, &want_dead).await;
+    o.published = loads.iter().map(|(ids, _)| ids.len()).sum();
+    o
 }
 
 /// Publishes a load and returns its entry ids with it.
@@ -873,6 +848,12 @@ async fn thousands_of_streams_read_in_slices_reclaimed_in_one_pass_with_bounded_
     )
     .await;
     worker.assert_running();
+    // Rows are committed before their batch is settled (and counted): wait for the settlements.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.metric("fleet_events_read_total", "").await < STREAMS as f64 {
+        assert!(Instant::now() < deadline, "every entry settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // batch_size holds: 2000 entries took at least 20 batches.
     let batches = worker
         .metric("fleet_batch_duration_seconds_count", "")
