@@ -377,6 +377,21 @@ pub async fn publish_lines_to(url: &str, stream: &str, lines: &[String]) {
     let _ = std::fs::remove_file(file);
 }
 
+/// Publishes `lines` to the Redis at `url` in chunks of `chunk`, pausing `gap` after each: a
+/// steady load while a test does something to the worker or a server.
+pub async fn publish_in_chunks(
+    url: String,
+    stream: String,
+    lines: Vec<String>,
+    chunk: usize,
+    gap: Duration,
+) {
+    for part in lines.chunks(chunk) {
+        publish_lines_to(&url, &stream, part).await;
+        tokio::time::sleep(gap).await;
+    }
+}
+
 /// One stream entry: its id and fields.
 pub type StreamEntry = (String, HashMap<String, String>);
 

@@ -24,19 +24,6 @@ fn random_between(lo: u64, hi: u64) -> u64 {
     lo + (nanos.wrapping_mul(6364136223846793005) >> 33) % (hi - lo)
 }
 
-async fn publish_in_chunks(
-    url: String,
-    stream: String,
-    lines: Vec<String>,
-    chunk: usize,
-    gap: Duration,
-) {
-    for part in lines.chunks(chunk) {
-        publish_lines_to(&url, &stream, part).await;
-        tokio::time::sleep(gap).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_five_times_during_a_load_of_50000_loses_and_doubles_nothing() {
     let db = fresh_database().await;

@@ -444,15 +444,13 @@ async fn sigterm_while_postgres_is_down_exits_0_at_once_and_nothing_is_lost() {
     let corpus = corpus::mixed(20_000, 0, 1);
     let env = WorkerEnv::new(&stream, &pg.url()).set("FLEET_CONFIG", &config("batch_size = 100\n"));
     let mut worker = env.start("persister").await;
-    let publisher = {
-        let (stream, lines) = (stream.clone(), corpus.lines.clone());
-        tokio::spawn(async move {
-            for part in lines.chunks(2000) {
-                publish_lines(&stream, part).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let publisher = tokio::spawn(publish_in_chunks(
+        redis_url(),
+        stream.clone(),
+        corpus.lines.clone(),
+        2000,
+        Duration::from_millis(100),
+    ));
     wait_until(Duration::from_secs(60), "rows before the outage", || {
         let pool = pool.clone();
         async move { rows(&pool).await > 1000 }
