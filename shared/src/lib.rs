@@ -1,36 +1,29 @@
 //! streamfleet: the pipeline every worker shares.
 //!
-//! source → decode/validate → dedup → route → backpressure → handler → confirm → ack/checkpoint.
-//! A worker is this pipeline plus one [`handler::Handler`]; everything a handler must not do
-//! (acknowledge, retry, sleep for backpressure, dead-letter, count metrics) lives here.
+//! The folders follow an event through a worker:
+//! - [`event`]: the v1 contract, pure: decoding and validation, legacy upcasting, channels and
+//!   channel patterns;
+//! - `source`: consumer-group input: the reader connection and its reply parser, entries,
+//!   reclaiming, the consumer's identity, lag;
+//! - `pipeline`: decode → dedup → route → backpressure → handler → acknowledge, with the handler
+//!   trait, the lanes that keep order per key, the retry/isolation/poison policy, the checkpoint
+//!   watermark and dead letters;
+//! - [`runtime`]: process plumbing any binary uses (flags, configuration, connections, signals,
+//!   health, the HTTP server, metrics, logging); it knows nothing of the pipeline;
+//! - [`store`]: the PostgreSQL `events` and `checkpoints` tables (the persister and fleetctl).
+//!
+//! A worker is the pipeline plus one [`Handler`]; everything a handler must not do (acknowledge,
+//! retry, sleep for backpressure, dead-letter, count metrics) lives here. [`Worker`] composes the
+//! runtime with the pipeline.
 
-pub mod ack;
-pub mod apply;
-pub mod backoff;
-pub mod backpressure;
-pub mod channel;
-pub mod cli;
-pub mod config;
-pub mod connect;
-pub mod dlq;
-pub mod entry;
 pub mod event;
-pub mod handler;
-pub mod health;
-pub mod http;
-pub mod identity;
-pub mod inflight;
-pub mod lag;
-pub mod legacy;
-pub mod logging;
-pub mod metrics;
-pub mod overlap;
-pub mod pattern;
-pub mod pipeline;
-pub mod read_conn;
-pub mod reply;
-pub mod shutdown;
-pub mod source;
+pub(crate) mod pipeline;
+pub mod runtime;
+pub(crate) mod source;
 pub mod store;
-pub mod strict;
-pub mod worker;
+mod worker;
+
+pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
+pub use runtime::config::{Route, StartFrom};
+pub use source::entry::{EntryId, Fields};
+pub use worker::Worker;

@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::cli::WorkerArgs;
-use crate::config::{ConfigError, FileConfig, Tuning};
-use crate::connect::{self, redis_connection};
-use crate::handler::{Handler, HandlerError};
-use crate::health::{Dependency, Health};
-use crate::identity::Identity;
+use crate::pipeline::handler::{Handler, HandlerError};
 use crate::pipeline::Pipeline;
-use crate::read_conn::ReadConn;
-use crate::shutdown::Shutdown;
+use crate::runtime::cli::WorkerArgs;
+use crate::runtime::config::{ConfigError, FileConfig, Tuning};
+use crate::runtime::connect::{self, redis_connection};
+use crate::runtime::health::{Dependency, Health};
+use crate::runtime::shutdown::Shutdown;
+use crate::source::identity::Identity;
+use crate::source::read_conn::ReadConn;
 use crate::source::{ResumeFrom, Source, StreamSpec};
 
 /// A configured worker, ready to run.
@@ -34,7 +34,7 @@ pub struct Worker {
 impl Worker {
     /// Validates every setting (so a bad one exits 2 before anything connects) and starts logging.
     pub fn new(name: &'static str, args: WorkerArgs) -> Result<Self, ConfigError> {
-        crate::logging::init(args.log_format, &args.log)?;
+        crate::runtime::logging::init(args.log_format, &args.log)?;
         let config = match &args.config {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
@@ -60,7 +60,7 @@ impl Worker {
             return Err(ConfigError("FLEET_STREAMS: no stream given".into()));
         }
         if let Some(dlq) = specs.iter().find_map(|s| match s {
-            StreamSpec::Key(k) if crate::dlq::is_dlq_stream(k) => Some(k),
+            StreamSpec::Key(k) if crate::pipeline::dlq::is_dlq_stream(k) => Some(k),
             _ => None,
         }) {
             return Err(ConfigError(format!(
@@ -107,8 +107,8 @@ impl Worker {
     /// Runs until SIGTERM/SIGINT and a clean drain. Redis or sink outages are waited out.
     pub async fn run<H: Handler>(mut self, handler: H) -> anyhow::Result<()> {
         connect::init_tls();
-        let metrics = crate::metrics::install().context("metrics recorder")?;
-        crate::metrics::register_zeroes(
+        let metrics = crate::runtime::metrics::install().context("metrics recorder")?;
+        crate::runtime::metrics::register_zeroes(
             &self.specs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
             &self
                 .config
@@ -119,7 +119,7 @@ impl Worker {
         );
         let health = Arc::new(Health::default());
         let shutdown = Shutdown::on_signals(Duration::from_millis(self.args.shutdown_grace_ms));
-        let http = crate::http::serve(self.args.http_addr, health.clone(), metrics)
+        let http = crate::runtime::http::serve(self.args.http_addr, health.clone(), metrics)
             .await
             .with_context(|| format!("FLEET_HTTP_ADDR {}", self.args.http_addr))?;
         tracing::info!(
@@ -166,9 +166,9 @@ impl Worker {
             health.clone(),
             resume_from(&handler, &self.group),
         );
-        let sampler = crate::lag::spawn_sampler(
+        let sampler = crate::source::lag::spawn_sampler(
             writer.clone(),
-            crate::lag::Watch {
+            crate::source::lag::Watch {
                 group: self.group.clone(),
                 consumer: self.consumer.clone(),
                 interval: Duration::from_millis(tuning.lag_interval_ms),
@@ -206,7 +206,7 @@ impl Worker {
         health: &Health,
         shutdown: &Shutdown,
     ) -> Option<redis::aio::ConnectionManager> {
-        let mut delays = crate::backoff::backoff();
+        let mut delays = crate::runtime::backoff::backoff();
         loop {
             match redis_connection(&self.redis, response_timeout).await {
                 Ok(conn) => return Some(conn),
@@ -227,7 +227,7 @@ impl Worker {
 async fn duplicate(
     identity: &Identity,
     conn: &mut redis::aio::ConnectionManager,
-) -> Option<crate::identity::Duplicate> {
+) -> Option<crate::source::identity::Duplicate> {
     identity.duplicates(conn).await?.first()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     identity.duplicates(conn).await?.first().cloned()

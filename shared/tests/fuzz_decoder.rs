@@ -3,9 +3,9 @@
 //! invariants.
 
 use proptest::prelude::*;
-use streamfleet::channel;
+use streamfleet::event::channel;
+use streamfleet::event::pattern::ChannelPattern;
 use streamfleet::event::{decode, Limits};
-use streamfleet::pattern::ChannelPattern;
 
 const NAMES: &[&str] = &[
     "v",
@@ -54,8 +54,8 @@ proptest! {
         max_data in 1usize..256,
     ) {
         let limits = Limits { max_data_bytes: max_data };
-        let fields: streamfleet::entry::Fields = fields.iter().map(|(k, v)| (k, v)).collect();
-        if let Ok(event) = decode(&stream, streamfleet::entry::EntryId { ms: 1, seq: 0 }, &fields, &limits) {
+        let fields: streamfleet::Fields = fields.iter().map(|(k, v)| (k, v)).collect();
+        if let Ok(event) = decode(&stream, streamfleet::EntryId { ms: 1, seq: 0 }, &fields, &limits) {
             // Whatever was accepted satisfies the contract.
             prop_assert!(channel::check(&event.channel).is_ok());
             prop_assert!(event.data.len() <= max_data);
@@ -117,8 +117,8 @@ proptest! {
             1 => { fields.remove(index); }
             _ => fields.push((fields[index].0.clone(), value)),
         }
-        let fields: streamfleet::entry::Fields = fields.iter().map(|(k, v)| (k, v)).collect();
-        let result = decode("events", streamfleet::entry::EntryId { ms: 1, seq: 0 }, &fields, &Limits::default());
+        let fields: streamfleet::Fields = fields.iter().map(|(k, v)| (k, v)).collect();
+        let result = decode("events", streamfleet::EntryId { ms: 1, seq: 0 }, &fields, &Limits::default());
         if action == 1 {
             prop_assert!(result.is_err(), "a required field is missing");
         }

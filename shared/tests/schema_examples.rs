@@ -17,7 +17,7 @@ fn read(path: &Path) -> Value {
 
 /// The stream entry a producer would XADD for this JSON object: strings verbatim, anything else
 /// as JSON text (so `v: 1` becomes "1" and `data` its JSON text); null means absent.
-fn fields(event: &Value) -> streamfleet::entry::Fields {
+fn fields(event: &Value) -> streamfleet::Fields {
     event
         .as_object()
         .expect("an example is a JSON object")
@@ -66,7 +66,7 @@ fn valid_examples_pass_the_schema_and_the_decoder() {
         let entry = fields(&event);
         let decoded = decode(
             "events",
-            streamfleet::entry::EntryId { ms: 1, seq: 0 },
+            streamfleet::EntryId { ms: 1, seq: 0 },
             &entry,
             &Limits::default(),
         )
@@ -94,7 +94,7 @@ fn invalid_examples_fail_the_schema_and_the_decoder_with_the_stated_reason() {
         );
         let err = decode(
             "events",
-            streamfleet::entry::EntryId { ms: 1, seq: 0 },
+            streamfleet::EntryId { ms: 1, seq: 0 },
             &fields(event),
             &Limits::default(),
         )

@@ -4,9 +4,9 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use streamfleet::config::StartFrom;
-use streamfleet::entry::EntryId;
 use streamfleet::store::EventStore;
+use streamfleet::EntryId;
+use streamfleet::StartFrom;
 
 #[derive(Debug, Subcommand)]
 pub enum GroupsCommand {

@@ -7,7 +7,7 @@ mod publish;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use streamfleet::cli;
+use streamfleet::runtime::cli;
 use streamfleet::store::EventStore;
 
 /// mimalloc: the pipeline allocates and frees many small buffers per entry (Redis replies);
@@ -51,7 +51,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = cli::parse(NAME);
-    streamfleet::connect::init_tls();
+    streamfleet::runtime::connect::init_tls();
     match cli.command {
         Command::Publish(args) => {
             let client = match cli.redis.client() {

@@ -1,13 +1,15 @@
 //! persister: strict user events from Redis Streams into PostgreSQL `events`, acknowledged only
 //! after commit. All logic lives in the `streamfleet` library; this file wires it.
 
+mod sink;
+
 use std::process::ExitCode;
 
 use clap::Parser;
-use streamfleet::cli::{self, WorkerArgs};
+use sink::StrictSink;
+use streamfleet::runtime::cli::{self, WorkerArgs};
 use streamfleet::store::EventStore;
-use streamfleet::strict::StrictSink;
-use streamfleet::worker::Worker;
+use streamfleet::Worker;
 
 /// mimalloc: the pipeline allocates and frees many small buffers per entry (Redis replies);
 /// glibc's allocator spent a quarter of the CPU on them in profiles.

@@ -7,9 +7,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::config::Route;
-use crate::entry::EntryId;
 use crate::event::Event;
+use crate::runtime::config::Route;
+use crate::source::entry::EntryId;
 
 /// A valid, routed event and where it came from.
 #[derive(Debug, Clone, Copy)]

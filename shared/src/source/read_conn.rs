@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
-use crate::config::ConfigError;
-use crate::reply::{Elided, Frame, ReplyParser};
+use crate::runtime::config::ConfigError;
+use crate::source::reply::{Elided, Frame, ReplyParser};
 
 /// Room made in the buffer before each socket read: Redis writes a large reply 64 KiB at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -265,7 +265,7 @@ impl ReadConn {
         let mut parser = ReplyParser::new(
             cmds.len(),
             self.value_limit,
-            crate::dlq::TRUNCATED_VALUE_BYTES,
+            crate::pipeline::dlq::TRUNCATED_VALUE_BYTES,
         );
         loop {
             if parser

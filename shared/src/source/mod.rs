@@ -23,6 +23,12 @@
 //! new ones, with their delivery count from the pending entry list, so an entry that keeps failing
 //! reaches `max_deliveries`.
 
+pub(crate) mod entry;
+pub(crate) mod identity;
+pub(crate) mod lag;
+pub(crate) mod read_conn;
+pub(crate) mod reply;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -31,15 +37,15 @@ use futures_util::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 
-use crate::config::Tuning;
-use crate::dlq::is_dlq_stream;
-use crate::entry::{
+use crate::pipeline::dlq::is_dlq_stream;
+use crate::runtime::config::Tuning;
+use crate::runtime::health::{Fault, Health};
+use crate::runtime::metrics as m;
+use crate::source::entry::{
     frame_text, parse_entry_list, parse_read_frame, Entry, EntryId, ReplyBuf, ReplyError,
 };
-use crate::health::{Fault, Health};
-use crate::metrics as m;
-use crate::read_conn::{ReadConn, ReadError};
-use crate::reply::Frame;
+use crate::source::read_conn::{ReadConn, ReadError};
+use crate::source::reply::Frame;
 
 /// A failure to read; the pipeline backs off and tries again.
 #[derive(Debug, thiserror::Error)]

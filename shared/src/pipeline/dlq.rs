@@ -9,7 +9,7 @@
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::entry::Entry;
+use crate::source::entry::Entry;
 
 /// Suffix of a dead letter stream.
 pub const DLQ_SUFFIX: &str = ":dlq";
@@ -173,7 +173,7 @@ pub fn dead_letter_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::{EntryId, Fields};
+    use crate::source::entry::{EntryId, Fields};
     use std::sync::Arc;
 
     fn entry(pairs: &[(&str, &str)]) -> Entry {

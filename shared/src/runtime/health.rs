@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 
-use crate::metrics as m;
+use crate::runtime::metrics as m;
 
 // States of a dependency; 0 (the default) means not yet known.
 const UP: u8 = 1;

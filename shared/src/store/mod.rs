@@ -11,10 +11,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::config::ConfigError;
-use crate::connect::redact;
-use crate::entry::EntryId;
-use crate::handler::Checkpoint;
+use crate::pipeline::handler::Checkpoint;
+use crate::runtime::config::ConfigError;
+use crate::runtime::connect::redact;
+use crate::source::entry::EntryId;
 
 /// The SQL migrations under `schemas/migrations`, embedded at build time (no database needed to build).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../schemas/migrations");

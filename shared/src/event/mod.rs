@@ -4,6 +4,10 @@
 //! Each broken rule is its own [`DecodeError`] with a human-readable message and a dead letter
 //! reason; a decode error is final (never retried), because retrying cannot fix the input.
 
+pub mod channel;
+pub(crate) mod legacy;
+pub mod pattern;
+
 use std::borrow::Cow;
 
 use serde::de::IgnoredAny;
@@ -11,10 +15,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::channel::{self, ChannelError};
-use crate::dlq::DlqReason;
-use crate::entry::EntryId;
-use crate::legacy;
+use crate::pipeline::dlq::DlqReason;
+use crate::source::entry::EntryId;
+use channel::ChannelError;
 
 /// The only schema major version this build reads.
 pub const SUPPORTED_VERSION: &str = "1";
@@ -27,7 +30,7 @@ const MAX_SOURCE_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 256;
 const MAX_CORRELATION_LEN: usize = 128;
 
-pub use crate::entry::Fields;
+pub use crate::source::entry::Fields;
 
 /// A valid v1 event. Its text borrows from the entry it was decoded from (the batch's reply
 /// buffer), so decoding copies nothing; an upcast legacy event owns what it had to build.

@@ -11,9 +11,9 @@ use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 use tokio::sync::watch;
 
-use crate::health::{Fault, Health};
-use crate::identity::Identity;
-use crate::metrics as m;
+use crate::runtime::health::{Fault, Health};
+use crate::runtime::metrics as m;
+use crate::source::identity::Identity;
 use crate::source::StreamLabels;
 
 /// Lag and pending of one group on one stream.
@@ -23,20 +23,6 @@ pub struct GroupState {
     pub lag: Option<u64>,
     /// Entries delivered and not yet acknowledged.
     pub pending: u64,
-}
-
-/// Reads `XINFO GROUPS` for `stream` and returns the state of `group`, if it exists.
-pub async fn group_state(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-) -> redis::RedisResult<Option<GroupState>> {
-    let groups: Value = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await?;
-    parse_group_state(&groups, group)
 }
 
 /// The state of `group` in an `XINFO GROUPS` reply.
@@ -76,41 +62,6 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return {deleted, active, idle}
 "#;
-
-/// The group's consumers on one stream after a clean-up pass.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Consumers {
-    /// Idle consumers removed by this pass (they owned nothing).
-    pub deleted: Vec<String>,
-    /// Consumers seen recently (this one included).
-    pub active: u64,
-    /// Idle consumers that still own pending entries (the reclaimer takes those over).
-    pub idle: u64,
-}
-
-/// Runs one clean-up pass on `stream`.
-pub async fn clean_consumers(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-    idle_ms: u64,
-    own: &str,
-) -> redis::RedisResult<Consumers> {
-    let (deleted, active, idle): (Vec<String>, u64, u64) = redis::cmd("EVAL")
-        .arg(CLEAN_CONSUMERS)
-        .arg(1)
-        .arg(stream)
-        .arg(group)
-        .arg(idle_ms)
-        .arg(own)
-        .query_async(conn)
-        .await?;
-    Ok(Consumers {
-        deleted,
-        active,
-        idle,
-    })
-}
 
 /// What the watcher needs to know about this worker.
 #[derive(Debug, Clone)]

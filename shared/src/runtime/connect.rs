@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::cli::RedisArgs;
-use crate::config::ConfigError;
+use crate::runtime::cli::RedisArgs;
+use crate::runtime::config::ConfigError;
 
 /// Installs the process-wide TLS crypto provider (once; later calls are no-ops).
 pub fn init_tls() {

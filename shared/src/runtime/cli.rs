@@ -50,8 +50,8 @@ pub struct RedisArgs {
 
 impl RedisArgs {
     /// A client for these settings; bad URLs and unreadable files are configuration errors.
-    pub fn client(&self) -> Result<redis::Client, crate::config::ConfigError> {
-        crate::connect::redis_client(self)
+    pub fn client(&self) -> Result<redis::Client, crate::runtime::config::ConfigError> {
+        crate::runtime::connect::redis_client(self)
     }
 }
 
@@ -133,7 +133,12 @@ pub fn config_exit(bin: &str, err: &dyn std::fmt::Display) -> ExitCode {
 pub fn finish(bin: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<crate::config::ConfigError>().is_some() => config_exit(bin, &e),
+        Err(e)
+            if e.downcast_ref::<crate::runtime::config::ConfigError>()
+                .is_some() =>
+        {
+            config_exit(bin, &e)
+        }
         Err(e) => {
             eprintln!("{bin}: error: {e:#}");
             ExitCode::from(EXIT_FATAL)

@@ -15,9 +15,9 @@ use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 use uuid::Uuid;
 
-use crate::channel;
-use crate::entry::EntryId;
+use crate::event::channel;
 use crate::event::{self, DecodeError, Event, Fields, Limits};
+use crate::source::entry::EntryId;
 
 /// Namespace of the UUIDv5 ids given to legacy entries (fixed forever: changing it would break
 /// deduplication of replays).

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
-use crate::backoff::backoff;
-use crate::entry::EntryId;
-use crate::handler::{Applied, Batch, Handler, HandlerError};
-use crate::health::{Dependency, Fault, Health};
-use crate::shutdown::Shutdown;
+use crate::pipeline::handler::{Applied, Batch, Handler, HandlerError};
+use crate::runtime::backoff::backoff;
+use crate::runtime::health::{Dependency, Fault, Health};
+use crate::runtime::shutdown::Shutdown;
+use crate::source::entry::EntryId;
 
 /// Failed attempts, while the sink answers, before a batch is applied event by event (and before
 /// an event applied alone is held for redelivery).
@@ -107,10 +107,10 @@ impl<H: Handler> Applier<H> {
                 self.timeout.as_millis()
             ))),
         };
-        metrics::histogram!(crate::metrics::HANDLER_DURATION)
+        metrics::histogram!(crate::runtime::metrics::HANDLER_DURATION)
             .record(started.elapsed().as_secs_f64());
         if outcome.is_err() {
-            metrics::counter!(crate::metrics::HANDLER_ERRORS).increment(1);
+            metrics::counter!(crate::runtime::metrics::HANDLER_ERRORS).increment(1);
         } else {
             self.health.up(Dependency::Sink);
             self.health.clear(Fault::SinkMisconfigured);
@@ -313,9 +313,9 @@ mod tests {
     use time::OffsetDateTime;
     use uuid::Uuid;
 
-    use crate::config::Route;
     use crate::event::Event;
-    use crate::handler::Routed;
+    use crate::pipeline::handler::Routed;
+    use crate::runtime::config::Route;
 
     /// A sink that fails on some events, or on everything, as told.
     #[derive(Clone, Default)]

@@ -13,10 +13,10 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use time::OffsetDateTime;
 
-use crate::config::{Backpressure, OverLimit};
-use crate::handler::Routed;
-use crate::metrics as m;
-use crate::pattern::PatternTable;
+use crate::event::pattern::PatternTable;
+use crate::pipeline::handler::Routed;
+use crate::runtime::config::{Backpressure, OverLimit};
+use crate::runtime::metrics as m;
 
 /// Applies the `[[backpressure]]` rules; holds one rate limiter per rate-limited rule.
 pub struct BackpressureStage {

@@ -1,9 +1,9 @@
 //! The persister's handler: events on strict routes become rows in PostgreSQL, committed with the
 //! checkpoints before the pipeline acknowledges anything.
 
-use crate::entry::EntryId;
-use crate::handler::{Applied, Batch, Handler, HandlerError};
-use crate::store::{EventRows, EventStore};
+use streamfleet::store::{EventRows, EventStore};
+use streamfleet::EntryId;
+use streamfleet::{Applied, Batch, Handler, HandlerError};
 
 /// Writes strict events to `events`; acknowledges other routes with no effect.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! The configuration file (`FLEET_CONFIG`, TOML, contract section 6): what a worker does.
-//! Connections come from flags and environment variables (see [`crate::cli`]).
+//! Connections come from flags and environment variables (see [`crate::runtime::cli`]).
 //!
 //! Unknown fields and bad values are errors that name the field, so a typo never silently
 //! falls back to a default.
@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::pattern::{ChannelPattern, PatternTable};
+use crate::event::pattern::{ChannelPattern, PatternTable};
 
 /// A configuration problem; its message is one line naming the setting.
 #[derive(Debug, thiserror::Error)]

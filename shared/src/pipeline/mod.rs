@@ -21,6 +21,14 @@
 //! another try. So an entry that crashes the process is dead-lettered after `max_deliveries`, and
 //! the events read with it are not.
 
+pub(crate) mod ack;
+pub(crate) mod backpressure;
+pub(crate) mod dlq;
+pub(crate) mod handler;
+pub(crate) mod inflight;
+pub(crate) mod overlap;
+pub(crate) mod policy;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,19 +36,19 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
-use crate::ack::{Acker, Counts, DeadLetter, Settlement};
-use crate::apply::{Alone, Applier};
-use crate::backoff::backoff;
-use crate::backpressure::BackpressureStage;
-use crate::config::{FileConfig, Tuning};
-use crate::dlq::{trial_field, trials_key, DlqReason};
-use crate::entry::Entry;
 use crate::event::{decode, Event, Limits};
-use crate::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
-use crate::health::{Dependency, Fault, Health};
-use crate::inflight::InFlight;
-use crate::overlap::Overlap;
-use crate::shutdown::Shutdown;
+use crate::pipeline::ack::{Acker, Counts, DeadLetter, Settlement};
+use crate::pipeline::backpressure::BackpressureStage;
+use crate::pipeline::dlq::{trial_field, trials_key, DlqReason};
+use crate::pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
+use crate::pipeline::inflight::InFlight;
+use crate::pipeline::overlap::Overlap;
+use crate::pipeline::policy::{Alone, Applier};
+use crate::runtime::backoff::backoff;
+use crate::runtime::config::{FileConfig, Tuning};
+use crate::runtime::health::{Dependency, Fault, Health};
+use crate::runtime::shutdown::Shutdown;
+use crate::source::entry::Entry;
 use crate::source::Source;
 
 /// A worker's pipeline around its handler.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::entry::Entry;
+use crate::source::entry::Entry;
 
 /// The entry ids of one batch, per stream, formatted once when the batch is read.
 pub type BatchIds = Vec<(Arc<str>, Vec<String>)>;

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::channel::{self, ChannelError, MAX_SEGMENTS};
+use crate::event::channel::{self, ChannelError, MAX_SEGMENTS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::reply::{Elided, Frame};
+use crate::source::reply::{Elided, Frame};
 
 /// A stream entry id `<ms>-<seq>`, ordered as Redis orders them (text order is wrong: `9-0` < `10-0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -271,7 +271,7 @@ mod tests {
     #[test]
     fn parses_reply_with_deleted_entry_without_copying_fields() {
         let raw = b"*1\r\n*2\r\n$2\r\nst\r\n*2\r\n*2\r\n$3\r\n1-1\r\n*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$0\r\n\r\n*2\r\n$3\r\n1-2\r\n*-1\r\n";
-        let mut parser = crate::reply::ReplyParser::new(1, 1 << 20, 4096);
+        let mut parser = crate::source::reply::ReplyParser::new(1, 1 << 20, 4096);
         let mut bytes = bytes::BytesMut::from(&raw[..]);
         assert!(parser.feed(&mut bytes).unwrap());
         let (mut frames, elided) = parser.finish();

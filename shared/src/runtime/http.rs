@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::health::Health;
+use crate::runtime::health::Health;
 
 #[derive(Clone)]
 struct AppState {

@@ -17,13 +17,15 @@ use redis::{RedisError, RedisResult, Value};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::dlq::{dead_letter_fields, dlq_stream, trials_key, DlqReason, DEAD_LETTER_SCRIPT};
-use crate::entry::{Entry, EntryId};
-use crate::handler::Applied;
-use crate::health::{Dependency, Fault, Health};
-use crate::inflight::{BatchIds, InFlight};
-use crate::metrics as m;
-use crate::shutdown::Shutdown;
+use crate::pipeline::dlq::{
+    dead_letter_fields, dlq_stream, trials_key, DlqReason, DEAD_LETTER_SCRIPT,
+};
+use crate::pipeline::handler::Applied;
+use crate::pipeline::inflight::{BatchIds, InFlight};
+use crate::runtime::health::{Dependency, Fault, Health};
+use crate::runtime::metrics as m;
+use crate::runtime::shutdown::Shutdown;
+use crate::source::entry::{Entry, EntryId};
 use crate::source::StreamLabels;
 
 /// An entry that leaves through the dead letter stream.
@@ -237,7 +239,7 @@ impl Acker {
         if steps.is_empty() {
             return true;
         }
-        let mut delays = crate::backoff::backoff();
+        let mut delays = crate::runtime::backoff::backoff();
         let results = loop {
             match pipe
                 .query_async::<Vec<RedisResult<Value>>>(&mut self.conn)

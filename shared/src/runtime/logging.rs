@@ -4,8 +4,8 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
-use crate::config::ConfigError;
+use crate::runtime::cli::LogFormat;
+use crate::runtime::config::ConfigError;
 
 /// Installs the global subscriber; a bad filter is a configuration error.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), ConfigError> {

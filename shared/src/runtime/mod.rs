@@ -1,0 +1,14 @@
+//! Process plumbing any binary uses, consumer-group worker or not: flags with environment twins,
+//! the configuration file, connections, signals and the drain, health, the HTTP server, metrics
+//! and logging. Nothing here knows of the pipeline, so a binary that reads no consumer group (a
+//! gateway) runs on the runtime alone.
+
+pub(crate) mod backoff;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub(crate) mod health;
+pub(crate) mod http;
+pub(crate) mod logging;
+pub(crate) mod metrics;
+pub(crate) mod shutdown;
