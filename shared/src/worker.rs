@@ -1,5 +1,6 @@
-//! Wiring a worker: configuration, logging, metrics, health endpoints, connections, signals,
-//! then the pipeline around the worker's handler. A worker's `main.rs` is a few lines over this.
+//! A consumer-group worker: the runtime (metrics, health, HTTP, signals) composed with the pipeline
+//! around the worker's handler, after its configuration, connections and identity. A worker's
+//! `main.rs` is a few lines over this.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use crate::runtime::cli::WorkerArgs;
 use crate::runtime::config::{ConfigError, FileConfig, Tuning};
 use crate::runtime::connect::{self, redis_connection};
 use crate::runtime::health::{Dependency, Health};
+use crate::runtime::process::Runtime;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::identity::Identity;
 use crate::source::read_conn::ReadConn;
@@ -34,15 +36,16 @@ pub struct Worker {
 impl Worker {
     /// Validates every setting (so a bad one exits 2 before anything connects) and starts logging.
     pub fn new(name: &'static str, args: WorkerArgs) -> Result<Self, ConfigError> {
-        crate::runtime::logging::init(args.log_format, &args.log)?;
-        let config = match &args.config {
+        let rt = &args.runtime;
+        crate::runtime::logging::init(rt.log_format, &rt.log)?;
+        let config = match &rt.config {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let redis = args.redis.client()?;
+        let redis = rt.redis.client()?;
         let reads = ReadConn::new(
             &redis,
-            connect::read_tls(&args.redis)?,
+            connect::read_tls(&rt.redis)?,
             read_timeout(&config.tuning),
             crate::event::Limits {
                 max_data_bytes: config.tuning.max_data_bytes,
@@ -106,8 +109,8 @@ impl Worker {
 
     /// Runs until SIGTERM/SIGINT and a clean drain. Redis or sink outages are waited out.
     pub async fn run<H: Handler>(mut self, handler: H) -> anyhow::Result<()> {
-        connect::init_tls();
-        let metrics = crate::runtime::metrics::install().context("metrics recorder")?;
+        let runtime = Runtime::start(&self.args.runtime, axum::Router::new()).await?;
+        let (health, shutdown) = (runtime.health.clone(), runtime.shutdown.clone());
         crate::runtime::metrics::register_zeroes(
             &self.specs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
             &self
@@ -117,16 +120,11 @@ impl Worker {
                 .map(|(p, _)| p.as_str())
                 .collect::<Vec<_>>(),
         );
-        let health = Arc::new(Health::default());
-        let shutdown = Shutdown::on_signals(Duration::from_millis(self.args.shutdown_grace_ms));
-        let http = crate::runtime::http::serve(self.args.http_addr, health.clone(), metrics)
-            .await
-            .with_context(|| format!("FLEET_HTTP_ADDR {}", self.args.http_addr))?;
         tracing::info!(
             worker = self.name,
             group = %self.group,
             consumer = %self.consumer,
-            redis = %connect::redact(&self.args.redis.redis_url),
+            redis = %connect::redact(&self.args.runtime.redis.redis_url),
             "starting"
         );
         let tuning = &self.config.tuning;
@@ -189,7 +187,7 @@ impl Worker {
         };
         let result = pipeline.run(shutdown).await;
         sampler.abort();
-        http.abort();
+        drop(runtime);
         match result {
             Ok(()) => {}
             // Only an operator can fix it: a configuration error, exit 2.

@@ -79,3 +79,36 @@ pub async fn install_poison_trigger(pool: &PgPool) {
     .await
     .unwrap();
 }
+
+/// Waits (at most 30 s) until the group's checkpoint of `stream` is its last entry: an idle
+/// worker writes it within milliseconds of its last acknowledgement (README: Checkpoints).
+pub async fn wait_checkpointed(conn: &MultiplexedConnection, pool: &PgPool, stream: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        "checkpoint at the last entry",
+        || {
+            let (mut conn, pool) = (conn.clone(), pool.clone());
+            async move {
+                let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let position: Option<String> = sqlx::query_scalar(
+                    "SELECT position FROM checkpoints WHERE stream = $1 AND group_name = $2",
+                )
+                .bind(stream)
+                .bind(GROUP)
+                .fetch_optional(&pool)
+                .await
+                .unwrap_or(None);
+                last.first().map(|(id, _)| id) == position.as_ref()
+            }
+        },
+    )
+    .await;
+}

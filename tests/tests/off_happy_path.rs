@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Corpus, Expect};
 use streamfleet_tests::outcome::{judge, report, Outcome};
-use streamfleet_tests::scenario::{conclude, config, install_poison_trigger, rows, GROUP};
+use streamfleet_tests::scenario::{
+    conclude, config, install_poison_trigger, rows, wait_checkpointed, GROUP,
+};
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
 use uuid::Uuid;
@@ -547,6 +549,7 @@ async fn a_group_destroyed_or_a_stream_deleted_under_a_glob_is_created_again_at_
         .start("persister")
         .await;
     settle(&mut worker, &conn, &stream, Duration::from_secs(60)).await;
+    wait_checkpointed(&conn, &pool, &stream).await;
 
     // An operator destroys the group; new entries arrive.
     let _: () = redis::cmd("XGROUP")
@@ -558,6 +561,7 @@ async fn a_group_destroyed_or_a_stream_deleted_under_a_glob_is_created_again_at_
         .unwrap();
     loads.push(load(&mut conn, &stream, corpus::mixed(500, 0, 2)).await);
     settle(&mut worker, &conn, &stream, Duration::from_secs(60)).await;
+    wait_checkpointed(&conn, &pool, &stream).await;
     // The stream expires (as the seed bus's 24 h EXPIRE does), and is written again before the
     // next discovery pass.
     let _: () = redis::cmd("DEL")
@@ -597,6 +601,7 @@ async fn a_group_destroyed_on_a_named_stream_resumes_at_the_checkpoint_not_from_
         .await;
     let mut conn = redis().await;
     settle(&mut worker, &conn, &stream, Duration::from_secs(60)).await;
+    wait_checkpointed(&conn, &pool, &stream).await;
     let _: () = redis::cmd("XGROUP")
         .arg("DESTROY")
         .arg(&stream)
@@ -1006,6 +1011,7 @@ async fn a_group_that_cannot_be_created_again_keeps_the_worker_unready_until_it_
         .await;
     let mut conn = redis_at(&server.url()).await;
     settle(&mut worker, &conn, &stream, Duration::from_secs(60)).await;
+    wait_checkpointed(&conn, &pool, &stream).await;
     // Redis fills up and the group is destroyed: creating it again needs memory.
     for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
         let _: () = redis::cmd("CONFIG")

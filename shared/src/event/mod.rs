@@ -15,7 +15,6 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::pipeline::dlq::DlqReason;
 use crate::source::entry::EntryId;
 use channel::ChannelError;
 
@@ -90,6 +89,63 @@ impl Event<'_> {
             "key": self.key,
             "correlation_id": self.correlation_id,
         })
+    }
+}
+
+/// The key an entry is ordered by, read without decoding it, so that the pipeline can give all
+/// the entries of one key to one handler lane before any is decoded: `key`, else `channel`, else,
+/// for a legacy entry, the channel its upcast gets (`flow.<flow_id>.<type>`, ASCII lowercased).
+/// An entry that will not decode gets some key: it is dead-lettered, whichever lane has it.
+pub fn ordering_key<'a>(stream: &str, fields: &'a Fields) -> Cow<'a, [u8]> {
+    if let Some(key) = fields.get(b"key").or_else(|| fields.get(b"channel")) {
+        return Cow::Borrowed(key);
+    }
+    match (
+        stream.strip_prefix(legacy::LEGACY_STREAM_PREFIX),
+        fields.get(b"event_type"),
+    ) {
+        (Some(flow_id), Some(event_type)) => {
+            let mut channel = Vec::with_capacity(6 + flow_id.len() + event_type.len());
+            channel.extend_from_slice(b"flow.");
+            channel.extend_from_slice(flow_id.as_bytes());
+            channel.push(b'.');
+            channel.extend_from_slice(event_type);
+            channel.make_ascii_lowercase();
+            Cow::Owned(channel)
+        }
+        _ => Cow::Borrowed(b""),
+    }
+}
+
+/// Why an entry was dead-lettered: the `dlq_reason` field (contract section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DlqReason {
+    Invalid,
+    UnsupportedVersion,
+    TooLarge,
+    MaxDeliveries,
+    HandlerError,
+}
+
+impl DlqReason {
+    /// Every reason, in the contract's order.
+    pub const ALL: [DlqReason; 5] = [
+        DlqReason::Invalid,
+        DlqReason::UnsupportedVersion,
+        DlqReason::TooLarge,
+        DlqReason::MaxDeliveries,
+        DlqReason::HandlerError,
+    ];
+
+    /// The contract's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DlqReason::Invalid => "invalid",
+            DlqReason::UnsupportedVersion => "unsupported_version",
+            DlqReason::TooLarge => "too_large",
+            DlqReason::MaxDeliveries => "max_deliveries",
+            DlqReason::HandlerError => "handler_error",
+        }
     }
 }
 
@@ -408,6 +464,30 @@ pub(crate) mod tests {
 
     fn without(name: &str) -> Vec<(&'static str, &'static str)> {
         valid().into_iter().filter(|(k, _)| *k != name).collect()
+    }
+
+    #[test]
+    fn the_ordering_key_read_without_decoding_is_the_decoded_key() {
+        let legacy = [
+            ("event_type", "AGENT_PROGRESS"),
+            ("payload", r#"{"step":3}"#),
+            ("timestamp", "2024-05-01T12:30:45.123456"),
+        ];
+        let mut keyed = valid();
+        keyed.push(("key", "order-17"));
+        for (stream, pairs) in [
+            ("events", valid()),
+            ("events", keyed),
+            ("flow:events:7F3C", legacy.to_vec()),
+        ] {
+            let f = fields(&pairs);
+            let event = decode(stream, ENTRY, &f, &Limits::default()).unwrap();
+            assert_eq!(
+                &*ordering_key(stream, &f),
+                event.key().as_bytes(),
+                "{pairs:?}"
+            );
+        }
     }
 
     #[test]

@@ -17,11 +17,11 @@ use redis::{RedisError, RedisResult, Value};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::pipeline::dlq::{
-    dead_letter_fields, dlq_stream, trials_key, DlqReason, DEAD_LETTER_SCRIPT,
-};
+use crate::event::DlqReason;
+use crate::pipeline::dlq::{dead_letter_fields, dead_letter_keys, dlq_stream, DEAD_LETTER_SCRIPT};
 use crate::pipeline::handler::Applied;
 use crate::pipeline::inflight::{BatchIds, InFlight};
+use crate::pipeline::watermark::{Due, Watermarks, SAMPLE_SCRIPT};
 use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::metrics as m;
 use crate::runtime::shutdown::Shutdown;
@@ -71,7 +71,12 @@ enum Fate {
 #[derive(Debug)]
 enum Step {
     Ack,
-    DeadLetters { stream: Arc<str>, entries: usize },
+    DeadLetters {
+        stream: Arc<str>,
+        entries: usize,
+    },
+    /// The stream's watermark, sampled after its entries are acknowledged.
+    Sample(Due),
 }
 
 /// Why dead letters could not be written: the fault to report.
@@ -122,6 +127,7 @@ impl Settlement {
         group: &str,
         ids: &BatchIds,
         fates: &[Fate],
+        watermarks: &Watermarks,
     ) -> (redis::Pipeline, Vec<Step>) {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -151,9 +157,7 @@ impl Settlement {
                     .cmd("EVAL")
                     .arg(DEAD_LETTER_SCRIPT)
                     .arg(3)
-                    .arg(&**stream)
-                    .arg(dlq_stream(stream))
-                    .arg(trials_key(stream))
+                    .arg(&dead_letter_keys(stream)[..])
                     .arg(group);
                 for d in &dead {
                     let entry = &self.entries[d.index];
@@ -167,7 +171,18 @@ impl Settlement {
                     entries: dead.len(),
                 });
             }
+            if let Some(highest) = self.entries[run.clone()]
+                .iter()
+                .zip(&fates[run])
+                .filter(|(_, f)| **f != Fate::Held)
+                .map(|(e, _)| e.id)
+                .max()
+            {
+                watermarks.settled(stream, highest);
+            }
         }
+        let due = watermarks.due(ids.iter().map(|(stream, _)| stream), false);
+        sample(&mut pipe, &mut steps, group, due);
         (pipe, steps)
     }
 
@@ -204,6 +219,18 @@ impl Settlement {
     }
 }
 
+/// Adds the watermark samples of `due` to a round trip.
+fn sample(pipe: &mut redis::Pipeline, steps: &mut Vec<Step>, group: &str, due: Vec<Due>) {
+    for d in due {
+        pipe.cmd("EVAL")
+            .arg(SAMPLE_SCRIPT)
+            .arg(1)
+            .arg(&*d.stream)
+            .arg(group);
+        steps.push(Step::Sample(d));
+    }
+}
+
 /// Where the acknowledge stage reports and what it must know.
 pub struct Acker {
     pub conn: ConnectionManager,
@@ -212,6 +239,7 @@ pub struct Acker {
     pub shutdown: Shutdown,
     pub in_flight: InFlight,
     pub labels: StreamLabels,
+    pub watermarks: Watermarks,
 }
 
 impl Acker {
@@ -225,15 +253,44 @@ impl Acker {
                 s.record(&fates, &self.labels);
             }
             self.in_flight.release(s.ticket);
+            if settlements.is_empty() {
+                // Out of work: the streams settled since their last sample get one now, so that
+                // the checkpoints an idle worker writes reach its last entries.
+                self.sample_all().await;
+            }
+        }
+    }
+
+    /// Samples the watermark of every stream settled since its last sample (one round trip). A
+    /// failure is not retried: the watermarks stay where they were, which is safe.
+    async fn sample_all(&mut self) {
+        let dirty = self.watermarks.dirty();
+        let due = self.watermarks.due(dirty.iter(), true);
+        if due.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut steps = Vec::new();
+        sample(&mut pipe, &mut steps, &self.group, due);
+        if let Ok(results) = pipe
+            .query_async::<Vec<RedisResult<Value>>>(&mut self.conn)
+            .await
+        {
+            for (step, result) in steps.iter().zip(results) {
+                if let (Step::Sample(due), Ok(reply)) = (step, result) {
+                    self.watermarks.sampled(due, &reply);
+                }
+            }
+            self.watermarks.notify_moved();
         }
     }
 
     /// One settlement; false if it was given up (drain), leaving every entry pending.
     async fn settle(&mut self, s: &Settlement, fates: &mut [Fate]) -> bool {
-        let Some((pipe, steps)) = self
-            .in_flight
-            .with_ids(s.ticket, |ids| s.commands(&self.group, ids, fates))
-        else {
+        let Some((pipe, steps)) = self.in_flight.with_ids(s.ticket, |ids| {
+            s.commands(&self.group, ids, fates, &self.watermarks)
+        }) else {
             return false;
         };
         if steps.is_empty() {
@@ -285,6 +342,10 @@ impl Acker {
                     tracing::warn!(error = %e, "acknowledgement refused");
                 }
                 (Step::Ack, Ok(_)) => {}
+                (Step::Sample(due), Ok(reply)) => self.watermarks.sampled(due, &reply),
+                (Step::Sample(due), Err(e)) => {
+                    tracing::debug!(stream = %due.stream, error = %e, "watermark not sampled")
+                }
             }
         }
         true

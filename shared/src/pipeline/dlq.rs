@@ -9,6 +9,7 @@
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::event::DlqReason;
 use crate::source::entry::Entry;
 
 /// Suffix of a dead letter stream.
@@ -23,36 +24,11 @@ pub const TRUNCATED_VALUE_BYTES: usize = 4096;
 /// arguments are bounded); the rest are counted in `dlq_truncated`.
 const MAX_PAIRS: usize = 1000;
 
-/// Why an entry was dead-lettered; the `dlq_reason` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DlqReason {
-    Invalid,
-    UnsupportedVersion,
-    TooLarge,
-    MaxDeliveries,
-    HandlerError,
-}
-
-impl DlqReason {
-    /// Every reason, in the contract's order.
-    pub const ALL: [DlqReason; 5] = [
-        DlqReason::Invalid,
-        DlqReason::UnsupportedVersion,
-        DlqReason::TooLarge,
-        DlqReason::MaxDeliveries,
-        DlqReason::HandlerError,
-    ];
-
-    /// The contract's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DlqReason::Invalid => "invalid",
-            DlqReason::UnsupportedVersion => "unsupported_version",
-            DlqReason::TooLarge => "too_large",
-            DlqReason::MaxDeliveries => "max_deliveries",
-            DlqReason::HandlerError => "handler_error",
-        }
-    }
+/// The keys of `DEAD_LETTER_SCRIPT` for `stream`: the stream, its dead letter stream and its trial
+/// markers. Suffixes keep a stream's hash tag (`{orders}:events:dlq`), so on Redis Cluster the
+/// script runs in one hash slot when stream names carry a tag (pinned by a test below).
+pub fn dead_letter_keys(stream: &str) -> [String; 3] {
+    [stream.to_owned(), dlq_stream(stream), trials_key(stream)]
 }
 
 /// The dead letter stream of `stream`.
@@ -173,6 +149,49 @@ pub fn dead_letter_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis::cluster_routing::Slot;
+
+    /// Every key one command or script of the pipeline touches at once, for `stream`: they must
+    /// share the stream's hash slot whenever its name carries a hash tag.
+    fn keys_together(stream: &str) -> Vec<Vec<String>> {
+        vec![
+            dead_letter_keys(stream).to_vec(),
+            vec![stream.to_owned()], // SAMPLE_SCRIPT, XACK, XAUTOCLAIM, XCLAIM, XPENDING, XINFO
+            vec![trials_key(stream)], // HGET/HSET/HDEL/EXPIRE of a trial marker
+        ]
+    }
+
+    #[test]
+    fn keys_written_beside_a_stream_keep_its_hash_tag() {
+        for stream in [
+            "{orders}:events",
+            "{orders}",
+            "shop:{7f3c}:events",
+            "{a}b{c}",
+            "flow:{x}",
+        ] {
+            let slot = Slot::for_key(stream);
+            for keys in keys_together(stream) {
+                for key in keys {
+                    assert_eq!(
+                        Slot::for_key(&key),
+                        slot,
+                        "{key} is not in the slot of {stream}"
+                    );
+                }
+            }
+        }
+        // Untagged (or an empty tag: the whole name is hashed), the dead letter stream may land in
+        // another slot: on Redis Cluster stream names must carry a tag (README).
+        assert_ne!(
+            Slot::for_key("orders:events"),
+            Slot::for_key(dlq_stream("orders:events"))
+        );
+        assert_ne!(
+            Slot::for_key("{}orders"),
+            Slot::for_key(dlq_stream("{}orders"))
+        );
+    }
     use crate::source::entry::{EntryId, Fields};
     use std::sync::Arc;
 
@@ -198,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_beside_a_stream_keep_its_hash_tag() {
+    fn names_beside_a_stream() {
         assert_eq!(dlq_stream("{orders}:events"), "{orders}:events:dlq");
         assert_eq!(trials_key("{orders}:events"), "{orders}:events:trials");
         assert_eq!(trial_field("persister", "5-1"), "persister:5-1");

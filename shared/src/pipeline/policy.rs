@@ -42,6 +42,9 @@ pub struct Confirmed {
     pub rejected: Vec<(Arc<str>, EntryId, String)>,
     /// Kept failing while the sink answered: left pending for redelivery.
     pub held: Vec<(Arc<str>, EntryId)>,
+    /// Applied as one batch, its checkpoints with it; event by event, they were not written (they
+    /// assumed every event applied): a later batch writes them.
+    pub whole: bool,
 }
 
 /// What one failed attempt says about the batch.
@@ -176,6 +179,7 @@ impl<H: Handler> Applier<H> {
                 Ok(applied) => {
                     return Some(Confirmed {
                         applied,
+                        whole: true,
                         ..Confirmed::default()
                     })
                 }
@@ -202,7 +206,7 @@ impl<H: Handler> Applier<H> {
     }
 
     /// Applies each event alone: rejected ones become dead letters, ones that keep failing are
-    /// held, the rest are applied; then the checkpoints are written.
+    /// held, the rest are applied.
     async fn isolate(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<Confirmed> {
         let mut out = Confirmed::default();
         for routed in &batch.events {
@@ -224,12 +228,6 @@ impl<H: Handler> Applier<H> {
                 }
             }
         }
-        let checkpoints = Batch {
-            group: batch.group,
-            events: Vec::new(),
-            checkpoints: batch.checkpoints.clone(),
-        };
-        self.until_applied(&checkpoints, shutdown).await?;
         Some(out)
     }
 
@@ -251,24 +249,6 @@ impl<H: Handler> Applier<H> {
                     }
                 }
                 Verdict::Wait => {}
-            }
-            pause(&mut delays, shutdown).await?;
-        }
-    }
-
-    /// Applies `batch` (checkpoints alone, here) until it succeeds; `None` if the drain starts.
-    async fn until_applied(&mut self, batch: &Batch<'_>, shutdown: &Shutdown) -> Option<()> {
-        let mut delays = backoff();
-        loop {
-            match self.attempt(batch, shutdown, true).await? {
-                Ok(_) => return Some(()),
-                Err(e) => {
-                    if let Verdict::BlameEvents(e) | Verdict::Strike(e) =
-                        self.judge(e, shutdown).await
-                    {
-                        tracing::warn!(error = %e, "writing the checkpoints failed: retrying");
-                    }
-                }
             }
             pause(&mut delays, shutdown).await?;
         }

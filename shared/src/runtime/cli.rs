@@ -21,7 +21,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Connection and identity settings of a worker.
 /// How to reach Redis; shared by the workers and fleetctl.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
@@ -55,27 +54,12 @@ impl RedisArgs {
     }
 }
 
-/// Connection and identity settings of a worker.
+/// The settings of any binary on the runtime: Redis, the HTTP server, the configuration file,
+/// logs and the drain.
 #[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
+pub struct RuntimeArgs {
     #[command(flatten)]
     pub redis: RedisArgs,
-
-    /// PostgreSQL URL (required where a strict route exists); TLS via sslmode=require|verify-full.
-    #[arg(long, env = "FLEET_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-
-    /// Comma-separated stream keys or glob patterns (`orders:*`) to consume; globs are rescanned.
-    #[arg(long, env = "FLEET_STREAMS", value_delimiter = ',', required = true)]
-    pub streams: Vec<String>,
-
-    /// Consumer group name [default: the worker's name].
-    #[arg(long, env = "FLEET_GROUP")]
-    pub group: Option<String>,
-
-    /// Consumer name, unique within the group [default: the host name, i.e. the pod name].
-    #[arg(long, env = "FLEET_CONSUMER")]
-    pub consumer: Option<String>,
 
     /// Address of /livez, /readyz and /metrics.
     #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -96,6 +80,29 @@ pub struct WorkerArgs {
     /// Longest the drain after SIGTERM may take before the process exits anyway, in milliseconds.
     #[arg(long, env = "FLEET_SHUTDOWN_GRACE_MS", default_value_t = 25_000)]
     pub shutdown_grace_ms: u64,
+}
+
+/// The settings of a consumer-group worker: the runtime's, and what it consumes as whom.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    /// PostgreSQL URL (required where a strict route exists); TLS via sslmode=require|verify-full.
+    #[arg(long, env = "FLEET_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Comma-separated stream keys or glob patterns (`orders:*`) to consume; globs are rescanned.
+    #[arg(long, env = "FLEET_STREAMS", value_delimiter = ',', required = true)]
+    pub streams: Vec<String>,
+
+    /// Consumer group name [default: the worker's name].
+    #[arg(long, env = "FLEET_GROUP")]
+    pub group: Option<String>,
+
+    /// Consumer name, unique within the group [default: the host name, i.e. the pod name].
+    #[arg(long, env = "FLEET_CONSUMER")]
+    pub consumer: Option<String>,
 }
 
 /// Parses the command line; on a usage error prints one line and exits 2.

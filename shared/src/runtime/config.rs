@@ -402,24 +402,6 @@ over_limit = "block"
     }
 
     #[test]
-    fn handler_lanes_fit_in_max_in_flight() {
-        use crate::pipeline::{lanes, read_ahead};
-        let t = Tuning::default();
-        assert_eq!((lanes(&t), read_ahead(&t)), (2, 2));
-        let tight = Tuning {
-            max_in_flight: 500,
-            ..Tuning::default()
-        };
-        assert_eq!((lanes(&tight), read_ahead(&tight)), (1, 1));
-        let three = Tuning {
-            max_in_flight: 1500,
-            handler_concurrency: 4,
-            ..Tuning::default()
-        };
-        assert_eq!(lanes(&three), 2);
-    }
-
-    #[test]
     fn defaults_make_user_events_strict() {
         let c = FileConfig::default();
         assert_eq!(c.tuning.batch_size, 500);

@@ -1,4 +1,5 @@
-//! `/livez`, `/readyz` and `/metrics` (contract section 7), beside the pipeline, never inside it.
+//! `/livez`, `/readyz` and `/metrics` (contract section 7), beside the pipeline, never inside it,
+//! and whatever routes the binary adds (a gateway's).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,11 +18,13 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
-/// Binds `addr` now (so a taken port is a startup error) and serves in the background.
+/// Binds `addr` now (so a taken port is a startup error) and serves in the background, with the
+/// binary's own `routes` beside the health and metrics ones.
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: PrometheusHandle,
+    routes: Router,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "http listening");
@@ -29,7 +32,8 @@ pub async fn serve(
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AppState { health, metrics });
+        .with_state(AppState { health, metrics })
+        .merge(routes);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "http server stopped");

@@ -72,7 +72,7 @@ pub fn register_zeroes(streams: &[&str], rules: &[&str]) {
         ] {
             counter!(name, "stream" => stream.clone()).increment(0);
         }
-        for reason in crate::pipeline::dlq::DlqReason::ALL {
+        for reason in crate::event::DlqReason::ALL {
             counter!(EVENTS_DEAD_LETTERED, "stream" => stream.clone(), "reason" => reason.as_str())
                 .increment(0);
         }

@@ -11,4 +11,5 @@ pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod logging;
 pub(crate) mod metrics;
+pub mod process;
 pub(crate) mod shutdown;

@@ -115,6 +115,13 @@ impl Handler for StrictSink {
             rows.stream_ids.push(r.entry_id.to_string());
             rows.correlation_ids.push(e.correlation_id.as_deref());
         }
+        if rows.is_empty() && batch.checkpoints.is_empty() {
+            // Nothing to write (e.g. a part of flow events only): no round trip.
+            return Ok(Applied {
+                skipped,
+                ..Applied::default()
+            });
+        }
         let inserted = self
             .store
             .persist(&rows, batch.group, &batch.checkpoints)

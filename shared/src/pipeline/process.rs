@@ -1,0 +1,309 @@
+//! One handler lane: a part of a read through decode → dedup → route → backpressure → handler, to
+//! a settlement for the acker. Each lane is a clone; what a handler failure means is `policy`'s
+//! job, what a suspect is `trial`'s.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use crate::event::DlqReason;
+use crate::event::{decode, Event, Limits};
+use crate::pipeline::ack::{Counts, DeadLetter, Settlement};
+use crate::pipeline::backpressure::BackpressureStage;
+use crate::pipeline::handler::{Batch, Handler, HandlerError, Routed};
+use crate::pipeline::inflight::InFlight;
+use crate::pipeline::policy::Applier;
+use crate::pipeline::trial::Trial;
+use crate::pipeline::watermark::Watermarks;
+use crate::runtime::backoff::backoff;
+use crate::runtime::config::FileConfig;
+use crate::runtime::health::{Dependency, Fault, Health};
+use crate::runtime::shutdown::Shutdown;
+use crate::source::entry::Entry;
+
+/// How often an idle lane checks that its sink is reachable (and the first lane writes the
+/// checkpoints that moved).
+const IDLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A part of one read, for one lane: a ticket (for the in-flight registry) and its entries.
+pub(crate) type Part = (u64, Vec<Entry>);
+
+/// One lane of the processor stage.
+#[derive(Clone)]
+pub(crate) struct Processor<H> {
+    pub group: String,
+    pub consumer: String,
+    /// For trial markers and settling suspects.
+    pub writer: ConnectionManager,
+    pub limits: Limits,
+    pub backpressure: Arc<BackpressureStage>,
+    pub config: Arc<FileConfig>,
+    pub applier: Applier<H>,
+    pub health: Arc<Health>,
+    pub in_flight: InFlight,
+    pub watermarks: Watermarks,
+}
+
+/// A part decoded: the events (by index into the part's entries) and what was counted on the way.
+struct Decoded<'a> {
+    events: Vec<(usize, Event<'a>)>,
+    dead: Vec<DeadLetter>,
+    counts: Counts,
+}
+
+impl<H: Handler> Processor<H> {
+    /// Processes parts until the reader closes the lane, or the drain leaves it.
+    pub async fn run(
+        &mut self,
+        mut parts: mpsc::Receiver<Part>,
+        settlements: mpsc::Sender<Settlement>,
+        shutdown: &Shutdown,
+        first: bool,
+    ) {
+        let watermarks = self.watermarks.clone();
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(IDLE_INTERVAL, parts.recv()) => next,
+                // Out of work, the acker sampled watermarks that moved: write them now.
+                _ = watermarks.moved(), if first => {
+                    self.write_checkpoints().await;
+                    continue;
+                }
+            };
+            match next {
+                Ok(Some((ticket, entries))) => {
+                    match self.process(ticket, entries, shutdown).await {
+                        Some(settlement) => {
+                            if settlements.send(settlement).await.is_err() {
+                                break;
+                            }
+                        }
+                        // Left pending: the keep-alive forgets it, the reclaimer brings it back.
+                        None => self.in_flight.release(ticket),
+                    }
+                }
+                Ok(None) => break,
+                // Idle (but never hold up the drain: a sink that is down may take seconds to say so).
+                Err(_) if shutdown.is_triggered() => {}
+                Err(_) => self.idle(shutdown, first).await,
+            }
+        }
+    }
+
+    /// While idle: probe the sink so that /readyz tells the truth without traffic, and (first
+    /// lane) write the checkpoints that moved since the last batch.
+    async fn idle(&mut self, shutdown: &Shutdown, first: bool) {
+        let answer = tokio::select! {
+            biased;
+            answer = self.applier.handler.check() => answer,
+            _ = shutdown.triggered() => return,
+        };
+        match answer {
+            Ok(()) => {
+                self.health.up(Dependency::Sink);
+                self.health.clear(Fault::SinkMisconfigured);
+            }
+            Err(HandlerError::Misconfigured(e)) => {
+                return self.health.raise(Fault::SinkMisconfigured, &e)
+            }
+            Err(e) => return self.health.down(Dependency::Sink, &e),
+        }
+        if first {
+            self.write_checkpoints().await;
+        }
+    }
+
+    /// Writes the watermarks that moved since they were last written, in one attempt (a failure
+    /// leaves them to the next batch or the next idle interval).
+    async fn write_checkpoints(&mut self) {
+        let checkpoints = self.watermarks.unwritten();
+        if checkpoints.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            group: &self.group,
+            events: Vec::new(),
+            checkpoints,
+        };
+        let attempt = self.applier.handler.apply(&batch);
+        match tokio::time::timeout(self.applier.timeout, attempt).await {
+            Ok(Ok(_)) => self.watermarks.written(&batch.checkpoints),
+            Ok(Err(e)) => tracing::debug!(error = %e, "checkpoints not written"),
+            Err(_) => tracing::debug!("checkpoints not written in handler_timeout_ms"),
+        }
+    }
+
+    /// Runs the handler's preparation, retrying while the sink is unreachable. Ok(false) if the
+    /// drain started first; a fatal or configuration error stops the worker.
+    pub async fn prepare(&mut self, shutdown: &Shutdown) -> Result<bool, HandlerError> {
+        let mut delays = backoff();
+        loop {
+            match self.applier.handler.prepare().await {
+                Ok(()) => {
+                    self.health.up(Dependency::Sink);
+                    return Ok(true);
+                }
+                Err(e @ (HandlerError::Fatal(_) | HandlerError::Misconfigured(_))) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    self.health.down(Dependency::Sink, &e);
+                    if !shutdown.sleep(delays.next().unwrap_or_default()).await {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One part through every stage up to the handler's confirmation. `None` if the drain
+    /// started while the handler was failing: the part stays pending.
+    async fn process(
+        &mut self,
+        ticket: u64,
+        entries: Vec<Entry>,
+        shutdown: &Shutdown,
+    ) -> Option<Settlement> {
+        let started = Instant::now();
+        let Decoded {
+            mut events,
+            mut dead,
+            mut counts,
+        } = self.decode(&entries);
+        counts.batch_duplicates = dedup(&mut events);
+        let config = self.config.clone();
+        let (routed, suspects) = self.route(&config, &entries, &events, &mut counts);
+        let (routed, shed) = self.backpressure.admit(routed).await;
+        counts.shed = shed;
+
+        let batch = Batch {
+            group: &self.group,
+            events: routed,
+            checkpoints: self
+                .watermarks
+                .checkpoints(entries.iter().map(|e| &e.stream)),
+        };
+        let confirmed = self.applier.confirm(&batch, shutdown).await?;
+        if confirmed.whole {
+            self.watermarks.written(&batch.checkpoints);
+        }
+        drop(batch);
+        counts.applied = confirmed.applied;
+        let mut held = confirmed.held;
+        for (stream, id, error) in confirmed.rejected {
+            if let Some(index) = entries
+                .iter()
+                .position(|e| e.stream == stream && e.id == id)
+            {
+                dead.push(DeadLetter {
+                    index,
+                    reason: DlqReason::HandlerError,
+                    error,
+                });
+            }
+        }
+        for (index, suspect) in suspects {
+            let entry = &entries[index];
+            match self.trial(suspect, entry, shutdown).await {
+                Trial::Applied(applied) => counts.applied += applied,
+                Trial::Dead(error) => dead.push(DeadLetter {
+                    index,
+                    reason: DlqReason::MaxDeliveries,
+                    error,
+                }),
+                Trial::Pending => held.push((entry.stream.clone(), entry.id)),
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (_, e) in &events {
+                tracing::debug!(event_id = %e.id, channel = %e.channel, correlation_id = e.correlation_id.as_deref().unwrap_or(""), "confirmed");
+            }
+        }
+        drop(events);
+        Some(Settlement {
+            ticket,
+            entries,
+            dead,
+            held,
+            counts,
+            started,
+        })
+    }
+
+    /// Decodes every entry; malformed ones become dead letters for what they are, however often
+    /// they were delivered. Deleted entries (nothing left to apply) are counted.
+    fn decode<'a>(&self, entries: &'a [Entry]) -> Decoded<'a> {
+        let mut out = Decoded {
+            events: Vec::with_capacity(entries.len()),
+            dead: Vec::new(),
+            counts: Counts::default(),
+        };
+        for (index, entry) in entries.iter().enumerate() {
+            let Some(fields) = &entry.fields else {
+                out.counts.deleted += 1;
+                continue;
+            };
+            match decode(&entry.stream, entry.id, fields, &self.limits) {
+                Ok(event) => out.events.push((index, event)),
+                Err(e) => {
+                    let correlation_id = fields
+                        .get(b"correlation_id")
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default();
+                    tracing::warn!(stream = %entry.stream, entry_id = %entry.id, %correlation_id, reason = e.reason().as_str(), error = %e, "dead-lettering entry");
+                    out.dead.push(DeadLetter {
+                        index,
+                        reason: e.reason(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Routes the events: unrouted ones are counted, suspects (delivered more than
+    /// `max_deliveries` times) are set apart to be tried alone.
+    fn route<'a>(
+        &self,
+        config: &'a FileConfig,
+        entries: &'a [Entry],
+        events: &'a [(usize, Event<'a>)],
+        counts: &mut Counts,
+    ) -> (Vec<Routed<'a>>, Vec<(usize, Routed<'a>)>) {
+        let mut routed = Vec::with_capacity(events.len());
+        let mut suspects = Vec::new();
+        for (index, event) in events {
+            let entry = &entries[*index];
+            let Some((_, route)) = config.routes.lookup(&event.channel) else {
+                counts.unrouted += 1;
+                continue;
+            };
+            let r = Routed {
+                event,
+                route,
+                stream: &entry.stream,
+                entry_id: entry.id,
+            };
+            if entry.deliveries > config.tuning.max_deliveries {
+                suspects.push((*index, r));
+            } else {
+                routed.push(r);
+            }
+        }
+        (routed, suspects)
+    }
+}
+
+/// Keeps the first entry of each event id in the part (copies of one event carry its key, so
+/// they are in one part); across parts the handler's sink is idempotent on the id. Returns how
+/// many were dropped.
+fn dedup(events: &mut Vec<(usize, Event<'_>)>) -> usize {
+    let mut seen = HashSet::with_capacity(events.len());
+    let before = events.len();
+    events.retain(|(_, e)| seen.insert(e.id));
+    before - events.len()
+}
