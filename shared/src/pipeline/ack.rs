@@ -59,7 +59,11 @@ pub struct Settlement {
     pub started: Instant,
 }
 
-/// What becomes of one entry of a settlement.
+/// What becomes of one entry of a settlement. Settlement is per entry and per part, so what the
+/// next workers need adds to it without tearing it up: a sink that acknowledges entries with its
+/// effects in one script (the projector) reports them, and they get a fate of their own (counted
+/// and sampled like `Ack`, never acknowledged twice); an entry deferred by backpressure (the
+/// notifier's `block`) is settled later in a settlement of its own, as parts are now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
     Ack,

@@ -69,7 +69,7 @@ impl<H: Handler> Processor<H> {
                 next = tokio::time::timeout(IDLE_INTERVAL, parts.recv()) => next,
                 // Out of work, the acker sampled watermarks that moved: write them now.
                 _ = watermarks.moved(), if first => {
-                    self.write_checkpoints().await;
+                    self.write_checkpoints(shutdown).await;
                     continue;
                 }
             };
@@ -112,13 +112,17 @@ impl<H: Handler> Processor<H> {
             Err(e) => return self.health.down(Dependency::Sink, &e),
         }
         if first {
-            self.write_checkpoints().await;
+            self.write_checkpoints(shutdown).await;
         }
     }
 
-    /// Writes the watermarks that moved since they were last written, in one attempt (a failure
-    /// leaves them to the next batch or the next idle interval).
-    async fn write_checkpoints(&mut self) {
+    /// Writes the watermarks that moved since they were last written, in one attempt, never on a
+    /// sink that is down nor during the drain (a failure leaves them to the next batch or the next
+    /// idle interval: the checkpoint written stays safe, only older).
+    async fn write_checkpoints(&mut self, shutdown: &Shutdown) {
+        if shutdown.is_triggered() || !self.health.is_up(Dependency::Sink) {
+            return;
+        }
         let checkpoints = self.watermarks.unwritten();
         if checkpoints.is_empty() {
             return;
@@ -128,8 +132,13 @@ impl<H: Handler> Processor<H> {
             events: Vec::new(),
             checkpoints,
         };
-        let attempt = self.applier.handler.apply(&batch);
-        match tokio::time::timeout(self.applier.timeout, attempt).await {
+        let attempt =
+            tokio::time::timeout(self.applier.timeout, self.applier.handler.apply(&batch));
+        let outcome = tokio::select! {
+            outcome = attempt => outcome,
+            _ = shutdown.triggered() => return,
+        };
+        match outcome {
             Ok(Ok(_)) => self.watermarks.written(&batch.checkpoints),
             Ok(Err(e)) => tracing::debug!(error = %e, "checkpoints not written"),
             Err(_) => tracing::debug!("checkpoints not written in handler_timeout_ms"),
