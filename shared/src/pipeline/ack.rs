@@ -21,7 +21,7 @@ use crate::event::DlqReason;
 use crate::pipeline::dlq::{dead_letter_fields, dead_letter_keys, dlq_stream, DEAD_LETTER_SCRIPT};
 use crate::pipeline::handler::Applied;
 use crate::pipeline::inflight::{BatchIds, InFlight};
-use crate::pipeline::watermark::{Due, Watermarks, SAMPLE_SCRIPT};
+use crate::pipeline::watermark::{sample_command, Due, Watermarks};
 use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::metrics as m;
 use crate::runtime::shutdown::Shutdown;
@@ -226,11 +226,7 @@ impl Settlement {
 /// Adds the watermark samples of `due` to a round trip.
 fn sample(pipe: &mut redis::Pipeline, steps: &mut Vec<Step>, group: &str, due: Vec<Due>) {
     for d in due {
-        pipe.cmd("EVAL")
-            .arg(SAMPLE_SCRIPT)
-            .arg(1)
-            .arg(&*d.stream)
-            .arg(group);
+        pipe.add_command(sample_command(&d.stream, group));
         steps.push(Step::Sample(d));
     }
 }
@@ -260,33 +256,10 @@ impl Acker {
             if settlements.is_empty() {
                 // Out of work: the streams settled since their last sample get one now, so that
                 // the checkpoints an idle worker writes reach its last entries.
-                self.sample_all().await;
+                self.watermarks
+                    .sample_now(&mut self.conn, &self.group, false)
+                    .await;
             }
-        }
-    }
-
-    /// Samples the watermark of every stream settled since its last sample (one round trip). A
-    /// failure is not retried: the watermarks stay where they were, which is safe.
-    async fn sample_all(&mut self) {
-        let dirty = self.watermarks.dirty();
-        let due = self.watermarks.due(dirty.iter(), true);
-        if due.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut steps = Vec::new();
-        sample(&mut pipe, &mut steps, &self.group, due);
-        if let Ok(results) = pipe
-            .query_async::<Vec<RedisResult<Value>>>(&mut self.conn)
-            .await
-        {
-            for (step, result) in steps.iter().zip(results) {
-                if let (Step::Sample(due), Ok(reply)) = (step, result) {
-                    self.watermarks.sampled(due, &reply);
-                }
-            }
-            self.watermarks.notify_moved();
         }
     }
 

@@ -112,6 +112,12 @@ impl<H: Handler> Processor<H> {
             Err(e) => return self.health.down(Dependency::Sink, &e),
         }
         if first {
+            // A fresh look at every stream's watermark: whatever the last samples missed is
+            // written within IDLE_INTERVAL.
+            let mut conn = self.writer.clone();
+            self.watermarks
+                .sample_now(&mut conn, &self.group, true)
+                .await;
             self.write_checkpoints(shutdown).await;
         }
     }

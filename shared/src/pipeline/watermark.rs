@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use redis::aio::ConnectionManager;
 use redis::Value;
 
 use crate::pipeline::handler::Checkpoint;
@@ -27,16 +28,31 @@ use crate::source::entry::EntryId;
 /// How often a stream's watermark is sampled while its entries are being settled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
-/// KEYS[1] the stream, ARGV[1] the group. Nothing pending: nil. Else the oldest pending entry id
-/// and, if the stream still holds one, the id of the entry just below it. Read-only (`no-writes`),
+/// KEYS[1] the stream, ARGV[1] the group. Nothing pending: `''` and the group's last delivered id
+/// (every entry delivered is settled, whoever read it). Else the oldest pending entry id and, if
+/// the stream still holds one, the id of the entry just below it. Read-only (`no-writes`),
 /// so Redis runs it at `maxmemory` too; one key, so it runs in the stream's hash slot.
 pub(crate) const SAMPLE_SCRIPT: &str = r#"#!lua flags=no-writes
 local p = redis.call('XPENDING', KEYS[1], ARGV[1])
-if p[1] == 0 then return false end
+if p[1] == 0 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == ARGV[1] then return {'', f['last-delivered-id']} end
+  end
+  return false
+end
 local below = redis.call('XREVRANGE', KEYS[1], '(' .. p[2], '-', 'COUNT', 1)
 if #below == 0 then return {p[2]} end
 return {p[2], below[1][1]}
 "#;
+
+/// The command that samples `stream`'s watermark for `group`.
+pub(crate) fn sample_command(stream: &str, group: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(SAMPLE_SCRIPT).arg(1).arg(stream).arg(group);
+    cmd
+}
 
 #[derive(Debug, Default)]
 struct Mark {
@@ -114,14 +130,45 @@ impl Watermarks {
         self.moved.notified().await
     }
 
-    /// Every stream settled since its last sample.
-    pub fn dirty(&self) -> Vec<Arc<str>> {
-        let marks = self.marks.lock().expect("watermarks lock");
-        marks
-            .iter()
-            .filter(|(_, m)| m.dirty)
-            .map(|(s, _)| s.clone())
-            .collect()
+    /// Samples in one round trip every stream settled since its last sample (`every`: every
+    /// stream this worker settled entries of), and tells the idle lane. A failure is not retried:
+    /// the watermarks stay where they were, which is safe.
+    pub async fn sample_now(&self, conn: &mut ConnectionManager, group: &str, every: bool) {
+        let due: Vec<Due> = {
+            let now = Instant::now();
+            let mut marks = self.marks.lock().expect("watermarks lock");
+            marks
+                .iter_mut()
+                .filter(|(_, m)| every || m.dirty)
+                .map(|(stream, m)| {
+                    m.dirty = false;
+                    m.sampled = Some(now);
+                    Due {
+                        stream: stream.clone(),
+                        settled: m.settled,
+                    }
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for d in &due {
+            pipe.add_command(sample_command(&d.stream, group));
+        }
+        if let Ok(results) = pipe
+            .query_async::<Vec<redis::RedisResult<Value>>>(conn)
+            .await
+        {
+            for (d, result) in due.iter().zip(results) {
+                if let Ok(reply) = result {
+                    self.sampled(d, &reply);
+                }
+            }
+            self.notify_moved();
+        }
     }
 
     /// Takes in the reply of `SAMPLE_SCRIPT` for `due`. A reply it cannot read changes nothing (nor
