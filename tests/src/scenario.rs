@@ -112,3 +112,23 @@ pub async fn wait_checkpointed(conn: &MultiplexedConnection, pool: &PgPool, stre
     )
     .await;
 }
+
+/// A fresh database with the migrations applied by the real `fleetctl migrate`.
+pub async fn migrated_database(url: &str) -> PgPool {
+    let out = crate::WorkerEnv::new("x", url)
+        .run_to_end_with_args("fleetctl", &["migrate"])
+        .await;
+    assert!(out.0.success(), "migrate: {}", out.1);
+    PgPool::connect(url).await.unwrap()
+}
+
+/// The persister group's checkpoint of `stream`, if written.
+pub async fn checkpoint(pool: &PgPool, stream: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT position FROM checkpoints WHERE stream = $1 AND group_name = $2")
+        .bind(stream)
+        .bind(GROUP)
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+}

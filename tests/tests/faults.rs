@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use streamfleet_tests::corpus;
 use streamfleet_tests::outcome::{acknowledged_but_missing, measure};
 use streamfleet_tests::scenario::{
-    conclude, config, install_poison_trigger, rows, wait_settled, GROUP,
+    conclude, config, install_poison_trigger, migrated_database, rows, wait_settled, GROUP,
 };
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
@@ -225,11 +225,7 @@ async fn a_killed_consumers_pending_entries_are_reclaimed_and_it_is_removed_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_reaches_the_dlq_after_max_deliveries_without_holding_up_the_rest() {
     let db = fresh_database().await;
-    let pool = PgPool::connect(&db).await.unwrap();
-    let out = WorkerEnv::new("x", &db)
-        .run_to_end_with_args("fleetctl", &["migrate"])
-        .await;
-    assert!(out.0.success(), "migrate: {}", out.1);
+    let pool = migrated_database(&db).await;
     // The sink fails on this one event every time, with an error that looks transient.
     install_poison_trigger(&pool).await;
     let stream = unique("poison:");

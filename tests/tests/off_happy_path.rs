@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Corpus, Expect};
 use streamfleet_tests::outcome::{judge, report, Outcome};
 use streamfleet_tests::scenario::{
-    conclude, config, install_poison_trigger, rows, wait_checkpointed, GROUP,
+    conclude, config, install_poison_trigger, migrated_database, rows, wait_checkpointed, GROUP,
 };
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
@@ -60,14 +60,6 @@ async fn wait_readyz(worker: &mut Worker, code: u16, text: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn migrated_database(pool_url: &str) -> PgPool {
-    let out = WorkerEnv::new("x", pool_url)
-        .run_to_end_with_args("fleetctl", &["migrate"])
-        .await;
-    assert!(out.0.success(), "migrate: {}", out.1);
-    PgPool::connect(pool_url).await.unwrap()
 }
 
 async fn xlen(conn: &mut MultiplexedConnection, key: &str) -> u64 {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Corpus, Expect, TEST_MAX_DATA_BYTES};
+use streamfleet_tests::scenario::{checkpoint, migrated_database};
 use streamfleet_tests::*;
 use uuid::Uuid;
 
@@ -20,16 +21,6 @@ fn test_config() -> String {
     config_file(&format!(
         "[tuning]\nmax_data_bytes = {TEST_MAX_DATA_BYTES}\nblock_ms = 200\n"
     ))
-}
-
-async fn checkpoint(pool: &PgPool, stream: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT position FROM checkpoints WHERE stream = $1 AND group_name = $2")
-        .bind(stream)
-        .bind(GROUP)
-        .fetch_optional(pool)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Waits until every entry of `stream` is delivered, acknowledged and checkpointed.
@@ -564,11 +555,7 @@ async fn innocent_entries_redelivered_by_crashes_past_max_deliveries_are_applied
 async fn an_entry_that_kills_the_worker_while_applied_alone_is_dead_lettered_and_its_neighbours_are_not(
 ) {
     let db = fresh_database().await;
-    let pool = PgPool::connect(&db).await.unwrap();
-    let migrated = WorkerEnv::new("x", &db)
-        .run_to_end_with_args("fleetctl", &["migrate"])
-        .await;
-    assert!(migrated.0.success(), "migrate: {}", migrated.1);
+    let pool = migrated_database(&db).await;
     // Applying this one event hangs the worker (then fails): the test kills the worker meanwhile,
     // as an out-of-memory kill or a segfault would.
     sqlx::raw_sql(

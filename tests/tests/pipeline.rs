@@ -9,16 +9,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use streamfleet_tests::corpus::valid_line;
-use streamfleet_tests::scenario::{config, install_poison_trigger, rows, wait_settled, GROUP};
+use streamfleet_tests::scenario::{
+    checkpoint, config, install_poison_trigger, migrated_database, rows, wait_settled, GROUP,
+};
 use streamfleet_tests::*;
-
-async fn migrated_database(url: &str) -> PgPool {
-    let out = WorkerEnv::new("x", url)
-        .run_to_end_with_args("fleetctl", &["migrate"])
-        .await;
-    assert!(out.0.success(), "migrate: {}", out.1);
-    PgPool::connect(url).await.unwrap()
-}
 
 /// A strict event whose ordering key is `key` (the channel, or a `key` field), with the key in
 /// `data` so that a trigger can record it.
@@ -101,16 +95,6 @@ async fn events_of_one_key_are_applied_in_stream_order_with_2_and_4_lanes() {
         );
         worker.stop_cleanly().await;
     }
-}
-
-/// The persister's checkpoint of `stream`, if written.
-async fn checkpoint(pool: &PgPool, stream: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT position FROM checkpoints WHERE stream = $1 AND group_name = $2")
-        .bind(stream)
-        .bind(GROUP)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
 }
 
 /// Whether entry `id` is pending in the group.

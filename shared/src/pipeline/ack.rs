@@ -21,7 +21,7 @@ use crate::event::DlqReason;
 use crate::pipeline::dlq::{dead_letter_fields, dead_letter_keys, dlq_stream, DEAD_LETTER_SCRIPT};
 use crate::pipeline::handler::Applied;
 use crate::pipeline::inflight::{BatchIds, InFlight};
-use crate::pipeline::watermark::{sample_command, Due, Watermarks};
+use crate::pipeline::watermark::{sample_command, Watermarks};
 use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::metrics as m;
 use crate::runtime::shutdown::Shutdown;
@@ -80,7 +80,7 @@ enum Step {
         entries: usize,
     },
     /// The stream's watermark, sampled after its entries are acknowledged.
-    Sample(Due),
+    Sample(Arc<str>),
 }
 
 /// Why dead letters could not be written: the fault to report.
@@ -175,17 +175,11 @@ impl Settlement {
                     entries: dead.len(),
                 });
             }
-            if let Some(highest) = self.entries[run.clone()]
-                .iter()
-                .zip(&fates[run])
-                .filter(|(_, f)| **f != Fate::Held)
-                .map(|(e, _)| e.id)
-                .max()
-            {
-                watermarks.settled(stream, highest);
+            if fates[run].iter().any(|f| *f != Fate::Held) {
+                watermarks.settled(stream);
             }
         }
-        let due = watermarks.due(ids.iter().map(|(stream, _)| stream), false);
+        let due = watermarks.due(ids.iter().map(|(stream, _)| stream));
         sample(&mut pipe, &mut steps, group, due);
         (pipe, steps)
     }
@@ -224,10 +218,10 @@ impl Settlement {
 }
 
 /// Adds the watermark samples of `due` to a round trip.
-fn sample(pipe: &mut redis::Pipeline, steps: &mut Vec<Step>, group: &str, due: Vec<Due>) {
-    for d in due {
-        pipe.add_command(sample_command(&d.stream, group));
-        steps.push(Step::Sample(d));
+fn sample(pipe: &mut redis::Pipeline, steps: &mut Vec<Step>, group: &str, due: Vec<Arc<str>>) {
+    for stream in due {
+        pipe.add_command(sample_command(&stream, group));
+        steps.push(Step::Sample(stream));
     }
 }
 
@@ -257,7 +251,7 @@ impl Acker {
                 // Out of work: the streams settled since their last sample get one now, so that
                 // the checkpoints an idle worker writes reach its last entries.
                 self.watermarks
-                    .sample_now(&mut self.conn, &self.group, false)
+                    .sample_dirty(&mut self.conn, &self.group)
                     .await;
             }
         }
@@ -319,9 +313,10 @@ impl Acker {
                     tracing::warn!(error = %e, "acknowledgement refused");
                 }
                 (Step::Ack, Ok(_)) => {}
-                (Step::Sample(due), Ok(reply)) => self.watermarks.sampled(due, &reply),
-                (Step::Sample(due), Err(e)) => {
-                    tracing::debug!(stream = %due.stream, error = %e, "watermark not sampled")
+                (Step::Sample(stream), Ok(reply)) => self.watermarks.sampled(stream, &reply),
+                (Step::Sample(stream), Err(e)) => {
+                    tracing::debug!(%stream, error = %e, "watermark not sampled");
+                    self.watermarks.unsampled(stream);
                 }
             }
         }

@@ -548,41 +548,39 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_drain_leaves_a_failing_batch_pending_at_once() {
-        // While the sink is down.
-        let (out, _, fake, _) = confirm(
-            |_| Fake {
-                down_for: Arc::new(AtomicUsize::new(usize::MAX)),
-                drain_at_attempt: Arc::new(AtomicUsize::new(3)),
-                ..Fake::default()
-            },
-            5,
-        )
-        .await;
-        assert!(out.is_none());
-        assert_eq!(fake.attempts.load(Ordering::Relaxed), 3);
-        // While events are being isolated.
-        let (out, _, fake, _) = confirm(
-            |ids| Fake {
-                poison: set(ids, &[0, 1]),
-                drain_at_attempt: Arc::new(AtomicUsize::new(5)),
-                ..Fake::default()
-            },
-            4,
-        )
-        .await;
-        assert!(out.is_none());
-        assert_eq!(fake.attempts.load(Ordering::Relaxed), 5);
-        // While a refusing sink is waited out.
-        let (out, _, _, _) = confirm(
-            |_| Fake {
-                refused_for: Arc::new(AtomicUsize::new(usize::MAX)),
-                drain_at_attempt: Arc::new(AtomicUsize::new(2)),
-                ..Fake::default()
-            },
-            4,
-        )
-        .await;
-        assert!(out.is_none());
+        let down = |_: &[Uuid]| Fake {
+            down_for: Arc::new(AtomicUsize::new(usize::MAX)),
+            ..Fake::default()
+        };
+        let isolating = |ids: &[Uuid]| Fake {
+            poison: set(ids, &[0, 1]),
+            ..Fake::default()
+        };
+        let refusing = |_: &[Uuid]| Fake {
+            refused_for: Arc::new(AtomicUsize::new(usize::MAX)),
+            ..Fake::default()
+        };
+        // (while, the sink, events, drain at attempt, attempts made in all)
+        type Sink<'a> = &'a dyn Fn(&[Uuid]) -> Fake;
+        let cases: [(&str, Sink, usize, usize, Option<usize>); 3] = [
+            ("the sink is down", &down, 5, 3, Some(3)),
+            ("events are being isolated", &isolating, 4, 5, Some(5)),
+            ("a refusing sink is waited out", &refusing, 4, 2, None),
+        ];
+        for (during, sink, events, drain_at, attempts) in cases {
+            let (out, _, fake, _) = confirm(
+                |ids| Fake {
+                    drain_at_attempt: Arc::new(AtomicUsize::new(drain_at)),
+                    ..sink(ids)
+                },
+                events,
+            )
+            .await;
+            assert!(out.is_none(), "drained while {during}: left pending");
+            if let Some(attempts) = attempts {
+                assert_eq!(fake.attempts.load(Ordering::Relaxed), attempts, "{during}");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,9 +3,11 @@
 //! job, what a suspect is `trial`'s.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
@@ -112,12 +114,9 @@ impl<H: Handler> Processor<H> {
             Err(e) => return self.health.down(Dependency::Sink, &e),
         }
         if first {
-            // A fresh look at every stream's watermark: whatever the last samples missed is
-            // written within IDLE_INTERVAL.
+            // Samples that failed are taken again here, and written within IDLE_INTERVAL.
             let mut conn = self.writer.clone();
-            self.watermarks
-                .sample_now(&mut conn, &self.group, true)
-                .await;
+            self.watermarks.sample_dirty(&mut conn, &self.group).await;
             self.write_checkpoints(shutdown).await;
         }
     }
@@ -138,15 +137,17 @@ impl<H: Handler> Processor<H> {
             events: Vec::new(),
             checkpoints,
         };
-        let attempt =
-            tokio::time::timeout(self.applier.timeout, self.applier.handler.apply(&batch));
+        // A panic is caught as in every attempt: it must not take the lane down with it.
+        let apply = AssertUnwindSafe(self.applier.handler.apply(&batch)).catch_unwind();
+        let attempt = tokio::time::timeout(self.applier.timeout, apply);
         let outcome = tokio::select! {
             outcome = attempt => outcome,
             _ = shutdown.triggered() => return,
         };
         match outcome {
-            Ok(Ok(_)) => self.watermarks.written(&batch.checkpoints),
-            Ok(Err(e)) => tracing::debug!(error = %e, "checkpoints not written"),
+            Ok(Ok(Ok(_))) => self.watermarks.written(&batch.checkpoints),
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "checkpoints not written"),
+            Ok(Err(_)) => tracing::warn!("the handler panicked writing checkpoints"),
             Err(_) => tracing::debug!("checkpoints not written in handler_timeout_ms"),
         }
     }
@@ -197,9 +198,11 @@ impl<H: Handler> Processor<H> {
         let batch = Batch {
             group: &self.group,
             events: routed,
-            checkpoints: self
-                .watermarks
-                .checkpoints(entries.iter().map(|e| &e.stream)),
+            checkpoints: self.watermarks.checkpoints(
+                entries
+                    .chunk_by(|a, b| a.stream == b.stream)
+                    .map(|run| &run[0].stream),
+            ),
         };
         let confirmed = self.applier.confirm(&batch, shutdown).await?;
         if confirmed.whole {

@@ -13,7 +13,8 @@
 //! A handler writes the watermark with the effects of its next batch; once the acker runs out of
 //! work, the first lane writes the ones still unwritten at once (`unwritten`), like a Kafka
 //! consumer's commit: under load the checkpoint trails the acknowledgements by the parts in
-//! flight; idle, it is the last entry settled.
+//! flight; idle, it is the last entry settled. A sample that fails is taken again (by the acker,
+//! or by the idle lane every few seconds).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,13 +59,11 @@ pub(crate) fn sample_command(stream: &str, group: &str) -> redis::Cmd {
 struct Mark {
     /// The group's low watermark as last sampled.
     position: Option<EntryId>,
-    /// The highest id this worker has settled: the watermark when nothing is pending.
-    settled: Option<EntryId>,
     /// The checkpoint last written by the handler.
     written: Option<EntryId>,
     /// When the last sample was sent.
     sampled: Option<Instant>,
-    /// Entries settled since the last sample.
+    /// Entries settled since the last sample (or its sample failed).
     dirty: bool,
 }
 
@@ -73,34 +72,26 @@ struct Mark {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Watermarks {
     marks: Arc<Mutex<HashMap<Arc<str>, Mark>>>,
-    /// Signalled when the acker, out of work, sampled watermarks that moved: an idle worker writes
-    /// them at once, so that its checkpoints reach its last settled entries within milliseconds.
+    /// Signalled when watermarks were sampled while the acker had no more work: an idle worker
+    /// writes them at once, so that its checkpoints reach its last settled entries within
+    /// milliseconds.
     moved: Arc<tokio::sync::Notify>,
 }
 
-/// A stream to sample, and the watermark to take if nothing is pending.
-#[derive(Debug)]
-pub(crate) struct Due {
-    pub stream: Arc<str>,
-    pub settled: Option<EntryId>,
-}
-
 impl Watermarks {
-    /// Notes that this worker settled entries of `stream` up to `highest` (before the sample that
-    /// follows their acknowledgement is sent).
-    pub fn settled(&self, stream: &Arc<str>, highest: EntryId) {
+    /// Notes that this worker settled entries of `stream` (before the sample that follows their
+    /// acknowledgement is sent).
+    pub fn settled(&self, stream: &Arc<str>) {
         let mut marks = self.marks.lock().expect("watermarks lock");
-        let mark = marks.entry(stream.clone()).or_default();
-        mark.settled = mark.settled.max(Some(highest));
-        mark.dirty = true;
+        marks.entry(stream.clone()).or_default().dirty = true;
     }
 
-    /// The streams among `streams` to sample now (`all`: every stream settled since its last
-    /// sample, however recent), marked as sampled.
-    pub fn due<'a>(&self, streams: impl Iterator<Item = &'a Arc<str>>, all: bool) -> Vec<Due> {
+    /// The streams among `streams` settled since their last sample and not sampled in the last
+    /// `SAMPLE_EVERY`, marked as sampled.
+    pub fn due<'a>(&self, streams: impl Iterator<Item = &'a Arc<str>>) -> Vec<Arc<str>> {
         let now = Instant::now();
         let mut marks = self.marks.lock().expect("watermarks lock");
-        let mut due: Vec<Due> = Vec::new();
+        let mut due = Vec::new();
         for stream in streams {
             let Some(mark) = marks.get_mut(stream) else {
                 continue;
@@ -108,74 +99,76 @@ impl Watermarks {
             let recent = mark
                 .sampled
                 .is_some_and(|at| now.duration_since(at) < SAMPLE_EVERY);
-            if mark.dirty && (all || !recent) {
+            if mark.dirty && !recent {
                 mark.dirty = false;
                 mark.sampled = Some(now);
-                due.push(Due {
-                    stream: stream.clone(),
-                    settled: mark.settled,
-                });
+                due.push(stream.clone());
             }
         }
         due
     }
 
-    /// Tells the idle lane that watermarks moved.
-    pub fn notify_moved(&self) {
-        self.moved.notify_one();
+    /// Every stream settled since its last sample, however recent, marked as sampled.
+    fn dirty(&self) -> Vec<Arc<str>> {
+        let now = Instant::now();
+        let mut marks = self.marks.lock().expect("watermarks lock");
+        marks
+            .iter_mut()
+            .filter(|(_, m)| m.dirty)
+            .map(|(stream, m)| {
+                m.dirty = false;
+                m.sampled = Some(now);
+                stream.clone()
+            })
+            .collect()
     }
 
-    /// Waits until the acker says watermarks moved (see `notify_moved`).
+    /// A sample of `stream` failed (Redis refused, or did not answer): it is taken again later.
+    pub fn unsampled(&self, stream: &Arc<str>) {
+        if let Some(mark) = self.marks.lock().expect("watermarks lock").get_mut(stream) {
+            mark.dirty = true;
+        }
+    }
+
+    /// Waits until watermarks were sampled with the acker out of work (see `sample_dirty`).
     pub async fn moved(&self) {
         self.moved.notified().await
     }
 
-    /// Samples in one round trip every stream settled since its last sample (`every`: every
-    /// stream this worker settled entries of), and tells the idle lane. A failure is not retried:
-    /// the watermarks stay where they were, which is safe.
-    pub async fn sample_now(&self, conn: &mut ConnectionManager, group: &str, every: bool) {
-        let due: Vec<Due> = {
-            let now = Instant::now();
-            let mut marks = self.marks.lock().expect("watermarks lock");
-            marks
-                .iter_mut()
-                .filter(|(_, m)| every || m.dirty)
-                .map(|(stream, m)| {
-                    m.dirty = false;
-                    m.sampled = Some(now);
-                    Due {
-                        stream: stream.clone(),
-                        settled: m.settled,
-                    }
-                })
-                .collect()
-        };
+    /// Samples in one round trip every stream settled since its last sample, then wakes the idle
+    /// lane to write what moved. A failure leaves them to be sampled again; meanwhile the
+    /// watermarks stay where they were, which is safe.
+    pub async fn sample_dirty(&self, conn: &mut ConnectionManager, group: &str) {
+        let due = self.dirty();
         if due.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for d in &due {
-            pipe.add_command(sample_command(&d.stream, group));
+        for stream in &due {
+            pipe.add_command(sample_command(stream, group));
         }
-        if let Ok(results) = pipe
+        match pipe
             .query_async::<Vec<redis::RedisResult<Value>>>(conn)
             .await
         {
-            for (d, result) in due.iter().zip(results) {
-                if let Ok(reply) = result {
-                    self.sampled(d, &reply);
+            Ok(results) => {
+                for (stream, result) in due.iter().zip(results) {
+                    match result {
+                        Ok(reply) => self.sampled(stream, &reply),
+                        Err(_) => self.unsampled(stream),
+                    }
                 }
+                self.moved.notify_one();
             }
-            self.notify_moved();
+            Err(_) => due.iter().for_each(|s| self.unsampled(s)),
         }
     }
 
-    /// Takes in the reply of `SAMPLE_SCRIPT` for `due`. A reply it cannot read changes nothing (nor
-    /// does an error, which the acker does not pass on): the previous watermark is still safe.
-    pub fn sampled(&self, due: &Due, reply: &Value) {
+    /// Takes in the reply of `SAMPLE_SCRIPT` for `stream`. A reply it cannot read changes nothing:
+    /// the previous watermark is still safe.
+    pub fn sampled(&self, stream: &Arc<str>, reply: &Value) {
         let position = match reply {
-            Value::Nil => due.settled,
             Value::Array(ids) => {
                 let id = |i: usize| match ids.get(i) {
                     Some(Value::BulkString(b)) => std::str::from_utf8(b)
@@ -192,25 +185,19 @@ impl Watermarks {
             _ => return,
         };
         let mut marks = self.marks.lock().expect("watermarks lock");
-        if let Some(mark) = marks.get_mut(&due.stream) {
+        if let Some(mark) = marks.get_mut(stream) {
             // The latest sample is the truth: the group may have been moved back (a replay).
             mark.position = position;
         }
     }
 
-    /// The checkpoints to write with a batch of `streams`: the watermarks that moved since they
-    /// were last written.
+    /// The checkpoints to write with a part of `streams` (each named once or more): the
+    /// watermarks that moved since they were last written.
     pub fn checkpoints<'a>(&self, streams: impl Iterator<Item = &'a Arc<str>>) -> Vec<Checkpoint> {
         let marks = self.marks.lock().expect("watermarks lock");
-        let mut out: Vec<Checkpoint> = Vec::new();
-        for stream in streams {
-            if out.last().is_some_and(|c| c.stream == *stream) {
-                continue;
-            }
-            if let Some(c) = marks.get(stream).and_then(|m| moved(stream, m)) {
-                out.push(c);
-            }
-        }
+        let mut out: Vec<Checkpoint> = streams
+            .filter_map(|s| marks.get(s).and_then(|m| moved(s, m)))
+            .collect();
         out.sort_by(|a, b| a.stream.cmp(&b.stream));
         out.dedup_by(|a, b| a.stream == b.stream);
         out
@@ -282,22 +269,18 @@ mod tests {
     fn the_watermark_is_the_entry_below_the_oldest_pending_one() {
         let w = Watermarks::default();
         let s: Arc<str> = Arc::from("{orders}:events");
-        assert!(
-            w.due([&s].into_iter(), true).is_empty(),
-            "nothing settled yet"
-        );
-        w.settled(&s, id(50, 0));
-        let due = w.due([&s].into_iter(), false);
-        assert_eq!(due.len(), 1);
-        // Entry 10-0 is held pending while 11-0..50-0 are settled: the watermark stays below it.
-        w.sampled(&due[0], &ids(&["10-0", "9-3"]));
-        assert_eq!(
-            w.checkpoints([&s, &s].into_iter()),
+        assert!(w.due([&s].into_iter()).is_empty(), "nothing settled yet");
+        w.settled(&s);
+        assert_eq!(w.due([&s].into_iter()), std::slice::from_ref(&s));
+        // Entry 10-0 is held pending while later ones are settled: the watermark stays below it.
+        w.sampled(&s, &ids(&["10-0", "9-3"]));
+        let at = |position| {
             [Checkpoint {
                 stream: s.clone(),
-                position: id(9, 3)
+                position,
             }]
-        );
+        };
+        assert_eq!(w.checkpoints([&s, &s].into_iter()), at(id(9, 3)));
         w.written(&w.checkpoints([&s].into_iter()));
         assert!(
             w.checkpoints([&s].into_iter()).is_empty(),
@@ -305,31 +288,25 @@ mod tests {
         );
         assert!(w.unwritten().is_empty());
 
-        // Sampled again only once SAMPLE_EVERY has passed, unless the acker is idle.
-        w.settled(&s, id(60, 0));
-        assert!(w.due([&s].into_iter(), false).is_empty());
-        let due = w.due([&s].into_iter(), true);
+        // Sampled again only once SAMPLE_EVERY has passed, unless the acker is out of work.
+        w.settled(&s);
+        assert!(w.due([&s].into_iter()).is_empty());
+        assert_eq!(w.dirty(), std::slice::from_ref(&s));
         // Nothing below the oldest pending entry is stored any more (trimmed).
-        w.sampled(&due[0], &ids(&["20-0"]));
-        assert_eq!(
-            w.unwritten(),
-            [Checkpoint {
-                stream: s.clone(),
-                position: id(19, u64::MAX)
-            }]
-        );
+        w.sampled(&s, &ids(&["20-0"]));
+        assert_eq!(w.unwritten(), at(id(19, u64::MAX)));
 
-        // Nothing pending: the highest id this worker settled.
-        w.settled(&s, id(70, 1));
-        let due = w.due([&s].into_iter(), true);
-        w.sampled(&due[0], &Value::Nil);
-        assert_eq!(w.unwritten()[0].position, id(70, 1));
+        // Nothing pending: the group's last delivered id.
+        w.sampled(&s, &ids(&["", "70-1"]));
+        assert_eq!(w.unwritten(), at(id(70, 1)));
 
-        // A reply it cannot read keeps the last watermark (errors never reach it: see the acker).
-        w.settled(&s, id(80, 0));
-        let due = w.due([&s].into_iter(), true);
-        w.sampled(&due[0], &Value::Okay);
-        assert_eq!(w.unwritten()[0].position, id(70, 1));
+        // A reply it cannot read keeps the last watermark; a failed sample is taken again.
+        w.sampled(&s, &Value::Nil);
+        w.sampled(&s, &Value::Okay);
+        assert_eq!(w.unwritten(), at(id(70, 1)));
+        assert!(w.dirty().is_empty());
+        w.unsampled(&s);
+        assert_eq!(w.dirty(), std::slice::from_ref(&s));
         assert_eq!(before(id(0, 0)), None);
     }
 }
