@@ -40,8 +40,7 @@ impl Default for InFlight {
 }
 
 impl InFlight {
-    /// Registers a batch just read; returns its ticket. Tickets count up from 0 in read order,
-    /// one per batch: `overlap` gives batches their turn by them.
+    /// Registers a batch (a part of a read) just read; returns its ticket.
     pub fn register(&self, entries: &[Entry]) -> u64 {
         let ids = entries
             .chunk_by(|a, b| a.stream == b.stream)
@@ -68,6 +67,14 @@ impl InFlight {
             .batches
             .get(&ticket)
             .map(f)
+    }
+
+    /// Appends the ids of batch `from` to batch `into`, whose entries a lane applies together.
+    pub fn merge(&self, into: u64, from: u64) {
+        let mut s = self.state.lock().expect("in-flight lock");
+        if let Some(ids) = s.batches.remove(&from) {
+            s.batches.entry(into).or_default().extend(ids);
+        }
     }
 
     /// Forgets a batch: settled, or left pending for redelivery.
