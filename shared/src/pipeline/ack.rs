@@ -1,6 +1,6 @@
-//! The acknowledge stage: once the handler has confirmed a batch, its entries are acknowledged and
-//! its dead letters written, in one round trip. Batches are settled in the order they were
-//! confirmed.
+//! The acknowledge stage: once the handler has confirmed a part, its entries are acknowledged,
+//! its dead letters written and its streams' watermarks sampled, in one round trip shared with the
+//! other settlements already waiting. Parts are settled in the order they were confirmed.
 //!
 //! The plain `XACK`s of applied entries need no memory, so they go through even when Redis is at
 //! `maxmemory` (a `MULTI` would be refused whole). Dead letters go through one script per stream
@@ -76,6 +76,8 @@ enum Fate {
 enum Step {
     Ack,
     DeadLetters {
+        /// Which settlement of the round trip they belong to.
+        settlement: usize,
         stream: Arc<str>,
         entries: usize,
     },
@@ -124,18 +126,17 @@ impl Settlement {
         fates
     }
 
-    /// The round trip, from the batch's ids as registered in flight (each formatted once), and
-    /// what each of its commands is.
+    /// Adds this settlement's commands to a round trip, from its ids as registered in flight
+    /// (each formatted once), with what each command is; notes the streams it settles.
     fn commands(
         &self,
+        settlement: usize,
+        (pipe, steps): (&mut redis::Pipeline, &mut Vec<Step>),
         group: &str,
         ids: &BatchIds,
         fates: &[Fate],
         watermarks: &Watermarks,
-    ) -> (redis::Pipeline, Vec<Step>) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut steps = Vec::new();
+    ) {
         let at = OffsetDateTime::now_utc();
         let mut index = 0;
         for (stream, ids) in ids {
@@ -171,6 +172,7 @@ impl Settlement {
                         .arg(fields);
                 }
                 steps.push(Step::DeadLetters {
+                    settlement,
                     stream: stream.clone(),
                     entries: dead.len(),
                 });
@@ -179,9 +181,6 @@ impl Settlement {
                 watermarks.settled(stream);
             }
         }
-        let due = watermarks.due(ids.iter().map(|(stream, _)| stream));
-        sample(&mut pipe, &mut steps, group, due);
-        (pipe, steps)
     }
 
     fn record(&self, fates: &[Fate], labels: &StreamLabels) {
@@ -225,6 +224,10 @@ fn sample(pipe: &mut redis::Pipeline, steps: &mut Vec<Step>, group: &str, due: V
     }
 }
 
+/// Most settlements acknowledged in one round trip: the lanes confirm parts of one read at about
+/// the same time, so the acker takes together those already waiting.
+const SETTLEMENTS_PER_TRIP: usize = 8;
+
 /// Where the acknowledge stage reports and what it must know.
 pub struct Acker {
     pub conn: ConnectionManager,
@@ -241,12 +244,24 @@ impl Acker {
     /// backoff; once the drain has started a failed round trip is not tried again: the rest stays
     /// pending (its effects are durable, so the redelivery is a no-op).
     pub async fn run(mut self, mut settlements: mpsc::Receiver<Settlement>) {
-        while let Some(s) = settlements.recv().await {
-            let mut fates = s.fates();
-            if self.settle(&s, &mut fates).await {
-                s.record(&fates, &self.labels);
+        while let Some(first) = settlements.recv().await {
+            // The settlements already waiting go in the same round trip.
+            let mut batch = vec![first];
+            while batch.len() < SETTLEMENTS_PER_TRIP {
+                match settlements.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
             }
-            self.in_flight.release(s.ticket);
+            let mut fates: Vec<Vec<Fate>> = batch.iter().map(Settlement::fates).collect();
+            if self.settle(&batch, &mut fates).await {
+                for (s, fates) in batch.iter().zip(&fates) {
+                    s.record(fates, &self.labels);
+                }
+            }
+            for s in &batch {
+                self.in_flight.release(s.ticket);
+            }
             if settlements.is_empty() {
                 // Out of work: the streams settled since their last sample get one now, so that
                 // the checkpoints an idle worker writes reach its last entries.
@@ -257,13 +272,33 @@ impl Acker {
         }
     }
 
-    /// One settlement; false if it was given up (drain), leaving every entry pending.
-    async fn settle(&mut self, s: &Settlement, fates: &mut [Fate]) -> bool {
-        let Some((pipe, steps)) = self.in_flight.with_ids(s.ticket, |ids| {
-            s.commands(&self.group, ids, fates, &self.watermarks)
-        }) else {
-            return false;
-        };
+    /// Settlements in one round trip; false if it was given up (drain), leaving every entry
+    /// pending.
+    async fn settle(&mut self, batch: &[Settlement], fates: &mut [Vec<Fate>]) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut steps = Vec::new();
+        let mut streams: Vec<Arc<str>> = Vec::new();
+        for (i, s) in batch.iter().enumerate() {
+            let added = self.in_flight.with_ids(s.ticket, |ids| {
+                s.commands(
+                    i,
+                    (&mut pipe, &mut steps),
+                    &self.group,
+                    ids,
+                    &fates[i],
+                    &self.watermarks,
+                );
+                streams.extend(ids.iter().map(|(stream, _)| stream.clone()));
+            });
+            if added.is_none() {
+                return false;
+            }
+        }
+        streams.sort();
+        streams.dedup();
+        let due = self.watermarks.due(streams.iter());
+        sample(&mut pipe, &mut steps, &self.group, due);
         if steps.is_empty() {
             return true;
         }
@@ -292,7 +327,14 @@ impl Acker {
                     self.health.clear(Fault::DeadLetters);
                     self.health.clear(Fault::RedisOutOfMemory);
                 }
-                (Step::DeadLetters { stream, entries }, Err(e)) => {
+                (
+                    Step::DeadLetters {
+                        settlement,
+                        stream,
+                        entries,
+                    },
+                    Err(e),
+                ) => {
                     if e.code() == Some("NOGROUP") {
                         // The group was destroyed while the batch was in flight, its pending
                         // entries with it: the group created again delivers what it starts before.
@@ -302,7 +344,8 @@ impl Acker {
                         self.health.raise(fault, &detail);
                         tracing::debug!(%stream, entries, error = %e, "dead letters not written");
                     }
-                    for (i, f) in fates.iter_mut().enumerate() {
+                    let s = &batch[*settlement];
+                    for (i, f) in fates[*settlement].iter_mut().enumerate() {
                         if *f == Fate::Dead && s.entries[i].stream == *stream {
                             *f = Fate::Held;
                         }
