@@ -8,9 +8,11 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use streamfleet_tests::corpus;
 use streamfleet_tests::corpus::valid_line;
 use streamfleet_tests::scenario::{
-    checkpoint, config, install_poison_trigger, migrated_database, rows, wait_settled, GROUP,
+    checkpoint, conclude, config, install_poison_trigger, migrated_database, rows,
+    wait_checkpointed, wait_settled, GROUP,
 };
 use streamfleet_tests::*;
 
@@ -206,4 +208,44 @@ async fn the_checkpoint_never_passes_an_entry_held_pending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_never_passes_an_entry_pending_under_another_consumer() {
     checkpoint_stays_below_a_pending_entry(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_from_redis_are_loaded_again() {
+    // The pipeline calls its scripts by SHA; Redis forgets them on a restart or a SCRIPT FLUSH.
+    let server = streamfleet_tests::servers::PrivateRedis::start();
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let stream = unique("flushed:");
+    let mut corpus = corpus::mixed(1000, 0, 2);
+    publish_lines_to(&server.url(), &stream, &corpus.lines).await;
+    let mut worker = WorkerEnv::new(&stream, &db)
+        .set("FLEET_REDIS_URL", &server.url())
+        .set("FLEET_CONFIG", &config(""))
+        .start("persister")
+        .await;
+    let mut conn = redis_at(&server.url()).await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let more = corpus::mixed(1000, 0, 2);
+    publish_lines_to(&server.url(), &stream, &more.lines).await;
+    corpus.lines.extend(more.lines);
+    corpus.expected.extend(more.expected);
+    wait_settled(&conn, &stream, GROUP).await;
+    worker.assert_running();
+    // Dead letters of the second load written, each once, and the checkpoint at the last entry.
+    conclude(
+        "scripts flushed, then loaded again",
+        &mut conn,
+        &pool,
+        &stream,
+        &corpus,
+    )
+    .await;
+    wait_checkpointed(&conn, &pool, &stream).await;
+    worker.stop_cleanly().await;
 }

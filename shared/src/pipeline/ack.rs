@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redis::aio::ConnectionManager;
-use redis::{RedisError, RedisResult, Value};
+use redis::RedisError;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -21,9 +21,10 @@ use crate::event::DlqReason;
 use crate::pipeline::dlq::{dead_letter_fields, dead_letter_keys, dlq_stream, DEAD_LETTER_SCRIPT};
 use crate::pipeline::handler::Applied;
 use crate::pipeline::inflight::{BatchIds, InFlight};
-use crate::pipeline::watermark::{sample_command, Watermarks};
+use crate::pipeline::watermark::{sample_command, Watermarks, SAMPLE_SCRIPT};
 use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::metrics as m;
+use crate::runtime::scripts::query_loading;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::entry::{Entry, EntryId};
 use crate::source::StreamLabels;
@@ -159,8 +160,7 @@ impl Settlement {
                 .collect();
             if !dead.is_empty() {
                 let cmd = pipe
-                    .cmd("EVAL")
-                    .arg(DEAD_LETTER_SCRIPT)
+                    .add_command(DEAD_LETTER_SCRIPT.call())
                     .arg(3)
                     .arg(&dead_letter_keys(stream)[..])
                     .arg(group);
@@ -304,9 +304,12 @@ impl Acker {
         }
         let mut delays = crate::runtime::backoff::backoff();
         let results = loop {
-            match pipe
-                .query_async::<Vec<RedisResult<Value>>>(&mut self.conn)
-                .await
+            match query_loading(
+                &pipe,
+                &mut self.conn,
+                &[&DEAD_LETTER_SCRIPT, &SAMPLE_SCRIPT],
+            )
+            .await
             {
                 Ok(results) => break results,
                 Err(e) => {

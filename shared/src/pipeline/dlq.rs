@@ -6,10 +6,13 @@
 //! Redis Cluster hash tag (`{orders}:events` → `{orders}:events:dlq`) and one script can touch
 //! both.
 
+use std::sync::LazyLock;
+
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::event::DlqReason;
+use crate::runtime::scripts::Lua;
 use crate::source::entry::Entry;
 
 /// Suffix of a dead letter stream.
@@ -62,7 +65,9 @@ pub fn is_dlq_stream(key: &str) -> bool {
 /// KEYS: stream, its dead letter stream, its trial markers. ARGV: group, then per dead letter
 /// its entry id, the number of field/value arguments and those arguments. Returns how many dead
 /// letters were written.
-pub const DEAD_LETTER_SCRIPT: &str = r#"
+pub static DEAD_LETTER_SCRIPT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' holds a ' .. kind .. ', not a stream: dead letters cannot be written')
@@ -82,7 +87,9 @@ while i <= #ARGV do
 end
 redis.call('HDEL', KEYS[3], unpack(settled))
 return written
-"#;
+"#,
+    )
+});
 
 /// The fields of one dead letter: the entry's own, then ours.
 pub fn dead_letter_fields(

@@ -17,13 +17,14 @@
 //! or by the idle lane every few seconds).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::Value;
 
 use crate::pipeline::handler::Checkpoint;
+use crate::runtime::scripts::{query_loading, Lua};
 use crate::source::entry::EntryId;
 
 /// How often a stream's watermark is sampled while its entries are being settled.
@@ -33,7 +34,9 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// (every entry delivered is settled, whoever read it). Else the oldest pending entry id and, if
 /// the stream still holds one, the id of the entry just below it. Read-only (`no-writes`),
 /// so Redis runs it at `maxmemory` too; one key, so it runs in the stream's hash slot.
-pub(crate) const SAMPLE_SCRIPT: &str = r#"#!lua flags=no-writes
+pub(crate) static SAMPLE_SCRIPT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"#!lua flags=no-writes
 local p = redis.call('XPENDING', KEYS[1], ARGV[1])
 if p[1] == 0 then
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -46,12 +49,14 @@ end
 local below = redis.call('XREVRANGE', KEYS[1], '(' .. p[2], '-', 'COUNT', 1)
 if #below == 0 then return {p[2]} end
 return {p[2], below[1][1]}
-"#;
+"#,
+    )
+});
 
 /// The command that samples `stream`'s watermark for `group`.
 pub(crate) fn sample_command(stream: &str, group: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(SAMPLE_SCRIPT).arg(1).arg(stream).arg(group);
+    let mut cmd = SAMPLE_SCRIPT.call();
+    cmd.arg(1).arg(stream).arg(group);
     cmd
 }
 
@@ -148,10 +153,7 @@ impl Watermarks {
         for stream in &due {
             pipe.add_command(sample_command(stream, group));
         }
-        match pipe
-            .query_async::<Vec<redis::RedisResult<Value>>>(conn)
-            .await
-        {
+        match query_loading(&pipe, conn, &[&SAMPLE_SCRIPT]).await {
             Ok(results) => {
                 for (stream, result) in due.iter().zip(results) {
                     match result {

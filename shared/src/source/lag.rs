@@ -4,15 +4,16 @@
 //! per `FLEET_STREAMS` item, so a glob over thousands of streams is a handful of series.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::{RedisResult, Value};
+use redis::Value;
 use tokio::sync::watch;
 
 use crate::runtime::health::{Fault, Health};
 use crate::runtime::metrics as m;
+use crate::runtime::scripts::{query_loading, Lua};
 use crate::source::identity::Identity;
 use crate::source::StreamLabels;
 
@@ -44,7 +45,9 @@ fn parse_group_state(reply: &Value, group: &str) -> redis::RedisResult<Option<Gr
 /// Deletes, atomically, the consumers other than ARGV[3] that have been idle at least ARGV[2] ms
 /// and own no pending entries (a consumer that owns entries is never deleted: they would vanish
 /// from the pending list). Returns {deleted names, active count, idle count}.
-const CLEAN_CONSUMERS: &str = r#"
+static CLEAN_CONSUMERS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
 local deleted, active, idle = {}, 0, 0
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local f = {}
@@ -61,7 +64,9 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   end
 end
 return {deleted, active, idle}
-"#;
+"#,
+    )
+});
 
 /// What the watcher needs to know about this worker.
 #[derive(Debug, Clone)]
@@ -105,15 +110,14 @@ impl Watch {
             for stream in chunk {
                 pipe.cmd("XINFO").arg("GROUPS").arg(&**stream);
                 pipe.cmd("XPENDING").arg(&**stream).arg(&self.group);
-                pipe.cmd("EVAL")
-                    .arg(CLEAN_CONSUMERS)
+                pipe.add_command(CLEAN_CONSUMERS.call())
                     .arg(1)
                     .arg(&**stream)
                     .arg(&self.group)
                     .arg(self.consumer_idle_ms)
                     .arg(&self.consumer);
             }
-            let replies: Vec<RedisResult<Value>> = match pipe.query_async(conn).await {
+            let replies = match query_loading(&pipe, conn, &[&CLEAN_CONSUMERS]).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(error = %e, "lag sample failed");
