@@ -304,8 +304,15 @@ async fn sigterm_under_load_exits_0_and_leaves_everything_acknowledged_or_pendin
     let stream = unique("term:");
     let corpus = corpus::mixed(30_000, 5, 1);
     publish_lines(&stream, &corpus.lines).await;
+    // Small batches: the stop must find the load half done however fast the machine is today.
     let env = WorkerEnv::new(&stream, &db)
-        .set("FLEET_CONFIG", &config(""))
+        .set(
+            "FLEET_CONFIG",
+            &config(
+                "batch_size = 100
+",
+            ),
+        )
         .set("FLEET_SHUTDOWN_GRACE_MS", "5000");
     let mut worker = env.start("persister").await;
     tokio::time::sleep(Duration::from_millis(random_between(200, 800))).await;

@@ -84,6 +84,8 @@ async fn the_persister_runs_under_its_shipped_acl_user_and_role_and_nothing_more
         &corpus,
     )
     .await;
+    // The checkpoint reaches the last entry: the watermark script runs under the ACL too.
+    streamfleet_tests::scenario::wait_checkpointed(&admin, &pool, &stream).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // a lag sample and a consumer clean-up
     let log = worker.log_text();
     assert!(
@@ -91,6 +93,41 @@ async fn the_persister_runs_under_its_shipped_acl_user_and_role_and_nothing_more
         "{log}"
     );
     worker.stop_cleanly().await;
+
+    // Inside its ACL: the commands its scripts run, which a load may not reach (XREVRANGE runs
+    // only while entries are pending; a refusal there only stalls the checkpoint).
+    let (dlq, trials) = (format!("{stream}:dlq"), format!("{stream}:trials"));
+    let script_commands: [&[&str]; 11] = [
+        &["XPENDING", &stream, GROUP],
+        &["XREVRANGE", &stream, "+", "-", "COUNT", "1"],
+        &["XINFO", "GROUPS", &stream],
+        &["XINFO", "CONSUMERS", &stream, GROUP],
+        &["XGROUP", "DELCONSUMER", &stream, GROUP, "gone"],
+        &["XADD", &dlq, "*", "a", "1"],
+        &["XACK", &stream, GROUP, "1-0"],
+        &["HDEL", &trials, "f"],
+        &["TYPE", &dlq],
+        &[
+            "EVALSHA",
+            "0000000000000000000000000000000000000000",
+            "1",
+            &stream,
+        ],
+        &["SCRIPT", "LOAD", "return 1"],
+    ];
+    for args in script_commands {
+        let verdict: String = redis::cmd("ACL")
+            .arg("DRYRUN")
+            .arg("persister")
+            .arg(args)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(
+            verdict, "OK",
+            "the persister's ACL refuses {args:?}: {verdict}"
+        );
+    }
 
     // Outside its ACL: other commands, other keys.
     let mut as_persister = redis_at(&url_as(&server.url(), "persister")).await;
