@@ -25,6 +25,7 @@ use crate::runtime::config::FileConfig;
 use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::shutdown::Shutdown;
 use crate::source::entry::Entry;
+use crate::source::READ_BUDGET;
 
 /// How often an idle lane checks that its sink is reachable (and the first lane writes the
 /// checkpoints that moved).
@@ -96,16 +97,26 @@ impl<H: Handler> Processor<H> {
         }
     }
 
-    /// The part, with the parts queued behind it for this lane, up to about `batch_size` entries:
-    /// a read is split across the lanes, so under a backlog a lane applies as many entries per
-    /// statement as one read brings (measured: parts of half a read alone cost a third of the
-    /// drain, as many more commits). Order is kept: parts are queued in read order.
+    /// The part, with the parts queued behind it for this lane, up to about what one read brings
+    /// (`batch_size` entries; while under half of `READ_BUDGET` bytes): a read is split across the lanes, so under a
+    /// backlog a lane still applies a read's worth per statement (measured: parts of half a read
+    /// alone cost a third of the drain, as many more commits). Order is kept: parts are queued
+    /// in read order. Large entries are not gathered: every part taken frees a queue slot the
+    /// reader fills, so memory would grow by the parts taken.
     fn gather(&self, (ticket, mut entries): Part, parts: &mut mpsc::Receiver<Part>) -> Part {
-        while entries.len() < self.config.tuning.batch_size {
+        let size = |part: &[Entry]| -> usize {
+            part.iter()
+                .filter_map(|e| e.fields.as_ref())
+                .map(|f| f.byte_size())
+                .sum()
+        };
+        let mut bytes = size(&entries);
+        while entries.len() < self.config.tuning.batch_size && bytes < READ_BUDGET / 2 {
             let Ok((next, more)) = parts.try_recv() else {
                 break;
             };
             self.in_flight.merge(ticket, next);
+            bytes += size(&more);
             entries.extend(more);
         }
         (ticket, entries)

@@ -191,7 +191,7 @@ pub struct Source {
 /// About how many bytes one read may bring: with large entries, reads take fewer of them (each
 /// byte read is held a few times over while in flight: read buffer, batch, statement; measured,
 /// 1 MiB keeps a backlog of 1 MB entries under the 64 MiB target).
-const READ_BUDGET: usize = 1024 * 1024;
+pub(crate) const READ_BUDGET: usize = 1024 * 1024;
 /// Entries the first read may take, before their size is known.
 const FIRST_READ: usize = 1;
 
