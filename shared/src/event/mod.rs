@@ -7,6 +7,7 @@
 pub mod channel;
 pub(crate) mod legacy;
 pub mod pattern;
+pub mod template;
 
 use std::borrow::Cow;
 

@@ -100,6 +100,18 @@ impl ChannelPattern {
         match_segments(&self.segments, &parts[..n])
     }
 
+    /// How many segments every matching channel has at least, and at most (`None`: up to the
+    /// channel limit, after a `#`): a template naming segment `n` is checked against these.
+    pub fn segment_bounds(&self) -> (usize, Option<usize>) {
+        let fixed = self
+            .segments
+            .iter()
+            .filter(|s| !matches!(s, Segment::Many))
+            .count();
+        let open = self.segments.iter().any(|s| matches!(s, Segment::Many));
+        (fixed, (!open).then_some(fixed))
+    }
+
     /// Sort key: smaller is more specific (fewest wildcards, then most segments).
     fn specificity(&self) -> (usize, std::cmp::Reverse<usize>) {
         let wildcards = self

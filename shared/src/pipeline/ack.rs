@@ -56,18 +56,22 @@ pub struct Settlement {
     pub dead: Vec<DeadLetter>,
     /// Kept failing: left pending (not acknowledged) for the reclaimer to redeliver.
     pub held: Vec<(Arc<str>, EntryId)>,
+    /// Per entry (empty unless the handler acknowledges): acknowledged by the sink with its
+    /// effects, never again here.
+    pub by_sink: Vec<bool>,
     pub counts: Counts,
     pub started: Instant,
 }
 
-/// What becomes of one entry of a settlement. Settlement is per entry and per part, so what the
-/// next workers need adds to it without tearing it up: a sink that acknowledges entries with its
-/// effects in one script (the projector) reports them, and they get a fate of their own (counted
-/// and sampled like `Ack`, never acknowledged twice); an entry deferred by backpressure (the
-/// notifier's `block`) is settled later in a settlement of its own, as parts are now.
+/// What becomes of one entry of a settlement. Settlement is per entry and per part: an entry
+/// deferred by backpressure (the notifier's `block`) would be settled later in a settlement of
+/// its own, as parts are now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
     Ack,
+    /// Acknowledged by the sink with its effects (`Handler::ACKNOWLEDGES`): counted and sampled
+    /// like `Ack`, never acknowledged a second time.
+    Sink,
     Held,
     Dead,
 }
@@ -110,6 +114,11 @@ fn dead_letter_fault(stream: &str, e: &RedisError) -> (Fault, String) {
 impl Settlement {
     fn fates(&self) -> Vec<Fate> {
         let mut fates = vec![Fate::Ack; self.entries.len()];
+        for (fate, by_sink) in fates.iter_mut().zip(&self.by_sink) {
+            if *by_sink {
+                *fate = Fate::Sink;
+            }
+        }
         for d in &self.dead {
             fates[d.index] = Fate::Dead;
         }

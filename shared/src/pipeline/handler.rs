@@ -33,6 +33,9 @@ pub struct Checkpoint {
 pub struct Batch<'a> {
     /// The consumer group, part of the checkpoint key.
     pub group: &'a str,
+    /// The consumer reading it: a sink that acknowledges ([`Handler::ACKNOWLEDGES`]) claims the
+    /// entries for it before acknowledging them.
+    pub consumer: &'a str,
     /// Events to apply, in stream order per stream; ids are unique within the batch.
     pub events: Vec<Routed<'a>>,
     /// One per stream read in this batch, including streams whose entries were all skipped.
@@ -40,7 +43,7 @@ pub struct Batch<'a> {
 }
 
 /// What a successful apply did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// Events whose effect was made now.
     pub applied: usize,
@@ -48,6 +51,18 @@ pub struct Applied {
     pub duplicates: usize,
     /// Events this handler has nothing to do for (e.g. a non-strict route in the persister).
     pub skipped: usize,
+    /// Events the sink cannot apply, found without failing the batch (e.g. a key template that
+    /// needs a `data` field the event lacks): left unapplied and unacknowledged, the rest applied.
+    /// The pipeline dead-letters them (`handler_error`) with the error given.
+    pub rejected: Vec<Rejected>,
+}
+
+/// An event of the batch the sink cannot apply, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub stream: Arc<str>,
+    pub entry_id: EntryId,
+    pub error: String,
 }
 
 /// Why a batch could not be applied. The variant decides what the pipeline does next, so a
@@ -81,6 +96,15 @@ pub enum HandlerError {
 /// A worker's job. Cloned once per handler lane (`handler_concurrency`): clones share the sink
 /// (e.g. a connection pool) and may apply batches at the same time.
 pub trait Handler: Clone + Send + Sync + 'static {
+    /// A transactional sink: `apply` acknowledges (`XACK`) every event of `batch.events` it
+    /// applies or finds already settled, in the same atomic step as its effects (e.g. one Redis
+    /// script beside the stream, as Kafka Streams commits state and offsets together), and leaves
+    /// the ones it rejects pending. An entry is then acknowledged exactly when its effects are
+    /// made, so a redelivered one, whoever reads it, applies nothing. The pipeline never
+    /// acknowledges those entries again; it still owns everything else: the entries the handler
+    /// never sees (unrouted, malformed, shed), dead letters, retries and checkpoints.
+    const ACKNOWLEDGES: bool = false;
+
     /// Applies the batch idempotently: applying the same events again must have no second effect.
     fn apply(
         &mut self,
@@ -112,5 +136,6 @@ impl std::ops::AddAssign for Applied {
         self.applied += other.applied;
         self.duplicates += other.duplicates;
         self.skipped += other.skipped;
+        self.rejected.extend(other.rejected);
     }
 }

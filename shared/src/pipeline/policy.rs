@@ -47,6 +47,16 @@ pub struct Confirmed {
     pub whole: bool,
 }
 
+impl Confirmed {
+    /// The events the handler rejected in a batch it applied join the rejected ones.
+    fn with_rejected(mut self) -> Self {
+        for r in std::mem::take(&mut self.applied.rejected) {
+            self.rejected.push((r.stream, r.entry_id, r.error));
+        }
+        self
+    }
+}
+
 /// What one failed attempt says about the batch.
 #[derive(Debug)]
 enum Verdict {
@@ -177,11 +187,14 @@ impl<H: Handler> Applier<H> {
         loop {
             let error = match self.attempt(batch, shutdown, retry).await? {
                 Ok(applied) => {
-                    return Some(Confirmed {
-                        applied,
-                        whole: true,
-                        ..Confirmed::default()
-                    })
+                    return Some(
+                        Confirmed {
+                            applied,
+                            whole: true,
+                            ..Confirmed::default()
+                        }
+                        .with_rejected(),
+                    )
                 }
                 Err(e) => e,
             };
@@ -202,7 +215,7 @@ impl<H: Handler> Applier<H> {
             }
             pause(&mut delays, shutdown).await?;
         }
-        self.isolate(batch, shutdown).await
+        Some(self.isolate(batch, shutdown).await?.with_rejected())
     }
 
     /// Applies each event alone: rejected ones become dead letters, ones that keep failing are
@@ -212,6 +225,7 @@ impl<H: Handler> Applier<H> {
         for routed in &batch.events {
             let single = Batch {
                 group: batch.group,
+                consumer: batch.consumer,
                 events: vec![*routed],
                 checkpoints: Vec::new(),
             };
@@ -306,6 +320,8 @@ mod tests {
         reject: Arc<HashSet<Uuid>>,
         /// Makes the handler panic.
         panics: Arc<HashSet<Uuid>>,
+        /// Reported as rejected in a batch applied otherwise (a transactional sink's verdict).
+        refuse: Arc<HashSet<Uuid>>,
         /// The sink does not answer at all (until this many more attempts).
         down_for: Arc<AtomicUsize>,
         /// The sink refuses every statement (until this many more attempts).
@@ -347,9 +363,21 @@ mod tests {
                 }
             }
             let mut applied = self.applied.lock().unwrap();
-            applied.extend(batch.events.iter().map(|r| r.event.id));
+            let (refused, fine): (Vec<&Routed<'_>>, Vec<&Routed<'_>>) = batch
+                .events
+                .iter()
+                .partition(|r| self.refuse.contains(&r.event.id));
+            applied.extend(fine.iter().map(|r| r.event.id));
             Ok(Applied {
-                applied: batch.events.len(),
+                applied: fine.len(),
+                rejected: refused
+                    .iter()
+                    .map(|r| crate::pipeline::handler::Rejected {
+                        stream: r.stream.clone(),
+                        entry_id: r.entry_id,
+                        error: "no data.step".into(),
+                    })
+                    .collect(),
                 ..Applied::default()
             })
         }
@@ -393,6 +421,7 @@ mod tests {
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {
             group: "g",
+            consumer: "c",
             events: events
                 .iter()
                 .enumerate()
@@ -489,6 +518,25 @@ mod tests {
         );
         assert_eq!(out.applied.applied, 4);
         assert!(!fake.applied.lock().unwrap().contains(&ids[1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_a_sink_rejects_in_a_batch_it_applies_are_dead_letters_without_isolation() {
+        let (out, ids, fake, _) = confirm(
+            |ids| Fake {
+                refuse: Arc::new([ids[0], ids[3]].into()),
+                ..Fake::default()
+            },
+            5,
+        )
+        .await;
+        let out = out.unwrap();
+        let rejected: Vec<u64> = out.rejected.iter().map(|(_, id, _)| id.seq).collect();
+        assert_eq!(rejected, vec![0, 3]);
+        assert!(out.whole && out.applied.rejected.is_empty());
+        assert_eq!(out.applied.applied, 3);
+        assert_eq!(fake.attempts.load(Ordering::Relaxed), 1, "one attempt");
+        assert!(!fake.applied.lock().unwrap().contains(&ids[3]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -601,6 +649,7 @@ mod tests {
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {
             group: "g",
+            consumer: "c",
             events: vec![Routed {
                 event: &ev,
                 route: &route,

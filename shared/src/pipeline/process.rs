@@ -161,6 +161,7 @@ impl<H: Handler> Processor<H> {
         }
         let batch = Batch {
             group: &self.group,
+            consumer: &self.consumer,
             events: Vec::new(),
             checkpoints,
         };
@@ -221,9 +222,26 @@ impl<H: Handler> Processor<H> {
         let (routed, suspects) = self.route(&config, &entries, &events, &mut counts);
         let (routed, shed) = self.backpressure.admit(routed).await;
         counts.shed = shed;
+        // A sink that acknowledges settles what it is given: the routed entries, a subsequence of
+        // the part's entries in their order.
+        let mut by_sink = Vec::new();
+        if H::ACKNOWLEDGES {
+            by_sink = vec![false; entries.len()];
+            let mut next = routed.iter().peekable();
+            for (i, e) in entries.iter().enumerate() {
+                if next
+                    .peek()
+                    .is_some_and(|r| r.entry_id == e.id && *r.stream == e.stream)
+                {
+                    by_sink[i] = true;
+                    next.next();
+                }
+            }
+        }
 
         let batch = Batch {
             group: &self.group,
+            consumer: &self.consumer,
             events: routed,
             checkpoints: self.watermarks.checkpoints(
                 entries
@@ -253,7 +271,18 @@ impl<H: Handler> Processor<H> {
         for (index, suspect) in suspects {
             let entry = &entries[index];
             match self.trial(suspect, entry, shutdown).await {
-                Trial::Applied(applied) => counts.applied += applied,
+                Trial::Applied(mut applied) => {
+                    if let Some(r) = applied.rejected.pop() {
+                        dead.push(DeadLetter {
+                            index,
+                            reason: DlqReason::HandlerError,
+                            error: r.error,
+                        });
+                    } else if H::ACKNOWLEDGES {
+                        by_sink[index] = true;
+                    }
+                    counts.applied += applied;
+                }
                 Trial::Dead(error) => dead.push(DeadLetter {
                     index,
                     reason: DlqReason::MaxDeliveries,
@@ -273,6 +302,7 @@ impl<H: Handler> Processor<H> {
             entries,
             dead,
             held,
+            by_sink,
             counts,
             started,
         })

@@ -86,6 +86,7 @@ impl<H: Handler> Processor<H> {
         }
         let single = Batch {
             group: &self.group,
+            consumer: &self.consumer,
             events: vec![suspect],
             checkpoints: Vec::new(),
         };

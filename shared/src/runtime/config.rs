@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::event::pattern::{ChannelPattern, PatternTable};
+use crate::event::template::Template;
 
 /// A configuration problem; its message is one line naming the setting.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +62,9 @@ pub struct Tuning {
     pub consumer_idle_ms: u64,
     /// Deliveries after which an entry goes to the dead letter stream.
     pub max_deliveries: u64,
-    /// How long an event id is remembered for Redis-side effects.
-    pub dedup_ttl_s: u64,
+    /// Redis-side effects (the projector): how long an event id is remembered, so that a
+    /// producer's retry (the same event at a new entry) has no second effect. 0 turns it off.
+    pub dedup_window_s: u64,
     /// Where a group that does not exist yet starts.
     pub start_from: StartFrom,
     /// Largest accepted `data`, in bytes.
@@ -93,7 +95,7 @@ impl Default for Tuning {
             claim_interval_ms: 5000,
             consumer_idle_ms: 3_600_000,
             max_deliveries: 5,
-            dedup_ttl_s: 86_400,
+            dedup_window_s: 300,
             start_from: StartFrom::Oldest,
             max_data_bytes: crate::event::DEFAULT_MAX_DATA_BYTES,
             discover_interval_ms: 5000,
@@ -104,36 +106,174 @@ impl Default for Tuning {
     }
 }
 
-/// A projector action (declared effects); parsed here so every worker rejects typos alike.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged, deny_unknown_fields)]
+/// How `latest` decides which of two events of a key is newer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionBy {
+    /// Stream order: the later entry id wins (what the producer appended last).
+    #[default]
+    EntryId,
+    /// The event's `time` (the producer's clock); equal times fall back to the entry id.
+    Time,
+}
+
+/// Default cap of a `history` stream (`MAXLEN ~`).
+pub const DEFAULT_HISTORY_MAXLEN: u64 = 10_000;
+/// Default TTL of counters and history streams: a day.
+pub const DEFAULT_EFFECT_TTL_S: u64 = 86_400;
+
+/// A projector action: an effect in Redis declared per route (the templates name the keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Out-of-order safe latest state under a key template.
-    Latest {
-        latest: String,
-        #[serde(default)]
-        version: Option<String>,
-    },
-    /// Cache keys deleted on change.
-    Invalidate { invalidate: Vec<String> },
-    /// Per-minute counters.
-    Count {
-        count: String,
-        #[serde(default)]
-        ttl_s: Option<u64>,
+    /// The newest state per key: a hash of the event's `data` fields, written only if the event
+    /// is newer than the stored one.
+    Latest { key: Template, version: VersionBy },
+    /// Cache keys deleted when such an event arrives.
+    Invalidate { keys: Vec<Template> },
+    /// A counter per key (per time bucket when the template names one), expiring after `ttl_s`.
+    Count { key: Template, ttl_s: u64 },
+    /// A capped stream of the key's events, expiring `ttl_s` after the last one.
+    History {
+        key: Template,
+        maxlen: u64,
+        ttl_s: u64,
     },
 }
 
-/// `[[route]]`: what a worker does with events on matching channels.
+impl Action {
+    /// Every template of the action.
+    pub fn templates(&self) -> Vec<&Template> {
+        match self {
+            Action::Latest { key, .. }
+            | Action::Count { key, .. }
+            | Action::History { key, .. } => {
+                vec![key]
+            }
+            Action::Invalidate { keys } => keys.iter().collect(),
+        }
+    }
+}
+
+/// An action as written: exactly one of `latest`, `invalidate`, `count`, `history`, with the
+/// settings of that kind only.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAction {
+    latest: Option<Template>,
+    version: Option<VersionBy>,
+    invalidate: Option<Vec<Template>>,
+    count: Option<Template>,
+    history: Option<Template>,
+    maxlen: Option<u64>,
+    ttl_s: Option<u64>,
+}
+
+impl RawAction {
+    fn validate(self, name: &dyn Fn(&str) -> String) -> Result<Action, String> {
+        let kinds = [
+            self.latest.is_some(),
+            self.invalidate.is_some(),
+            self.count.is_some(),
+            self.history.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(format!(
+                "{} must name exactly one of latest, invalidate, count, history",
+                name("")
+            ));
+        }
+        let forbid = |present: bool, field: &str, kind: &str| {
+            if present {
+                Err(format!("{} does not apply to {kind}", name(field)))
+            } else {
+                Ok(())
+            }
+        };
+        Ok(if let Some(key) = self.latest {
+            forbid(self.maxlen.is_some(), "maxlen", "latest")?;
+            forbid(self.ttl_s.is_some(), "ttl_s", "latest")?;
+            Action::Latest {
+                key,
+                version: self.version.unwrap_or_default(),
+            }
+        } else if let Some(keys) = self.invalidate {
+            forbid(self.version.is_some(), "version", "invalidate")?;
+            forbid(self.maxlen.is_some(), "maxlen", "invalidate")?;
+            forbid(self.ttl_s.is_some(), "ttl_s", "invalidate")?;
+            if keys.is_empty() {
+                return Err(format!("{} names no key", name("invalidate")));
+            }
+            Action::Invalidate { keys }
+        } else if let Some(key) = self.count {
+            forbid(self.version.is_some(), "version", "count")?;
+            forbid(self.maxlen.is_some(), "maxlen", "count")?;
+            Action::Count {
+                key,
+                ttl_s: self.ttl_s.unwrap_or(DEFAULT_EFFECT_TTL_S),
+            }
+        } else {
+            forbid(self.version.is_some(), "version", "history")?;
+            let maxlen = self.maxlen.unwrap_or(DEFAULT_HISTORY_MAXLEN);
+            if maxlen == 0 {
+                return Err(format!("{} must be at least 1", name("maxlen")));
+            }
+            Action::History {
+                key: self.history.expect("one kind is set"),
+                maxlen,
+                ttl_s: self.ttl_s.unwrap_or(DEFAULT_EFFECT_TTL_S),
+            }
+        })
+    }
+}
+
+/// `[[route]]` as written; validated into [`Route`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    pattern: ChannelPattern,
+    #[serde(default)]
+    strict: bool,
+    #[serde(default)]
+    actions: Vec<RawAction>,
+}
+
+/// `[[route]]`: what a worker does with events on matching channels.
+#[derive(Debug, Clone)]
 pub struct Route {
     pub pattern: ChannelPattern,
     /// User events: acknowledged only after they are committed to PostgreSQL.
-    #[serde(default)]
     pub strict: bool,
-    #[serde(default)]
+    /// The projector's effects.
     pub actions: Vec<Action>,
+}
+
+impl RawRoute {
+    /// Checks every action and template against the route's pattern; errors name
+    /// `route[i] (pattern).actions[j].field`.
+    fn validate(self, i: usize) -> Result<Route, String> {
+        let mut actions = Vec::with_capacity(self.actions.len());
+        for (j, raw) in self.actions.into_iter().enumerate() {
+            let name = |field: &str| {
+                let field = if field.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{field}")
+                };
+                format!("route[{i}] ({}).actions[{j}]{field}", self.pattern)
+            };
+            let action = raw.validate(&name)?;
+            for t in action.templates() {
+                t.check(&self.pattern)
+                    .map_err(|e| format!("{}: {e}", name("")))?;
+            }
+            actions.push(action);
+        }
+        Ok(Route {
+            pattern: self.pattern,
+            strict: self.strict,
+            actions,
+        })
+    }
 }
 
 /// What to do when a rate limit is exceeded.
@@ -189,7 +329,7 @@ struct RawFile {
     #[serde(default)]
     tuning: Tuning,
     #[serde(default)]
-    route: Option<Vec<Route>>,
+    route: Option<Vec<RawRoute>>,
     #[serde(default)]
     backpressure: Vec<RawBackpressure>,
 }
@@ -278,13 +418,19 @@ impl FileConfig {
         if t.max_data_bytes == 0 {
             return Err(fail("tuning.max_data_bytes must be at least 1".into()));
         }
-        let routes = raw.route.unwrap_or_else(|| {
-            vec![Route {
+        let routes = match raw.route {
+            Some(routes) => routes
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| r.validate(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?,
+            None => vec![Route {
                 pattern: DEFAULT_STRICT_PATTERN.parse().expect("valid pattern"),
                 strict: true,
                 actions: Vec::new(),
-            }]
-        });
+            }],
+        };
         let mut rules = Vec::new();
         for (i, r) in raw.backpressure.into_iter().enumerate() {
             rules.push((
@@ -358,7 +504,7 @@ max_in_flight = 5000
 handler_timeout_ms = 5000
 claim_idle_ms = 30000
 max_deliveries = 5
-dedup_ttl_s = 86400
+dedup_window_s = 300
 start_from = "oldest"
 
 [[route]]
@@ -399,6 +545,54 @@ over_limit = "block"
                 over_limit: OverLimit::Block
             }
         );
+    }
+
+    #[test]
+    fn actions_are_checked_against_their_route() {
+        let route = |actions: &str| {
+            FileConfig::parse(
+                &format!("[[route]]\npattern = \"flow.*.progress\"\nactions = [{actions}]"),
+                "f.toml",
+            )
+        };
+        let c = route(
+            r#"{ latest = "{{t}}:{channel[1]}" }, { history = "h:{key}", maxlen = 5 }, { count = "c:{minute}" }"#,
+        )
+        .unwrap();
+        let (_, r) = c.routes.lookup("flow.a.progress").unwrap();
+        assert!(matches!(
+            &r.actions[0],
+            Action::Latest {
+                version: VersionBy::EntryId,
+                ..
+            }
+        ));
+        assert!(matches!(
+            &r.actions[1],
+            Action::History {
+                maxlen: 5,
+                ttl_s: DEFAULT_EFFECT_TTL_S,
+                ..
+            }
+        ));
+        for (actions, expected) in [
+            (
+                r#"{ latest = "s:{channel[3]}" }"#,
+                "route[0] (flow.*.progress).actions[0]: template \"s:{channel[3]}\"",
+            ),
+            (r#"{ count = "c:{nope}" }"#, "unknown placeholder {nope}"),
+            (
+                r#"{ count = "c", maxlen = 3 }"#,
+                "actions[0].maxlen does not apply to count",
+            ),
+            (r#"{ latest = "a", count = "b" }"#, "exactly one of"),
+            (r#"{ latest = "a", version = "clock" }"#, "clock"),
+            (r#"{ invalidate = [] }"#, "names no key"),
+        ] {
+            let err = route(actions).unwrap_err().to_string();
+            assert!(err.contains(expected), "{actions}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Handler for StrictSink {
             applied: inserted,
             duplicates: rows.len() - inserted,
             skipped,
+            ..Applied::default()
         })
     }
 
