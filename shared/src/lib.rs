@@ -23,7 +23,7 @@ pub(crate) mod source;
 pub mod store;
 mod worker;
 
-pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Routed};
+pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Rejected, Routed};
 pub use runtime::config::{Route, StartFrom};
 pub use source::entry::{EntryId, Fields};
 pub use worker::Worker;

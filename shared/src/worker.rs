@@ -97,6 +97,11 @@ impl Worker {
         &self.config
     }
 
+    /// The Redis client (`FLEET_REDIS_URL`), for a handler whose sink is Redis itself.
+    pub fn redis_client(&self) -> &redis::Client {
+        &self.redis
+    }
+
     /// `FLEET_DATABASE_URL`, required by workers that write to PostgreSQL.
     pub fn database_url(&self) -> Result<&str, ConfigError> {
         self.args.database_url.as_deref().ok_or_else(|| {

@@ -12,5 +12,5 @@ pub(crate) mod http;
 pub(crate) mod logging;
 pub(crate) mod metrics;
 pub mod process;
-pub(crate) mod scripts;
+pub mod scripts;
 pub(crate) mod shutdown;

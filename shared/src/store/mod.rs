@@ -3,6 +3,8 @@
 //! durable together or not at all; `ON CONFLICT DO NOTHING` on the event id makes a redelivered
 //! batch a no-op.
 
+pub mod redis_checkpoints;
+
 use std::str::FromStr;
 use std::time::Duration;
 

@@ -1,0 +1,48 @@
+//! projector: materialized state in Redis from the event streams (latest state, invalidations,
+//! counters, history), each entry's effects and its acknowledgement in one atomic script. All
+//! logic lives in the `streamfleet` library and `sink`; this file wires it.
+
+mod plan;
+mod sink;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sink::RedisSink;
+use streamfleet::runtime::cli::{self, WorkerArgs};
+use streamfleet::runtime::config::ConfigError;
+use streamfleet::Worker;
+
+/// See the persister: many small buffers per entry.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const NAME: &str = "projector";
+
+/// Project events from Redis Streams into Redis state (latest, invalidate, count, history), each
+/// event's effects applied once, atomically with its acknowledgement.
+#[derive(Debug, Parser)]
+#[command(name = NAME, version)]
+struct Cli {
+    #[command(flatten)]
+    worker: WorkerArgs,
+}
+
+/// One runtime thread: the work is redis-server's (the scripts), not the worker's.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli: Cli = cli::parse(NAME);
+    let worker = match Worker::new(NAME, cli.worker) {
+        Ok(w) => w,
+        Err(e) => return cli::config_exit(NAME, &e),
+    };
+    let config = worker.config();
+    if !config.routes.iter().any(|(_, r)| !r.actions.is_empty()) {
+        let e = ConfigError(
+            "FLEET_CONFIG: no route declares actions: the projector would acknowledge every event with no effect".into(),
+        );
+        return cli::config_exit(NAME, &e);
+    }
+    let sink = RedisSink::new(worker.redis_client().clone(), config.tuning.dedup_window_s);
+    cli::finish(NAME, worker.run(sink).await)
+}

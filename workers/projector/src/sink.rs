@@ -1,0 +1,215 @@
+//! The projector's handler: a transactional sink on the Redis the streams live on. Each batch is
+//! one `effects.lua` call per stream, in one round trip: the script applies the effects of exactly
+//! the entries still pending in the group and acknowledges them in the same atomic step, so an
+//! entry redelivered (after a crash, or reclaimed by another replica) applies nothing, with any
+//! number of replicas and with Redis memory bounded by keys, not by events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Value};
+use streamfleet::runtime::connect::redis_connection;
+use streamfleet::runtime::scripts::query_loading;
+use streamfleet::store::redis_checkpoints;
+use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected};
+use tokio::sync::OnceCell;
+
+use crate::plan::{Call, Settings, EFFECTS};
+
+/// Effects in Redis, acknowledged with them.
+#[derive(Clone)]
+pub struct RedisSink {
+    client: redis::Client,
+    /// Shared by every clone (lanes, the checkpoint reader): connected once.
+    conn: Arc<OnceCell<ConnectionManager>>,
+    dedup_window_s: u64,
+}
+
+impl RedisSink {
+    /// A sink on `client`'s Redis; `dedup_window_s` (0: off) is how long a producer's retry of
+    /// an event is recognised.
+    pub fn new(client: redis::Client, dedup_window_s: u64) -> Self {
+        RedisSink {
+            client,
+            conn: Arc::new(OnceCell::new()),
+            dedup_window_s,
+        }
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, HandlerError> {
+        self.conn
+            .get_or_try_init(|| redis_connection(&self.client, Duration::from_secs(10)))
+            .await
+            .cloned()
+            .map_err(|e| classify(&e))
+    }
+}
+
+/// What a Redis error means for the batch (see `HandlerError`).
+fn classify(e: &RedisError) -> HandlerError {
+    let text = e.to_string();
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        return HandlerError::Unavailable(format!("redis: {text}"));
+    }
+    match e.code() {
+        Some("OOM") => HandlerError::Unavailable(
+            "Redis out of memory (maxmemory reached): effects wait, their entries stay pending"
+                .into(),
+        ),
+        Some("READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN") => {
+            HandlerError::Unavailable(format!("redis: {text}"))
+        }
+        Some("NOPERM") => HandlerError::Misconfigured(format!(
+            "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
+        )),
+        _ if text.contains("NOPERM") => HandlerError::Misconfigured(format!(
+            "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
+        )),
+        // An event whose keys are in another hash slot than its stream: its keys are at fault.
+        Some("CROSSSLOT") => HandlerError::Permanent(format!(
+            "redis: {text} (on Redis Cluster, key templates keep the stream's hash tag, e.g. {{stream}})"
+        )),
+        _ => HandlerError::Transient(format!("redis: {text}")),
+    }
+}
+
+impl Handler for RedisSink {
+    const ACKNOWLEDGES: bool = true;
+
+    /// Connects and loads the script: a user the ACL forbids it stops the worker at start.
+    async fn prepare(&mut self) -> Result<(), HandlerError> {
+        let mut conn = self.conn().await?;
+        let loaded: Result<String, RedisError> = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(include_str!("effects.lua"))
+            .query_async(&mut conn)
+            .await;
+        loaded.map(drop).map_err(|e| classify(&e))
+    }
+
+    async fn apply(&mut self, batch: &Batch<'_>) -> Result<Applied, HandlerError> {
+        let settings = Settings {
+            group: batch.group,
+            consumer: batch.consumer,
+            dedup_window_s: self.dedup_window_s,
+        };
+        let mut calls: Vec<Call> = Vec::new();
+        let mut rejected = Vec::new();
+        for r in &batch.events {
+            let call = match calls.iter_mut().position(|c| c.stream == *r.stream) {
+                Some(i) => &mut calls[i],
+                None => {
+                    calls.push(Call::new(r.stream.clone()));
+                    calls.last_mut().expect("just pushed")
+                }
+            };
+            if let Err(error) = call.add(r, &settings) {
+                tracing::warn!(stream = %r.stream, entry_id = %r.entry_id, event_id = %r.event.id, %error, "dead-lettering an event the projector cannot apply");
+                rejected.push(Rejected {
+                    stream: r.stream.clone(),
+                    entry_id: r.entry_id,
+                    error,
+                });
+            }
+        }
+        for c in &batch.checkpoints {
+            match calls.iter_mut().find(|call| call.stream == c.stream) {
+                Some(call) => call.checkpoint = Some(c.position),
+                None => {
+                    let mut call = Call::new(c.stream.clone());
+                    call.checkpoint = Some(c.position);
+                    calls.push(call);
+                }
+            }
+        }
+        let mut applied = Applied {
+            rejected,
+            ..Applied::default()
+        };
+        if calls.is_empty() {
+            return Ok(applied);
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for call in &calls {
+            pipe.add_command(call.command(&settings));
+        }
+        let mut conn = self.conn().await?;
+        let replies = query_loading(&pipe, &mut conn, &[&EFFECTS])
+            .await
+            .map_err(|e| classify(&e))?;
+        // A call that failed leaves the batch to be retried whole: the calls that succeeded
+        // acknowledged their entries, which then apply nothing the second time.
+        for (call, reply) in calls.iter().zip(replies) {
+            let reply = reply.map_err(|e| classify(&e))?;
+            read_reply(call, reply, &mut applied)?;
+        }
+        Ok(applied)
+    }
+
+    async fn check(&self) -> Result<(), HandlerError> {
+        let mut conn = self.conn().await?;
+        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
+        pong.map(drop).map_err(|e| match classify(&e) {
+            m @ HandlerError::Misconfigured(_) => m,
+            other => HandlerError::Unavailable(other.to_string()),
+        })
+    }
+
+    async fn checkpoint(&self, stream: &str, group: &str) -> Result<Option<EntryId>, HandlerError> {
+        let mut conn = self.conn().await?;
+        redis_checkpoints::read(&mut conn, stream, group)
+            .await
+            .map_err(|e| classify(&e))
+    }
+}
+
+/// Adds what one call did: `{applied, duplicates, entry number, error, ...}`, or `{-1, error}`
+/// when the group is gone (its entries with it: nothing was applied, the group created again
+/// delivers them from its checkpoint).
+fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), HandlerError> {
+    let bad = || {
+        HandlerError::Transient(format!(
+            "unexpected reply from the projector's script for {}",
+            call.stream
+        ))
+    };
+    let Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    let (Some(done), Some(duplicates)) = (items.first().and_then(int), items.get(1).and_then(int))
+    else {
+        return Err(bad());
+    };
+    if done < 0 {
+        tracing::warn!(stream = %call.stream, entries = call.sent.len(), "consumer group gone while applying: left to the group created again");
+        applied.duplicates += call.sent.len();
+        return Ok(());
+    }
+    let mut refused = 0;
+    for pair in items[2..].chunks(2) {
+        let (Some(n), Some(Value::BulkString(why))) = (pair.first().and_then(int), pair.get(1))
+        else {
+            return Err(bad());
+        };
+        let entry_id = *call.sent.get(n as usize - 1).ok_or_else(bad)?;
+        let error = String::from_utf8_lossy(why).into_owned();
+        tracing::warn!(stream = %call.stream, %entry_id, %error, "dead-lettering an event whose key holds another type");
+        applied.rejected.push(Rejected {
+            stream: call.stream.clone(),
+            entry_id,
+            error,
+        });
+        refused += 1;
+    }
+    let (done, duplicates) = (done as usize, duplicates as usize);
+    applied.applied += done;
+    applied.duplicates += duplicates;
+    applied.skipped += call.sent.len().saturating_sub(done + duplicates + refused);
+    Ok(())
+}
