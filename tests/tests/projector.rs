@@ -1,0 +1,483 @@
+//! The projector, black-box against a real redis-server: state that keeps the newest version
+//! whatever the delivery order, effects applied once per event however often an entry is
+//! delivered (replicas frozen mid-batch, kill -9, producer retries), dead letters for what a
+//! template cannot name, and configuration errors at start.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+use uuid::Uuid;
+
+use streamfleet_tests::scenario::{config, wait_settled};
+use streamfleet_tests::*;
+
+const GROUP: &str = "projector";
+
+/// A projector on `stream` with the configuration file `config` (no PostgreSQL).
+fn projector(stream: &str, config: &str) -> WorkerEnv {
+    WorkerEnv::new(stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_CONFIG", config)
+}
+
+/// A `flow.<flow>.progress` event with `data`.
+fn flow_event(id: Uuid, flow: &str, time: &str, data: serde_json::Value) -> String {
+    json!({"v": 1, "id": id.to_string(), "type": "flow.progress",
+        "channel": format!("flow.{flow}.progress"), "source": "tests", "time": time, "data": data})
+    .to_string()
+}
+
+async fn hgetall(conn: &mut MultiplexedConnection, key: &str) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+async fn get_int(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    let v: Option<i64> = redis::cmd("GET").arg(key).query_async(conn).await.unwrap();
+    v.unwrap_or(0)
+}
+
+/// The event ids in a history stream, in order.
+async fn history_ids(conn: &mut MultiplexedConnection, key: &str) -> Vec<String> {
+    read_stream(conn, key)
+        .await
+        .into_iter()
+        .map(|(_, f)| f["id"].clone())
+        .collect()
+}
+
+/// Dead letters of `stream`: (reason, error) per entry.
+async fn dead_letters(conn: &mut MultiplexedConnection, stream: &str) -> Vec<(String, String)> {
+    read_stream(conn, &format!("{stream}:dlq"))
+        .await
+        .into_iter()
+        .map(|(_, f)| (f["dlq_reason"].clone(), f["dlq_error"].clone()))
+        .collect()
+}
+
+/// A number in `lo..hi` that differs from run to run.
+fn random_between(lo: u64, hi: u64) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    lo + (nanos.wrapping_mul(6364136223846793005) >> 33) % (hi - lo)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_keeps_version_3_after_versions_3_1_2_by_time() {
+    let stream = unique("latest-time:");
+    let cfg = config(
+        "[[route]]\npattern = \"flow.*.progress\"\nactions = [{ latest = \"{stream}:state:{channel[1]}\", version = \"time\" }]",
+    );
+    // Appended (and so delivered) in the order 3, 1, 2: the times say which is newest.
+    let lines: Vec<String> = [(3, "12:00:03"), (1, "12:00:01"), (2, "12:00:02")]
+        .iter()
+        .map(|(step, t)| {
+            flow_event(
+                Uuid::now_v7(),
+                "f1",
+                &format!("2026-11-26T{t}Z"),
+                json!({"step": step, "nested": {"a": [1, 2]}}),
+            )
+        })
+        .collect();
+    publish_lines(&stream, &lines).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    let mut conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let state = hgetall(&mut conn, &format!("{stream}:state:f1")).await;
+    assert_eq!(state["step"], "3", "{state:?}");
+    assert_eq!(state["nested"], r#"{"a":[1,2]}"#, "non-strings as JSON");
+    assert_eq!(state["fleet:time"], "2026-11-26T12:00:03Z");
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_keeps_version_3_after_versions_3_1_2_by_entry_id() {
+    let stream = unique("latest-id:");
+    let cfg = config(
+        "handler_timeout_ms = 1000\nclaim_idle_ms = 1500\nclaim_interval_ms = 200\n[[route]]\npattern = \"flow.*.progress\"\nactions = [{ latest = \"{stream}:state:{channel[1]}\" }]",
+    );
+    // Versions 1, 2, 3 in stream order; a consumer that died holds 1 and 2, so the projector
+    // applies 3 first, then 1 and 2 once it reclaims them.
+    let lines: Vec<String> = (1..=3)
+        .map(|step| {
+            flow_event(
+                Uuid::now_v7(),
+                "f1",
+                "2026-11-26T12:00:00Z",
+                json!({ "step": step }),
+            )
+        })
+        .collect();
+    publish_lines(&stream, &lines).await;
+    let mut conn = redis().await;
+    abandon_entries(&mut conn, &stream, GROUP, "crashed", 2).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    wait_until(Duration::from_secs(30), "version 3 applied first", || {
+        let (mut conn, key) = (conn.clone(), format!("{stream}:state:f1"));
+        async move {
+            hgetall(&mut conn, &key)
+                .await
+                .get("step")
+                .map(String::as_str)
+                == Some("3")
+        }
+    })
+    .await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert!(
+        worker.metric("fleet_events_reclaimed_total", "").await >= 2.0,
+        "versions 1 and 2 were reclaimed after 3 was applied"
+    );
+    let state = hgetall(&mut conn, &format!("{stream}:state:f1")).await;
+    let last = read_stream(&mut conn, &stream).await.pop().unwrap().0;
+    assert_eq!(state["step"], "3", "{state:?}");
+    assert_eq!(state["fleet:entry_id"], last);
+    worker.stop_cleanly().await;
+}
+
+/// Counters, history, latest and an invalidation per flow: the configuration of the delivery
+/// tests. Every key starts with the stream's name (`{stream}`), so tests running at once on one
+/// Redis keep apart.
+fn effects_config(extra_tuning: &str) -> String {
+    config(&format!(
+        "{extra_tuning}\n[[route]]\npattern = \"flow.*.progress\"\nactions = [\
+         {{ latest = \"{{stream}}:state:{{channel[1]}}\" }}, \
+         {{ invalidate = [\"{{stream}}:cache:{{channel[1]}}\"] }}, \
+         {{ count = \"{{stream}}:count:{{channel[1]}}\" }}, \
+         {{ count = \"{{stream}}:count:all:{{minute}}\", ttl_s = 600 }}, \
+         {{ history = \"{{stream}}:history:{{channel[1]}}\", maxlen = 100000 }}]"
+    ))
+}
+
+/// `n` events over `flows` flows, with a producer retry (the same event again) every `retry_every`.
+/// Returns the lines and the distinct event ids per flow.
+fn load(
+    n: usize,
+    flows: usize,
+    retry_every: usize,
+) -> (Vec<String>, HashMap<String, HashSet<String>>) {
+    let mut lines = Vec::with_capacity(n);
+    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
+    for i in 0..n {
+        let flow = format!("f{}", i % flows);
+        let id = Uuid::now_v7();
+        let line = flow_event(id, &flow, "2026-11-26T12:00:00Z", json!({ "i": i }));
+        if retry_every > 0 && i % retry_every == 0 {
+            lines.push(line.clone());
+        }
+        lines.push(line);
+        ids.entry(flow).or_default().insert(id.to_string());
+    }
+    (lines, ids)
+}
+
+/// Every counter equals the number of distinct events it counts; every history holds each of its
+/// events once.
+async fn assert_exactly_once(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    ids: &HashMap<String, HashSet<String>>,
+) {
+    let total: usize = ids.values().map(HashSet::len).sum();
+    assert_eq!(
+        get_int(conn, &format!("{stream}:count:all:2026-11-26T12:00")).await as usize,
+        total,
+        "the per-minute counter"
+    );
+    for (flow, expected) in ids {
+        assert_eq!(
+            get_int(conn, &format!("{stream}:count:{flow}")).await as usize,
+            expected.len(),
+            "count:{flow}"
+        );
+        let history = history_ids(conn, &format!("{stream}:history:{flow}")).await;
+        let distinct: HashSet<String> = history.iter().cloned().collect();
+        assert_eq!(
+            distinct.len(),
+            history.len(),
+            "history:{flow} holds an event twice"
+        );
+        assert_eq!(&distinct, expected, "history:{flow}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_five_times_during_a_load_of_50000_applies_every_effect_once() {
+    let stream = unique("proj-kill9:");
+    // 50 000 events (and 1 % producer retries of them) over 50 flows.
+    let (lines, ids) = load(50_000, 50, 100);
+    let env = projector(&stream, &effects_config(""));
+    let publisher = tokio::spawn(publish_in_chunks(
+        redis_url(),
+        stream.clone(),
+        lines,
+        2500,
+        Duration::from_millis(150),
+    ));
+    let mut conn = redis().await;
+    for round in 0..5 {
+        let mut worker = env.start("projector").await;
+        tokio::time::sleep(Duration::from_millis(random_between(150, 900))).await;
+        worker.signal("KILL").await;
+        worker.wait(Duration::from_secs(10)).await;
+        eprintln!(
+            "kill -9 round {round}: {} counted so far",
+            get_int(&mut conn, &format!("{stream}:count:all:2026-11-26T12:00")).await
+        );
+    }
+    publisher.await.unwrap();
+    let mut last = env.start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_exactly_once(&mut conn, &stream, &ids).await;
+    assert!(dead_letters(&mut conn, &stream).await.is_empty());
+    last.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_frozen_mid_batch_while_another_reclaims_its_entries_doubles_nothing() {
+    let stream = unique("proj-frozen:");
+    let (lines, ids) = load(30_000, 20, 0);
+    // Entries idle for 1.5 s are reclaimed: a replica frozen longer loses its batch in flight to
+    // the other, then, thawed, applies it: its script must find the entries settled.
+    let env = projector(
+        &stream,
+        // No dedup window: the acknowledgement in the script alone must keep it exact.
+        &effects_config("handler_timeout_ms = 1000\nclaim_idle_ms = 1500\nclaim_interval_ms = 200\nbatch_size = 200\ndedup_window_s = 0"),
+    );
+    let publisher = tokio::spawn(publish_in_chunks(
+        redis_url(),
+        stream.clone(),
+        lines,
+        1000,
+        Duration::from_millis(100),
+    ));
+    let mut a = env
+        .clone()
+        .set("FLEET_CONSUMER", "a")
+        .start("projector")
+        .await;
+    let mut b = env
+        .clone()
+        .set("FLEET_CONSUMER", "b")
+        .start("projector")
+        .await;
+    let mut conn = redis().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(random_between(300, 700))).await;
+        a.signal("STOP").await;
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        a.signal("CONT").await;
+    }
+    publisher.await.unwrap();
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_exactly_once(&mut conn, &stream, &ids).await;
+    let settled_elsewhere = a
+        .metric("fleet_events_deduplicated_total", "stage=\"sink\"")
+        .await
+        + b.metric("fleet_events_deduplicated_total", "stage=\"sink\"")
+            .await;
+    assert!(
+        settled_elsewhere > 0.0,
+        "no batch was found settled by the other replica: the test did not exercise a redelivery"
+    );
+    a.stop_cleanly().await;
+    b.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_within_the_dedup_window_applies_nothing_again_and_without_it_counts_again() {
+    for window in [300, 0] {
+        let stream = unique("proj-replay:");
+        let (lines, ids) = load(2_000, 4, 0);
+        publish_lines(&stream, &lines).await;
+        let cfg = effects_config(&format!("dedup_window_s = {window}"));
+        let mut worker = projector(&stream, &cfg).start("projector").await;
+        let mut conn = redis().await;
+        wait_settled(&conn, &stream, GROUP).await;
+        assert_exactly_once(&mut conn, &stream, &ids).await;
+        let state = hgetall(&mut conn, &format!("{stream}:state:f1")).await;
+        worker.stop_cleanly().await;
+        // The group moved back to the start (what `fleetctl replay` does).
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut worker = projector(&stream, &cfg).start("projector").await;
+        wait_settled(&conn, &stream, GROUP).await;
+        assert_eq!(
+            hgetall(&mut conn, &format!("{stream}:state:f1")).await,
+            state,
+            "latest never changes"
+        );
+        if window > 0 {
+            assert_exactly_once(&mut conn, &stream, &ids).await;
+        } else {
+            // As documented: without the window, counters and history apply again.
+            assert_eq!(
+                get_int(&mut conn, &format!("{stream}:count:f1")).await,
+                1_000
+            );
+            assert_eq!(
+                history_ids(&mut conn, &format!("{stream}:history:f1"))
+                    .await
+                    .len(),
+                1_000
+            );
+        }
+        worker.stop_cleanly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_created_again_resumes_from_the_checkpoint_in_redis() {
+    let stream = unique("proj-checkpoint:");
+    // No dedup window: only the checkpoint keeps settled entries from being applied again.
+    let cfg = effects_config("dedup_window_s = 0");
+    let (first, mut ids) = load(1_000, 4, 0);
+    publish_lines(&stream, &first).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    let mut conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let last = read_stream(&mut conn, &stream).await.pop().unwrap().0;
+    wait_until(
+        Duration::from_secs(30),
+        "checkpoint at the last entry",
+        || {
+            let (mut conn, stream, last) = (conn.clone(), stream.clone(), last.clone());
+            async move {
+                let at: Option<String> = redis::cmd("HGET")
+                    .arg(format!("{stream}:checkpoints"))
+                    .arg(GROUP)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                at.as_deref() == Some(last.as_str())
+            }
+        },
+    )
+    .await;
+    worker.stop_cleanly().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg(GROUP)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (more, more_ids) = load(100, 4, 0);
+    publish_lines(&stream, &more).await;
+    for (flow, set) in more_ids {
+        ids.entry(flow).or_default().extend(set);
+    }
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_exactly_once(&mut conn, &stream, &ids).await;
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_a_template_cannot_name_is_a_dead_letter_and_its_batch_is_applied() {
+    let stream = unique("proj-missing:");
+    let cfg = config(
+        "[[route]]\npattern = \"flow.*.progress\"\nactions = [{ count = \"{stream}:by-user:{data.user}\" }, { history = \"{stream}:h:{channel[1]}\" }]",
+    );
+    let mut conn = redis().await;
+    // A key of another type than its effect needs is refused too, before anything is written.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{stream}:h:wrongtype"))
+        .arg("a string")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut lines: Vec<String> = (0..20)
+        .map(|i| {
+            flow_event(
+                Uuid::now_v7(),
+                "f",
+                "2026-11-26T12:00:00Z",
+                json!({"user": "ana", "i": i}),
+            )
+        })
+        .collect();
+    lines.insert(
+        7,
+        flow_event(Uuid::now_v7(), "f", "2026-11-26T12:00:00Z", json!({"i": 7})),
+    );
+    lines.insert(
+        9,
+        flow_event(
+            Uuid::now_v7(),
+            "wrongtype",
+            "2026-11-26T12:00:00Z",
+            json!({"user": "bob"}),
+        ),
+    );
+    publish_lines(&stream, &lines).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(
+        get_int(&mut conn, &format!("{stream}:by-user:ana")).await,
+        20
+    );
+    assert_eq!(
+        get_int(&mut conn, &format!("{stream}:by-user:bob")).await,
+        0,
+        "nothing of a refused event"
+    );
+    assert_eq!(
+        history_ids(&mut conn, &format!("{stream}:h:f")).await.len(),
+        20
+    );
+    let dead = dead_letters(&mut conn, &stream).await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(
+        dead.iter().all(|(reason, _)| reason == "handler_error"),
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|(_, e)| e.contains(":by-user:{data.user}") && e.contains("no data.user")),
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|(_, e)| e.contains(":h:wrongtype holds a string")),
+        "{dead:?}"
+    );
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_templates_exit_2_with_one_line_naming_the_route_and_template() {
+    for (actions, expected) in [
+        (
+            r#"{ latest = "s:{channel[3]}" }"#,
+            r#"route[0] (flow.*.progress).actions[0]: template "s:{channel[3]}": {channel[3]} is past the end"#,
+        ),
+        (r#"{ count = "c:{flow}" }"#, "unknown placeholder {flow}"),
+        (r#"{ history = "h:{channel" }"#, "without its `}`"),
+    ] {
+        let cfg = config(&format!(
+            "[[route]]\npattern = \"flow.*.progress\"\nactions = [{actions}]"
+        ));
+        let (status, stderr) = projector("s", &cfg).run_to_end("projector").await;
+        assert_eq!(status.code(), Some(2), "{actions}: {stderr}");
+        assert!(stderr.contains(expected), "{actions}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    let (status, stderr) = projector("s", &config("")).run_to_end("projector").await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no route declares actions"), "{stderr}");
+}
