@@ -75,6 +75,35 @@ impl Event<'_> {
         self.key.as_deref().unwrap_or(&self.channel)
     }
 
+    /// Appends the contract's JSON object to `out`, `data` verbatim (never parsed again): what
+    /// the projector stores and a gateway sends, per event, so it is written directly.
+    pub fn write_json(&self, out: &mut String) {
+        use std::fmt::Write;
+        let text = |out: &mut String, s: &str| {
+            // A str always serializes: the error case cannot happen.
+            out.push_str(&serde_json::to_string(s).unwrap_or_default());
+        };
+        let _ = write!(out, r#"{{"v":1,"id":"{}","type":"#, self.id);
+        text(out, &self.event_type);
+        out.push_str(r#","channel":"#);
+        text(out, &self.channel);
+        out.push_str(r#","source":"#);
+        text(out, &self.source);
+        out.push_str(r#","time":"#);
+        text(out, &self.time.format(&Rfc3339).unwrap_or_default());
+        out.push_str(r#","data":"#);
+        out.push_str(&self.data);
+        if let Some(key) = &self.key {
+            out.push_str(r#","key":"#);
+            text(out, key);
+        }
+        if let Some(c) = &self.correlation_id {
+            out.push_str(r#","correlation_id":"#);
+            text(out, c);
+        }
+        out.push('}');
+    }
+
     /// The event as the contract's JSON object (CLI, dead letter view, PostgreSQL row).
     pub fn to_json(&self) -> serde_json::Value {
         let data: serde_json::Value =
@@ -498,6 +527,18 @@ pub(crate) mod tests {
         assert_eq!(e.key(), "user.42.profile");
         assert_eq!(e.correlation_id, None);
         assert_eq!(e.to_json()["data"]["plan"], "pro");
+        let mut written = String::new();
+        e.write_json(&mut written);
+        let mut expected = e.to_json();
+        // to_json names absent optional fields as null; write_json leaves them out.
+        expected
+            .as_object_mut()
+            .unwrap()
+            .retain(|_, v| !v.is_null());
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&written).unwrap(),
+            expected
+        );
     }
 
     #[test]
