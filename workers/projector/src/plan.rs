@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use streamfleet::event::template::{Scope, Template};
 use streamfleet::runtime::config::{Action, VersionBy};
@@ -20,12 +21,79 @@ pub struct Call {
     /// `KEYS[3..]`.
     keys: Vec<String>,
     index: HashMap<String, usize>,
-    /// The per-entry arguments (after the six of the header).
+    /// The arguments of the entries with effects.
     args: Vec<Vec<u8>>,
-    /// The entries sent, in order: the script numbers its rejections by them.
+    /// The entries with effects, in order: the script numbers its rejections by them.
     pub sent: Vec<EntryId>,
+    /// The entries whose route declares no action: acknowledged with no effect.
+    pub plain: Vec<EntryId>,
     /// Where the group's checkpoint of this stream moves to.
     pub checkpoint: Option<EntryId>,
+}
+
+/// When this worker last refreshed each history stream's TTL. An `EXPIRE` per key per batch
+/// cost redis-server as much as the append itself (measured: with 500 streams, 36.7 k events/s
+/// with it, 44.5 k without), so a stream's TTL is refreshed at most every `ttl_s / 24`, to
+/// `ttl_s + ttl_s / 24`: it expires between `ttl_s` and `ttl_s * 25 / 24` after its last event.
+#[derive(Default)]
+pub struct Refreshes {
+    at: HashMap<String, Instant>,
+}
+
+/// Most streams remembered; beyond, all are refreshed once more and forgotten.
+const REFRESHES_KEPT: usize = 100_000;
+
+/// The TTL refreshes one batch makes, decided while it is planned.
+pub struct TtlPlan<'a> {
+    at: &'a HashMap<String, Instant>,
+    planned: HashMap<String, u64>,
+}
+
+impl Refreshes {
+    /// Plans a batch's refreshes against those made so far.
+    pub fn plan(&self) -> TtlPlan<'_> {
+        TtlPlan {
+            at: &self.at,
+            planned: HashMap::new(),
+        }
+    }
+
+    /// A batch was applied: the refreshes it planned are made.
+    pub fn applied(&mut self, planned: HashMap<String, u64>) {
+        if self.at.len() > REFRESHES_KEPT {
+            self.at.clear();
+        }
+        let now = Instant::now();
+        for (key, ttl) in planned {
+            if ttl > 0 {
+                self.at.insert(key, now);
+            }
+        }
+    }
+}
+
+impl TtlPlan<'_> {
+    /// The TTL to set on `key` with this batch (the same for all its appends), 0 for none.
+    fn ttl(&mut self, key: &str, ttl_s: u64) -> u64 {
+        if ttl_s == 0 {
+            return 0;
+        }
+        if let Some(ttl) = self.planned.get(key) {
+            return *ttl;
+        }
+        let every = Duration::from_secs((ttl_s / 24).max(1));
+        let ttl = match self.at.get(key) {
+            Some(at) if at.elapsed() < every => 0,
+            _ => ttl_s + every.as_secs(),
+        };
+        self.planned.insert(key.to_owned(), ttl);
+        ttl
+    }
+
+    /// What was planned, to record once the batch is applied.
+    pub fn into_planned(self) -> HashMap<String, u64> {
+        self.planned
+    }
 }
 
 /// What every call shares.
@@ -43,6 +111,7 @@ impl Call {
             index: HashMap::new(),
             args: Vec::new(),
             sent: Vec::new(),
+            plain: Vec::new(),
             checkpoint: None,
         }
     }
@@ -59,7 +128,12 @@ impl Call {
 
     /// Adds one event with its route's actions; an event a template cannot be rendered for is
     /// refused whole (nothing of it is sent), with the reason.
-    pub fn add(&mut self, r: &Routed<'_>, settings: &Settings<'_>) -> Result<(), String> {
+    pub fn add(
+        &mut self,
+        r: &Routed<'_>,
+        settings: &Settings<'_>,
+        refreshes: &mut TtlPlan<'_>,
+    ) -> Result<(), String> {
         let e = r.event;
         let mut scope = Scope::new(e, r.stream);
         let mut rendered = String::new();
@@ -88,14 +162,15 @@ impl Call {
                 }
                 Action::History { key, maxlen, ttl_s } => {
                     dedup = true;
-                    ops.push((
-                        b'H',
-                        render(key, &mut scope)?,
-                        [*maxlen, *ttl_s],
-                        String::new(),
-                    ));
+                    let key = render(key, &mut scope)?;
+                    let ttl = refreshes.ttl(&key, *ttl_s);
+                    ops.push((b'H', key, [*maxlen, ttl], String::new()));
                 }
             }
+        }
+        if ops.is_empty() {
+            self.plain.push(r.entry_id);
+            return Ok(());
         }
         // Only counters and history are hurt by a producer's retry (latest and invalidate are
         // idempotent): only their events pay for the dedup window.
@@ -112,9 +187,7 @@ impl Call {
         self.args.push(dedup_index);
         self.args.push(e.id.as_bytes().to_vec());
         let mut json = String::new();
-        if !ops.is_empty() {
-            e.write_json(&mut json);
-        }
+        e.write_json(&mut json);
         self.args.push(json.into_bytes());
         let count_at = self.args.len();
         self.args.push(Vec::new());
@@ -141,10 +214,6 @@ impl Call {
     /// The `EVALSHA` of this call.
     pub fn command(&self, settings: &Settings<'_>) -> redis::Cmd {
         let mut cmd = EFFECTS.call();
-        let (low, high) = match (self.sent.iter().min(), self.sent.iter().max()) {
-            (Some(low), Some(high)) => (low.to_string(), high.to_string()),
-            _ => ("-".to_owned(), "+".to_owned()),
-        };
         cmd.arg(self.keys.len() + 2)
             .arg(&*self.stream)
             .arg(streamfleet::store::redis_checkpoints::key(&self.stream))
@@ -153,8 +222,10 @@ impl Call {
             .arg(settings.consumer)
             .arg(self.checkpoint.map(|c| c.to_string()).unwrap_or_default())
             .arg(settings.dedup_window_s.max(1))
-            .arg(low)
-            .arg(high);
+            .arg(self.plain.len());
+        for id in &self.plain {
+            cmd.arg(id.to_string());
+        }
         for a in &self.args {
             cmd.arg(&a[..]);
         }

@@ -4,6 +4,7 @@
 //! entry redelivered (after a crash, or reclaimed by another replica) applies nothing, with any
 //! number of replicas and with Redis memory bounded by keys, not by events.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use streamfleet::store::redis_checkpoints;
 use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected};
 use tokio::sync::OnceCell;
 
-use crate::plan::{Call, Settings, EFFECTS};
+use crate::plan::{Call, Refreshes, Settings, EFFECTS};
 
 /// Effects in Redis, acknowledged with them.
 #[derive(Clone)]
@@ -24,6 +25,8 @@ pub struct RedisSink {
     /// Shared by every clone (lanes, the checkpoint reader): connected once.
     conn: Arc<OnceCell<ConnectionManager>>,
     dedup_window_s: u64,
+    /// Shared by the lanes: each plans under the lock, and records what its batch did.
+    refreshes: Arc<std::sync::Mutex<Refreshes>>,
 }
 
 impl RedisSink {
@@ -34,6 +37,7 @@ impl RedisSink {
             client,
             conn: Arc::new(OnceCell::new()),
             dedup_window_s,
+            refreshes: Arc::default(),
         }
     }
 
@@ -74,6 +78,39 @@ fn classify(e: &RedisError) -> HandlerError {
     }
 }
 
+impl RedisSink {
+    /// The batch as one call per stream; the events no template can be rendered for are
+    /// rejected. Under the refreshes' lock, with no await.
+    fn plan(
+        &self,
+        batch: &Batch<'_>,
+        settings: &Settings<'_>,
+    ) -> (Vec<Call>, Vec<Rejected>, HashMap<String, u64>) {
+        let mut calls: Vec<Call> = Vec::new();
+        let mut rejected = Vec::new();
+        let shared = self.refreshes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut refreshes = shared.plan();
+        for r in &batch.events {
+            let call = match calls.iter_mut().position(|c| c.stream == *r.stream) {
+                Some(i) => &mut calls[i],
+                None => {
+                    calls.push(Call::new(r.stream.clone()));
+                    calls.last_mut().expect("just pushed")
+                }
+            };
+            if let Err(error) = call.add(r, settings, &mut refreshes) {
+                tracing::warn!(stream = %r.stream, entry_id = %r.entry_id, event_id = %r.event.id, %error, "dead-lettering an event the projector cannot apply");
+                rejected.push(Rejected {
+                    stream: r.stream.clone(),
+                    entry_id: r.entry_id,
+                    error,
+                });
+            }
+        }
+        (calls, rejected, refreshes.into_planned())
+    }
+}
+
 impl Handler for RedisSink {
     const ACKNOWLEDGES: bool = true;
 
@@ -94,25 +131,7 @@ impl Handler for RedisSink {
             consumer: batch.consumer,
             dedup_window_s: self.dedup_window_s,
         };
-        let mut calls: Vec<Call> = Vec::new();
-        let mut rejected = Vec::new();
-        for r in &batch.events {
-            let call = match calls.iter_mut().position(|c| c.stream == *r.stream) {
-                Some(i) => &mut calls[i],
-                None => {
-                    calls.push(Call::new(r.stream.clone()));
-                    calls.last_mut().expect("just pushed")
-                }
-            };
-            if let Err(error) = call.add(r, &settings) {
-                tracing::warn!(stream = %r.stream, entry_id = %r.entry_id, event_id = %r.event.id, %error, "dead-lettering an event the projector cannot apply");
-                rejected.push(Rejected {
-                    stream: r.stream.clone(),
-                    entry_id: r.entry_id,
-                    error,
-                });
-            }
-        }
+        let (mut calls, rejected, refreshed) = self.plan(batch, &settings);
         for c in &batch.checkpoints {
             match calls.iter_mut().find(|call| call.stream == c.stream) {
                 Some(call) => call.checkpoint = Some(c.position),
@@ -145,6 +164,10 @@ impl Handler for RedisSink {
             let reply = reply.map_err(|e| classify(&e))?;
             read_reply(call, reply, &mut applied)?;
         }
+        self.refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied(refreshed);
         Ok(applied)
     }
 
@@ -165,9 +188,9 @@ impl Handler for RedisSink {
     }
 }
 
-/// Adds what one call did: `{applied, duplicates, entry number, error, ...}`, or `{-1, error}`
-/// when the group is gone (its entries with it: nothing was applied, the group created again
-/// delivers them from its checkpoint).
+/// Adds what one call did: `{applied, duplicates, skipped, entry number, error, ...}`, or
+/// `{-1, error}` when the group is gone (its entries with it: nothing was applied, the group
+/// created again delivers them from its checkpoint).
 fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), HandlerError> {
     let bad = || {
         HandlerError::Transient(format!(
@@ -182,22 +205,24 @@ fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), Ha
         Value::Int(n) => Some(*n),
         _ => None,
     };
-    let (Some(done), Some(duplicates)) = (items.first().and_then(int), items.get(1).and_then(int))
-    else {
-        return Err(bad());
-    };
-    if done < 0 {
-        tracing::warn!(stream = %call.stream, entries = call.sent.len(), "consumer group gone while applying: left to the group created again");
-        applied.duplicates += call.sent.len();
+    let head: Vec<i64> = items.iter().take(3).map_while(int).collect();
+    if head.first() == Some(&-1) {
+        tracing::warn!(stream = %call.stream, entries = call.sent.len() + call.plain.len(), "consumer group gone while applying: left to the group created again");
+        applied.duplicates += call.sent.len() + call.plain.len();
         return Ok(());
     }
-    let mut refused = 0;
-    for pair in items[2..].chunks(2) {
+    let &[done, duplicates, skipped] = &head[..] else {
+        return Err(bad());
+    };
+    for pair in items[3..].chunks(2) {
         let (Some(n), Some(Value::BulkString(why))) = (pair.first().and_then(int), pair.get(1))
         else {
             return Err(bad());
         };
-        let entry_id = *call.sent.get(n as usize - 1).ok_or_else(bad)?;
+        let entry_id = *call
+            .sent
+            .get((n as usize).wrapping_sub(1))
+            .ok_or_else(bad)?;
         let error = String::from_utf8_lossy(why).into_owned();
         tracing::warn!(stream = %call.stream, %entry_id, %error, "dead-lettering an event whose key holds another type");
         applied.rejected.push(Rejected {
@@ -205,11 +230,9 @@ fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), Ha
             entry_id,
             error,
         });
-        refused += 1;
     }
-    let (done, duplicates) = (done as usize, duplicates as usize);
-    applied.applied += done;
-    applied.duplicates += duplicates;
-    applied.skipped += call.sent.len().saturating_sub(done + duplicates + refused);
+    applied.applied += done as usize;
+    applied.duplicates += duplicates as usize;
+    applied.skipped += skipped as usize;
     Ok(())
 }
