@@ -10,7 +10,8 @@
 //!   watermark and dead letters;
 //! - [`runtime`]: process plumbing any binary uses (flags, configuration, connections, signals,
 //!   health, the HTTP server, metrics, logging); it knows nothing of the pipeline;
-//! - [`store`]: the PostgreSQL `events` and `checkpoints` tables (the persister and fleetctl).
+//! - [`store`]: the PostgreSQL `events` and `checkpoints` tables (the persister and fleetctl), and
+//!   the checkpoints of workers without PostgreSQL, beside each stream in Redis.
 //!
 //! A worker is the pipeline plus one [`Handler`]; everything a handler must not do (acknowledge,
 //! retry, sleep for backpressure, dead-letter, count metrics) lives here. [`Worker`] composes the
