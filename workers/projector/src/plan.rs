@@ -247,3 +247,126 @@ fn version_of(by: VersionBy, r: &Routed<'_>) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use streamfleet::event::Event;
+    use streamfleet::runtime::config::FileConfig;
+
+    fn event(time: time::OffsetDateTime, data: &'static str) -> Event<'static> {
+        Event {
+            id: uuid::Uuid::nil(),
+            event_type: Cow::Borrowed("flow.progress"),
+            channel: Cow::Borrowed("flow.7f3c.progress"),
+            source: Cow::Borrowed("tests"),
+            time,
+            data: Cow::Borrowed(data),
+            key: None,
+            correlation_id: None,
+        }
+    }
+
+    fn config() -> FileConfig {
+        FileConfig::parse(
+            r#"[[route]]
+pattern = "flow.*.progress"
+actions = [{ count = "c:{data.user}" }, { history = "h:{channel[1]}", ttl_s = 2400 }]
+[[route]]
+pattern = "user.#""#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn versions_order_as_their_mode_says() {
+        let c = config();
+        let (_, route) = c.routes.lookup("flow.a.progress").unwrap();
+        let stream: Arc<str> = "s".into();
+        let at = |t, ms, seq| {
+            let e = Box::leak(Box::new(event(t, "{}")));
+            let r = Routed {
+                event: e,
+                route,
+                stream: Box::leak(Box::new(stream.clone())),
+                entry_id: EntryId { ms, seq },
+            };
+            (
+                version_of(VersionBy::EntryId, &r),
+                version_of(VersionBy::Time, &r),
+            )
+        };
+        let early = time::macros::datetime!(2026-11-26 12:00:00 UTC);
+        let late = time::macros::datetime!(2026-11-26 12:00:00.000001 UTC);
+        // A later entry with an earlier time: newer by entry id, older by time.
+        let (id_a, time_a) = at(late, 9, 0);
+        let (id_b, time_b) = at(early, 10, 0);
+        assert!(id_b > id_a && time_b < time_a);
+        // Equal times fall back to the entry id; 9-0 < 10-0 although "9" > "10" as text.
+        let (_, time_c) = at(early, 9, 5);
+        assert!(time_b > time_c);
+        // Before 1970 still orders.
+        let (_, old) = at(time::macros::datetime!(1960-01-01 00:00 UTC), 1, 0);
+        assert!(old < time_c);
+        assert_eq!(id_a.len(), id_b.len());
+    }
+
+    #[test]
+    fn an_event_a_template_cannot_name_leaves_nothing_in_the_call() {
+        let c = config();
+        let (_, route) = c.routes.lookup("flow.a.progress").unwrap();
+        let (_, plain) = c.routes.lookup("user.1").unwrap();
+        let stream: Arc<str> = "s".into();
+        let settings = Settings {
+            group: "g",
+            consumer: "c",
+            dedup_window_s: 300,
+        };
+        let refreshes = Refreshes::default();
+        let mut plan = refreshes.plan();
+        let mut call = Call::new(stream.clone());
+        let t = time::macros::datetime!(2026-11-26 12:00 UTC);
+        let (bad, good) = (event(t, r#"{"x":1}"#), event(t, r#"{"user":"ana"}"#));
+        let routed = |event, route, seq| Routed {
+            event,
+            route,
+            stream: &stream,
+            entry_id: EntryId { ms: 1, seq },
+        };
+        let err = call
+            .add(&routed(&bad, route, 0), &settings, &mut plan)
+            .unwrap_err();
+        assert!(err.contains("c:{data.user}"), "{err}");
+        assert!(call.args.is_empty() && call.keys.is_empty() && call.sent.is_empty());
+        call.add(&routed(&good, route, 1), &settings, &mut plan)
+            .unwrap();
+        call.add(&routed(&good, plain, 2), &settings, &mut plan)
+            .unwrap();
+        assert_eq!(call.sent, vec![EntryId { ms: 1, seq: 1 }]);
+        assert_eq!(
+            call.plain,
+            vec![EntryId { ms: 1, seq: 2 }],
+            "no effect: id only"
+        );
+        // The dedup set, the counter and the history stream, each a KEYS index.
+        assert_eq!(call.keys, ["s:dedup:g:5985648", "c:ana", "h:7f3c"]);
+        // The history TTL: ttl_s plus the refresh interval, once per stream per batch.
+        assert!(call.args.iter().any(|a| a == b"2500"), "{:?}", call.args);
+    }
+
+    #[test]
+    fn history_ttls_are_refreshed_at_most_every_ttl_24th() {
+        let mut refreshes = Refreshes::default();
+        let mut plan = refreshes.plan();
+        assert_eq!(plan.ttl("h", 2400), 2500);
+        assert_eq!(plan.ttl("h", 2400), 2500, "the same for the whole batch");
+        assert_eq!(plan.ttl("none", 0), 0);
+        let planned = plan.into_planned();
+        // A failed batch records nothing: the next one refreshes again.
+        assert_eq!(refreshes.plan().ttl("h", 2400), 2500);
+        refreshes.applied(planned);
+        assert_eq!(refreshes.plan().ttl("h", 2400), 0, "refreshed 0 s ago");
+    }
+}
