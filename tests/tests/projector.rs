@@ -492,3 +492,47 @@ async fn bad_templates_exit_2_with_one_line_naming_the_route_and_template() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no route declares actions"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_past_max_deliveries_that_a_template_cannot_name_is_dead_lettered_not_lost() {
+    let stream = unique("proj-suspect:");
+    let cfg = config(
+        "handler_timeout_ms = 1000\nclaim_idle_ms = 1500\nclaim_interval_ms = 200\n[[route]]\npattern = \"flow.*.progress\"\nactions = [{ count = \"{stream}:by-user:{data.user}\" }]",
+    );
+    let lines = vec![
+        flow_event(Uuid::now_v7(), "f", "2026-11-26T12:00:00Z", json!({"i": 0})),
+        flow_event(
+            Uuid::now_v7(),
+            "f",
+            "2026-11-26T12:00:00Z",
+            json!({"user": "ana"}),
+        ),
+    ];
+    publish_lines(&stream, &lines).await;
+    let mut conn = redis().await;
+    // A consumer that died holding both, delivered often enough to be suspects.
+    abandon_entries(&mut conn, &stream, GROUP, "crashed", 2).await;
+    for (id, _) in read_stream(&mut conn, &stream).await {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("crashed")
+            .arg(0)
+            .arg(&id)
+            .arg("RETRYCOUNT")
+            .arg(9)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(
+        get_int(&mut conn, &format!("{stream}:by-user:ana")).await,
+        1
+    );
+    let dead = dead_letters(&mut conn, &stream).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].1.contains("no data.user"), "{dead:?}");
+    worker.stop_cleanly().await;
+}

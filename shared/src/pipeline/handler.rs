@@ -33,8 +33,8 @@ pub struct Checkpoint {
 pub struct Batch<'a> {
     /// The consumer group, part of the checkpoint key.
     pub group: &'a str,
-    /// The consumer reading it: a sink that acknowledges ([`Handler::ACKNOWLEDGES`]) claims the
-    /// entries for it before acknowledging them.
+    /// The consumer reading it: a sink that acknowledges ([`Handler::ACKNOWLEDGES`]) puts an entry
+    /// it acknowledged but then could not apply back in the pending list under this name.
     pub consumer: &'a str,
     /// Events to apply, in stream order per stream; ids are unique within the batch.
     pub events: Vec<Routed<'a>>,

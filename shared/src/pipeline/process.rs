@@ -271,14 +271,8 @@ impl<H: Handler> Processor<H> {
         for (index, suspect) in suspects {
             let entry = &entries[index];
             match self.trial(suspect, entry, shutdown).await {
-                Trial::Applied(mut applied) => {
-                    if let Some(r) = applied.rejected.pop() {
-                        dead.push(DeadLetter {
-                            index,
-                            reason: DlqReason::HandlerError,
-                            error: r.error,
-                        });
-                    } else if H::ACKNOWLEDGES {
+                Trial::Applied(applied) => {
+                    if H::ACKNOWLEDGES {
                         by_sink[index] = true;
                     }
                     counts.applied += applied;

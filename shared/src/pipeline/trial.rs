@@ -90,7 +90,14 @@ impl<H: Handler> Processor<H> {
             events: vec![suspect],
             checkpoints: Vec::new(),
         };
-        match self.applier.alone(&single, shutdown).await {
+        let outcome = match self.applier.alone(&single, shutdown).await {
+            // A sink that rejects the event without failing (it stays pending): as a failure.
+            Some(Alone::Applied(mut applied)) if !applied.rejected.is_empty() => {
+                Some(Alone::Rejected(applied.rejected.remove(0).error))
+            }
+            other => other,
+        };
+        match outcome {
             Some(Alone::Applied(applied)) => {
                 tracing::info!(stream = %entry.stream, entry_id = %entry.id, deliveries = entry.deliveries, "entry past max_deliveries applied alone: it was not at fault");
                 // Settled at once, not with the batch: a crash while a later suspect is tried
