@@ -536,3 +536,61 @@ async fn an_entry_past_max_deliveries_that_a_template_cannot_name_is_dead_letter
     assert!(dead[0].1.contains("no data.user"), "{dead:?}");
     worker.stop_cleanly().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_at_maxmemory_refuses_whole_batches_and_nothing_is_lost_or_doubled_once_freed() {
+    let server = streamfleet_tests::servers::PrivateRedis::start();
+    let stream = unique("proj-oom:");
+    let (lines, ids) = load(2_000, 4, 0);
+    publish_lines_to(&server.url(), &stream, &lines).await;
+    let mut conn = redis_at(&server.url()).await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(GROUP)
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let admin = conn.clone();
+    let set = |k: &'static str, v: &'static str| {
+        let mut conn = admin.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(k)
+                .arg(v)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    set("maxmemory-policy", "noeviction").await;
+    set("maxmemory", "1").await;
+    let mut worker = projector(&stream, &effects_config(""))
+        .set("FLEET_REDIS_URL", &server.url())
+        .start_live("projector")
+        .await;
+    // The script is refused up front (`#!lua`, no allow-oom): nothing half-applied, the batch
+    // waits, the worker says so.
+    wait_until(Duration::from_secs(30), "/readyz 503", || {
+        let w = &worker;
+        async move { w.readyz().await.0 == 503 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        get_int(&mut conn, &format!("{stream}:count:all:2026-11-26T12:00")).await,
+        0
+    );
+    assert!(
+        worker.log_text().contains("out of memory"),
+        "{}",
+        worker.log_text()
+    );
+    set("maxmemory", "0").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_exactly_once(&mut conn, &stream, &ids).await;
+    worker.wait_ready().await;
+    worker.stop_cleanly().await;
+}
