@@ -98,6 +98,28 @@ pub async fn redis_at(url: &str) -> MultiplexedConnection {
         .expect("Redis is not reachable: run scripts/services")
 }
 
+/// A number in `lo..hi` that differs from run to run (no seed to manage: the point is to hit
+/// different moments).
+pub fn random_between(lo: u64, hi: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    lo + (nanos.wrapping_mul(6364136223846793005) >> 33) % (hi - lo)
+}
+
+/// Creates `group` on `stream` from its first entry (a deployment creates groups up front).
+pub async fn create_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// A free loopback port for a worker's HTTP endpoints.
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -3,7 +3,7 @@
 //! every valid strict event is present exactly once, every invalid one is in the DLQ exactly once,
 //! and nothing remains pending; it then reports its figures (scripts/test prints them all).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use streamfleet_tests::corpus;
@@ -13,16 +13,6 @@ use streamfleet_tests::scenario::{
 };
 use streamfleet_tests::servers::{PrivatePostgres, PrivateRedis};
 use streamfleet_tests::*;
-
-/// A number in `lo..hi` that differs from run to run (no seed to manage: the point is to hit
-/// different moments).
-fn random_between(lo: u64, hi: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    lo + (nanos.wrapping_mul(6364136223846793005) >> 33) % (hi - lo)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_five_times_during_a_load_of_50000_loses_and_doubles_nothing() {

@@ -4,7 +4,7 @@
 //! template cannot name, and configuration errors at start.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
@@ -70,15 +70,6 @@ async fn dead_letters(conn: &mut MultiplexedConnection, stream: &str) -> Vec<(St
         .into_iter()
         .map(|(_, f)| (f["dlq_reason"].clone(), f["dlq_error"].clone()))
         .collect()
-}
-
-/// A number in `lo..hi` that differs from run to run.
-fn random_between(lo: u64, hi: u64) -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    lo + (nanos.wrapping_mul(6364136223846793005) >> 33) % (hi - lo)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,14 +535,7 @@ async fn redis_at_maxmemory_refuses_whole_batches_and_nothing_is_lost_or_doubled
     let (lines, ids) = load(2_000, 4, 0);
     publish_lines_to(&server.url(), &stream, &lines).await;
     let mut conn = redis_at(&server.url()).await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    create_group(&mut conn, &stream, GROUP).await;
     let admin = conn.clone();
     let set = |k: &'static str, v: &'static str| {
         let mut conn = admin.clone();
