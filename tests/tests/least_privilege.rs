@@ -1,13 +1,15 @@
 //! The deployment's least privilege, as shipped in deploy/: the persister runs under its Redis ACL
 //! user (deploy/redis/users.acl) and its PostgreSQL role (deploy/postgres/roles.sql and the
-//! migrations' grants), the setup steps under theirs, and what lies outside is refused.
+//! migrations' grants), the projector under its Redis ACL user alone, the setup steps under
+//! theirs, and what lies outside is refused.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::Command;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use streamfleet_tests::corpus;
-use streamfleet_tests::scenario::{conclude, config, GROUP};
+use streamfleet_tests::corpus::{self, Expect};
+use streamfleet_tests::scenario::{conclude, config, wait_settled, GROUP};
 use streamfleet_tests::servers::PrivateRedis;
 use streamfleet_tests::*;
 
@@ -178,5 +180,328 @@ async fn the_persister_runs_under_its_shipped_acl_user_and_role_and_nothing_more
             matches!(code.as_deref(), Some("42501") | Some("42P01")),
             "{sql}: {refused}"
         );
+    }
+}
+
+/// The projector's group (its default, and the deployment's FLEET_GROUP).
+const PROJECTOR_GROUP: &str = "projector";
+
+/// The commands `effects.lua` issues (`call`, `try`, `chunked`, `must` with a literal name).
+fn effects_commands() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(repo_path("workers/projector/src/effects.lua")).unwrap();
+    let mut out = BTreeSet::new();
+    for head in ["call('", "try('", "chunked('", "must('"] {
+        for (at, _) in text.match_indices(head) {
+            let name: String = text[at + head.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase())
+                .collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_runs_under_its_shipped_acl_user_and_nothing_more() {
+    let prefix = unique("lpp");
+    let server = PrivateRedis::start_with(&["--aclfile".into(), acl_file(&prefix)]);
+    let stream = format!("{{{prefix}}}:events");
+    let mut admin = redis_at(&server.url()).await;
+
+    // The keys of the shipped example's shape: every template starts with the stream's hash tag
+    // (`{{prefix}}` renders `{prefix}`), invalidated keys under `{prefix}:cache:`.
+    let cfg = config(
+        &r#"lag_interval_ms = 200
+[[route]]
+pattern = "flow.*.progress"
+actions = [
+  { latest = "{{TAG}}:flow:{channel[1]}:state" },
+  { invalidate = ["{{TAG}}:cache:flow:{channel[1]}"] },
+  { count = "{{TAG}}:count:{channel[1]}" },
+  { history = "{{TAG}}:flow:{channel[1]}:history", maxlen = 100000 },
+]
+"#
+        .replace("TAG", &prefix),
+    );
+    let state = |flow: &str| format!("{{{prefix}}}:flow:{flow}:state");
+    let cache = |flow: &str| format!("{{{prefix}}}:cache:flow:{flow}");
+    let count = |flow: &str| format!("{{{prefix}}}:count:{flow}");
+    let history = |flow: &str| format!("{{{prefix}}}:flow:{flow}:history");
+
+    // The setup Job's step, as shipped: the projector's group, as `setup`, with no database.
+    let setup = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "setup"));
+    let (status, stderr) = setup
+        .run_to_end_with_args(
+            "fleetctl",
+            &[
+                "groups",
+                "create",
+                "--streams",
+                &stream,
+                "--group",
+                PROJECTOR_GROUP,
+                "--start-from",
+                "oldest",
+            ],
+        )
+        .await;
+    assert!(status.success(), "groups create as `setup`: {stderr}");
+
+    // A mixed load: flow events (projected), user events (no route: skipped), producer retries
+    // (the dedup window), malformed entries (dead letters).
+    let corpus = corpus::mixed(3000, 5, 1);
+    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
+    for (line, expect) in corpus.lines.iter().zip(&corpus.expected) {
+        if let Expect::Valid { id, user: false } = expect {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            let flow = event["channel"]
+                .as_str()
+                .unwrap()
+                .split('.')
+                .nth(1)
+                .unwrap();
+            ids.entry(flow.to_owned())
+                .or_default()
+                .insert(id.to_string());
+        }
+    }
+    let dead = corpus
+        .expected
+        .iter()
+        .filter(|e| matches!(e, Expect::Dead(_)))
+        .count();
+    assert!(
+        ids.len() > 50 && dead > 10,
+        "{} flows, {dead} dead",
+        ids.len()
+    );
+    // Cached entries to invalidate, and one of a flow with no event, which stays.
+    for flow in ids.keys().map(String::as_str).chain(["none"]) {
+        let _: () = redis::cmd("SET")
+            .arg(cache(flow))
+            .arg("stale")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    publish_lines_to(&server.url(), &stream, &corpus.lines).await;
+
+    // The projector under its own user only (no database at all).
+    let mut worker = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "projector"))
+        .set("FLEET_GROUP", PROJECTOR_GROUP)
+        .set("FLEET_CONFIG", &cfg)
+        .start("projector")
+        .await;
+    wait_settled(&admin, &stream, PROJECTOR_GROUP).await;
+
+    // Every effect, each event once. (A command the ACL refuses inside the script, after it
+    // acknowledged entries, shows here: their later effects are missing, yet nothing is pending.)
+    for (flow, flow_ids) in &ids {
+        let n: Option<usize> = redis::cmd("GET")
+            .arg(count(flow))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(
+            n,
+            Some(flow_ids.len()),
+            "count of flow {flow}:\n{}",
+            worker.log_text()
+        );
+        let appended: Vec<String> = read_stream(&mut admin, &history(flow))
+            .await
+            .into_iter()
+            .map(|(_, f)| {
+                let event: serde_json::Value = serde_json::from_str(&f["event"]).unwrap();
+                event["id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(appended.len(), flow_ids.len(), "history of flow {flow}");
+        assert_eq!(&appended.iter().cloned().collect::<HashSet<_>>(), flow_ids);
+        let latest: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(state(flow))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&latest["event"]).unwrap();
+        assert!(
+            flow_ids.contains(event["id"].as_str().unwrap()),
+            "{latest:?}"
+        );
+        assert_eq!(latest["stream"], stream);
+        let cached: bool = redis::cmd("EXISTS")
+            .arg(cache(flow))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(!cached, "{} not invalidated", cache(flow));
+    }
+    let kept: bool = redis::cmd("EXISTS")
+        .arg(cache("none"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(kept, "an unrelated cache key was deleted");
+    let dead_letters: usize = redis::cmd("XLEN")
+        .arg(format!("{stream}:dlq"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(dead_letters, dead, "dead letters");
+    // The checkpoint reaches the last entry, in Redis (the projector has no database).
+    wait_until(
+        Duration::from_secs(30),
+        "the projector's checkpoint at the last entry",
+        || {
+            let (mut conn, stream) = (admin.clone(), stream.clone());
+            async move {
+                let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+                    .arg(&stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let at: Option<String> = redis::cmd("HGET")
+                    .arg(format!("{stream}:checkpoints"))
+                    .arg(PROJECTOR_GROUP)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or(None);
+                last.first().map(|(id, _)| id) == at.as_ref()
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // a lag sample and a consumer clean-up
+                                                          // A command refused inside the script is not a NOPERM reply but an error of the script.
+    let log = worker.log_text();
+    for refusal in [
+        "NOPERM",
+        "NoPerm",
+        "no permissions",
+        "can't run this command",
+    ] {
+        assert!(!log.contains(refusal), "{refusal}:\n{log}");
+    }
+    let (code, body) = worker.readyz().await;
+    assert_eq!(code, 200, "{body}");
+    worker.stop_cleanly().await;
+
+    // Inside its ACL: every command its scripts can run, also on paths this load did not take
+    // (a history append refused: XCLAIM ... FORCE; a key's type read: TYPE, GET).
+    let (dlq, trials, checkpoints) = (
+        format!("{stream}:dlq"),
+        format!("{stream}:trials"),
+        format!("{stream}:checkpoints"),
+    );
+    let dedup = format!("{stream}:dedup:{PROJECTOR_GROUP}:5900000");
+    let (state, cache, count, history) = (state("f"), cache("f"), count("f"), history("f"));
+    let allowed: Vec<Vec<&str>> = vec![
+        // effects.lua
+        vec!["XACK", &stream, PROJECTOR_GROUP, "1-0"],
+        vec!["TYPE", &count],
+        vec!["GET", &count],
+        vec!["HGET", &state, "version"],
+        vec!["SMISMEMBER", &dedup, "a", "b"],
+        vec!["SADD", &dedup, "a"],
+        vec!["EXPIRE", &dedup, "300"],
+        vec!["XADD", &history, "MAXLEN", "~", "10", "*", "event", "{}"],
+        vec![
+            "XCLAIM",
+            &stream,
+            PROJECTOR_GROUP,
+            "c1",
+            "0",
+            "1-0",
+            "FORCE",
+            "JUSTID",
+        ],
+        vec!["DEL", &cache],
+        vec!["HSET", &state, "event", "{}", "version", "e1"],
+        vec!["INCRBY", &count, "3"],
+        vec!["EXPIRE", &count, "60"],
+        vec!["EXPIRE", &history, "60"],
+        vec!["HGET", &checkpoints, PROJECTOR_GROUP],
+        vec!["HSET", &checkpoints, PROJECTOR_GROUP, "1-0"],
+        // The pipeline's scripts and calls, as for the persister.
+        vec!["XPENDING", &stream, PROJECTOR_GROUP],
+        vec!["XREVRANGE", &stream, "+", "-", "COUNT", "1"],
+        vec!["XINFO", "GROUPS", &stream],
+        vec!["XINFO", "CONSUMERS", &stream, PROJECTOR_GROUP],
+        vec!["XGROUP", "DELCONSUMER", &stream, PROJECTOR_GROUP, "gone"],
+        vec!["XADD", &dlq, "*", "a", "1"],
+        vec!["TYPE", &dlq],
+        vec!["HSET", &trials, "f", "1"],
+        vec!["HDEL", &trials, "f"],
+        vec![
+            "EVALSHA",
+            "0000000000000000000000000000000000000000",
+            "2",
+            &stream,
+            &checkpoints,
+        ],
+        vec!["SCRIPT", "LOAD", "return 1"],
+    ];
+    let tried: BTreeSet<String> = allowed.iter().map(|a| a[0].to_owned()).collect();
+    let untried: Vec<String> = effects_commands().difference(&tried).cloned().collect();
+    assert!(
+        untried.is_empty(),
+        "effects.lua runs {untried:?}: dry-run them here (and grant them in deploy/redis/users.acl)"
+    );
+    for args in &allowed {
+        let verdict: String = redis::cmd("ACL")
+            .arg("DRYRUN")
+            .arg("projector")
+            .arg(args)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(
+            verdict, "OK",
+            "the projector's ACL refuses {args:?}: {verdict}"
+        );
+    }
+
+    // Outside its ACL: other keys (also as the keys of its script: refused before it runs, so
+    // nothing of a batch is applied), other commands.
+    let mut as_projector = redis_at(&url_as(&server.url(), "projector")).await;
+    for cmd in [
+        redis::cmd("GET").arg("other:key").clone(),
+        redis::cmd("GET").arg("{other}:flow:f:state").clone(),
+        redis::cmd("DEL").arg("{other}:cache:flow:f").clone(),
+        redis::cmd("EVALSHA")
+            .arg("0000000000000000000000000000000000000000")
+            .arg(2)
+            .arg(&stream)
+            .arg("{other}:count:f")
+            .clone(),
+        redis::cmd("SET")
+            .arg(format!("{{{prefix}}}:x"))
+            .arg("1")
+            .clone(),
+        redis::cmd("EVAL").arg("return 1").arg(0).clone(),
+        redis::cmd("FLUSHALL").clone(),
+        redis::cmd("XADD")
+            .arg("other:events")
+            .arg("*")
+            .arg("a")
+            .arg("1")
+            .clone(),
+    ] {
+        let refused = cmd
+            .query_async::<redis::Value>(&mut as_projector)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("NOPERM"), "{cmd:?}: {refused}");
     }
 }
