@@ -383,6 +383,22 @@ async fn a_group_created_again_resumes_from_the_checkpoint_in_redis() {
     for (flow, set) in more_ids {
         ids.entry(flow).or_default().extend(set);
     }
+    // The setup Job's way: `fleetctl groups create` (no PostgreSQL) reads the checkpoint in Redis.
+    let (status, stderr) = projector(&stream, &cfg)
+        .run_to_end_with_args("fleetctl", &["groups", "create", "--group", GROUP])
+        .await;
+    assert!(status.success(), "{stderr}");
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        groups[0]["last-delivered-id"],
+        redis::Value::BulkString(last.clone().into_bytes()),
+        "created at the checkpoint"
+    );
     let mut worker = projector(&stream, &cfg).start("projector").await;
     wait_settled(&conn, &stream, GROUP).await;
     assert_exactly_once(&mut conn, &stream, &ids).await;
@@ -577,4 +593,35 @@ async fn redis_at_maxmemory_refuses_whole_batches_and_nothing_is_lost_or_doubled
     assert_exactly_once(&mut conn, &stream, &ids).await;
     worker.wait_ready().await;
     worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_refused_a_command_of_the_script_stops_the_projector_at_start() {
+    // A script refused a command half-way would keep what it did before, acknowledgements
+    // included: the grant is checked before anything is read.
+    let server = streamfleet_tests::servers::PrivateRedis::start();
+    let mut conn = redis_at(&server.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("proj")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-incrby")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = server.url().replacen("redis://", "redis://proj:pw@", 1);
+    let (status, stderr) = projector("s", &effects_config(""))
+        .set("FLEET_REDIS_URL", &url)
+        .set("FLEET_HTTP_ADDR", &free_addr())
+        .run_to_end("projector")
+        .await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("projector: error: FLEET_REDIS_URL: the user may not run INCRBY"),
+        "{stderr}"
+    );
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use streamfleet::store::EventStore;
+use streamfleet::store::{redis_checkpoints, EventStore};
 use streamfleet::EntryId;
 use streamfleet::StartFrom;
 
@@ -49,8 +49,9 @@ impl CreateArgs {
     }
 }
 
-/// Creates what is missing. A group starts at the stream's checkpoint in PostgreSQL when
-/// `store` is given and has one (a group destroyed and created again resumes there), else at
+/// Creates what is missing. A group starts at the stream's checkpoint (a group destroyed and
+/// created again resumes there): in PostgreSQL when `store` is given and has one (the persister's),
+/// else beside the stream in Redis (`<stream>:checkpoints`, workers without PostgreSQL), else at
 /// `--start-from`.
 pub async fn create(
     client: redis::Client,
@@ -66,13 +67,23 @@ pub async fn create(
         _ => StartFrom::Oldest,
     };
     for stream in args.streams.iter().map(|s| s.trim()) {
-        let checkpoint: Option<EntryId> = match &store {
+        let mut checkpoint: Option<EntryId> = match &store {
             Some(store) => store
                 .checkpoint(stream, &args.group)
                 .await
                 .with_context(|| format!("reading the checkpoint of {stream}"))?,
             None => None,
         };
+        if checkpoint.is_none() {
+            checkpoint = redis_checkpoints::read(&mut conn, stream, &args.group)
+                .await
+                .with_context(|| {
+                    format!(
+                        "reading the checkpoint of {stream} in {} (HGET)",
+                        redis_checkpoints::key(stream)
+                    )
+                })?;
+        }
         let start = checkpoint.map_or_else(|| default.as_id().to_owned(), |c| c.to_string());
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")

@@ -50,9 +50,65 @@ impl RedisSink {
     }
 }
 
+/// Every command `effects.lua` runs, in a form that could run harmlessly: checked at start (see
+/// `refused_commands`).
+const SCRIPT_COMMANDS: &[&[&str]] = &[
+    &["XACK", PROBE_KEY, "g", "0-1"],
+    &["TYPE", PROBE_KEY],
+    &["GET", PROBE_KEY],
+    &["HGET", PROBE_KEY, "version"],
+    &["HSET", PROBE_KEY, "f", "v"],
+    &["SMISMEMBER", PROBE_KEY, "m"],
+    &["SADD", PROBE_KEY, "m"],
+    &["EXPIRE", PROBE_KEY, "1"],
+    &["XADD", PROBE_KEY, "*", "f", "v"],
+    &["XCLAIM", PROBE_KEY, "g", "c", "0", "0-1", "FORCE", "JUSTID"],
+    &["DEL", PROBE_KEY],
+    &["INCRBY", PROBE_KEY, "0"],
+];
+const PROBE_KEY: &str = "streamfleet:acl-probe";
+
+/// The commands of `effects.lua` the ACL user may not run. A script refused a command half-way
+/// would keep what it did before, entries acknowledged included, and lose the rest of their
+/// effects; so a missing grant stops the worker at start instead. Each command is queued in a
+/// `MULTI` that is then discarded: Redis checks the user's permission as it queues, and runs
+/// nothing. (A key outside the user's patterns is refused for the whole script before it runs.)
+async fn refused_commands(conn: &mut ConnectionManager) -> Result<Vec<String>, RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    pipe.cmd("MULTI");
+    for command in SCRIPT_COMMANDS {
+        let mut cmd = redis::cmd(command[0]);
+        for arg in &command[1..] {
+            cmd.arg(*arg);
+        }
+        pipe.add_command(cmd);
+    }
+    pipe.cmd("DISCARD");
+    let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(conn).await?;
+    Ok(SCRIPT_COMMANDS
+        .iter()
+        .zip(replies.iter().skip(1))
+        .filter(|(_, reply)| matches!(reply, Err(e) if is_refused_command(e)))
+        .map(|(command, _)| command[0].to_owned())
+        .collect())
+}
+
+/// Whether Redis refused a command to the user (not a key: that is `NOPERM` with "access a key"),
+/// as a command or inside a script, whose errors carry no code.
+fn is_refused_command(e: &RedisError) -> bool {
+    let text = e.to_string().to_lowercase();
+    text.contains("no permissions to run") || text.contains("can't run this command")
+}
+
 /// What a Redis error means for the batch (see `HandlerError`).
 fn classify(e: &RedisError) -> HandlerError {
     let text = e.to_string();
+    if is_refused_command(e) || text.contains("No permissions to access") {
+        return HandlerError::Misconfigured(format!(
+            "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
+        ));
+    }
     if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
         return HandlerError::Unavailable(format!("redis: {text}"));
     }
@@ -65,9 +121,6 @@ fn classify(e: &RedisError) -> HandlerError {
             HandlerError::Unavailable(format!("redis: {text}"))
         }
         Some("NOPERM") => HandlerError::Misconfigured(format!(
-            "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
-        )),
-        _ if text.contains("NOPERM") => HandlerError::Misconfigured(format!(
             "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
         )),
         // An event whose keys are in another hash slot than its stream: its keys are at fault.
@@ -114,9 +167,19 @@ impl RedisSink {
 impl Handler for RedisSink {
     const ACKNOWLEDGES: bool = true;
 
-    /// Connects and loads the script: a user the ACL forbids it stops the worker at start.
+    /// Connects, checks that the user may run every command of the script and loads it: a
+    /// missing grant stops the worker at start (exit 2), naming the commands.
     async fn prepare(&mut self) -> Result<(), HandlerError> {
         let mut conn = self.conn().await?;
+        let refused = refused_commands(&mut conn)
+            .await
+            .map_err(|e| classify(&e))?;
+        if !refused.is_empty() {
+            return Err(HandlerError::Misconfigured(format!(
+                "FLEET_REDIS_URL: the user may not run {} (the projector's script needs them; see deploy/redis/users.acl)",
+                refused.join(", ")
+            )));
+        }
         let loaded: Result<String, RedisError> = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(include_str!("effects.lua"))
@@ -235,4 +298,28 @@ fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), Ha
     applied.duplicates += duplicates as usize;
     applied.skipped += skipped as usize;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_of_the_script_is_checked_at_start() {
+        let script = include_str!("effects.lua");
+        let mut used: Vec<&str> = Vec::new();
+        for call in ["call('", "try('", "must('", "chunked('"] {
+            for part in script.split(call).skip(1) {
+                let name = part.split('\'').next().unwrap();
+                if name.chars().all(|c| c.is_ascii_uppercase()) {
+                    used.push(name);
+                }
+            }
+        }
+        used.sort();
+        used.dedup();
+        let mut checked: Vec<&str> = SCRIPT_COMMANDS.iter().map(|c| c[0]).collect();
+        checked.sort();
+        assert_eq!(used, checked);
+    }
 }
