@@ -32,8 +32,8 @@ pub struct Call {
 }
 
 /// When this worker last refreshed each history stream's TTL. An `EXPIRE` per key per batch
-/// cost redis-server as much as the append itself (measured: with 500 streams, 36.7 k events/s
-/// with it, 44.5 k without), so a stream's TTL is refreshed at most every `ttl_s / 24`, to
+/// cost redis-server about as much as the append itself (measured on 500 streams, dedup window
+/// off: 35.1 k events/s with it, 44.5 k without), so a stream's TTL is refreshed at most every `ttl_s / 24`, to
 /// `ttl_s + ttl_s / 24`: it expires between `ttl_s` and `ttl_s * 25 / 24` after its last event.
 #[derive(Default)]
 pub struct Refreshes {
