@@ -121,6 +121,9 @@ pub enum VersionBy {
 pub const DEFAULT_HISTORY_MAXLEN: u64 = 10_000;
 /// Default TTL of counters and history streams: a day.
 pub const DEFAULT_EFFECT_TTL_S: u64 = 86_400;
+/// Longest TTL (and dedup window) accepted: ten years. Redis refuses an `EXPIRE` past its range,
+/// and inside the projector's script a refusal would come after acknowledgements.
+pub const MAX_TTL_S: u64 = 10 * 365 * 86_400;
 
 /// A projector action: an effect in Redis declared per route (the templates name the keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +192,15 @@ impl RawAction {
                 Ok(())
             }
         };
+        if let Some(ttl) = self.ttl_s.filter(|t| *t > MAX_TTL_S) {
+            return Err(format!(
+                "{} ({ttl}) must be at most {MAX_TTL_S} (ten years)",
+                name("ttl_s")
+            ));
+        }
+        if let Some(maxlen) = self.maxlen.filter(|m| *m > i64::MAX as u64) {
+            return Err(format!("{} ({maxlen}) is out of range", name("maxlen")));
+        }
         Ok(if let Some(key) = self.latest {
             forbid(self.maxlen.is_some(), "maxlen", "latest")?;
             forbid(self.ttl_s.is_some(), "ttl_s", "latest")?;
@@ -415,6 +427,12 @@ impl FileConfig {
         if t.poll_interval_ms == 0 {
             return Err(fail("tuning.poll_interval_ms must be at least 1".into()));
         }
+        if t.dedup_window_s > MAX_TTL_S {
+            return Err(fail(format!(
+                "tuning.dedup_window_s ({}) must be at most {MAX_TTL_S} (ten years)",
+                t.dedup_window_s
+            )));
+        }
         if t.max_data_bytes == 0 {
             return Err(fail("tuning.max_data_bytes must be at least 1".into()));
         }
@@ -588,6 +606,10 @@ over_limit = "block"
             (r#"{ latest = "a", count = "b" }"#, "exactly one of"),
             (r#"{ latest = "a", version = "clock" }"#, "clock"),
             (r#"{ invalidate = [] }"#, "names no key"),
+            (
+                r#"{ count = "c", ttl_s = 18446744073709551615 }"#,
+                "actions[0].ttl_s",
+            ),
         ] {
             let err = route(actions).unwrap_err().to_string();
             assert!(err.contains(expected), "{actions}: {err}");
