@@ -93,6 +93,46 @@ pub enum HandlerError {
     Fatal(String),
 }
 
+impl HandlerError {
+    /// What an error of a Redis sink (the projector's, the notifier's) means for the batch:
+    /// unreachable, loading, read-only or out of memory: the batch waits; a command or key the
+    /// ACL user may not use (also inside a script, where the error carries no code): an operator
+    /// must fix it; a key in another hash slot than its stream (`CROSSSLOT`): the event's fault;
+    /// anything else: retried.
+    pub fn from_redis(e: &redis::RedisError) -> Self {
+        let text = e.to_string();
+        let refused = text.to_lowercase();
+        if e.code() == Some("NOPERM")
+            || refused.contains("no permissions to")
+            || refused.contains("can't run this command")
+        {
+            return HandlerError::Misconfigured(format!(
+                "FLEET_REDIS_URL: the user may not run the worker's commands: {text}"
+            ));
+        }
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_connection_refusal()
+        {
+            return HandlerError::Unavailable(format!("redis: {text}"));
+        }
+        match e.code() {
+            Some("OOM") => HandlerError::Unavailable(
+                "Redis out of memory (maxmemory reached): effects wait, their entries stay pending"
+                    .into(),
+            ),
+            Some("READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN") => {
+                HandlerError::Unavailable(format!("redis: {text}"))
+            }
+            Some("CROSSSLOT") => HandlerError::Permanent(format!(
+                "redis: {text} (on Redis Cluster, keys keep the stream's hash tag, e.g. {{stream}})"
+            )),
+            _ => HandlerError::Transient(format!("redis: {text}")),
+        }
+    }
+}
+
 /// A worker's job. Cloned once per handler lane (`handler_concurrency`): clones share the sink
 /// (e.g. a connection pool) and may apply batches at the same time.
 pub trait Handler: Clone + Send + Sync + 'static {

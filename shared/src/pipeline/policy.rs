@@ -417,6 +417,7 @@ mod tests {
             pattern: "user.#".parse().unwrap(),
             strict: true,
             actions: Vec::new(),
+            publish: None,
         };
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {
@@ -645,6 +646,7 @@ mod tests {
             pattern: "user.#".parse().unwrap(),
             strict: true,
             actions: Vec::new(),
+            publish: None,
         };
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {

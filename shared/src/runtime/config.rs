@@ -247,6 +247,7 @@ struct RawRoute {
     strict: bool,
     #[serde(default)]
     actions: Vec<RawAction>,
+    publish: Option<Template>,
 }
 
 /// `[[route]]`: what a worker does with events on matching channels.
@@ -257,6 +258,8 @@ pub struct Route {
     pub strict: bool,
     /// The projector's effects.
     pub actions: Vec<Action>,
+    /// The notifier's Pub/Sub channel for these events (default `fleet:{channel}`).
+    pub publish: Option<Template>,
 }
 
 impl RawRoute {
@@ -280,10 +283,15 @@ impl RawRoute {
             }
             actions.push(action);
         }
+        if let Some(t) = &self.publish {
+            t.check(&self.pattern)
+                .map_err(|e| format!("route[{i}] ({}).publish: {e}", self.pattern))?;
+        }
         Ok(Route {
             pattern: self.pattern,
             strict: self.strict,
             actions,
+            publish: self.publish,
         })
     }
 }
@@ -447,6 +455,7 @@ impl FileConfig {
                 pattern: DEFAULT_STRICT_PATTERN.parse().expect("valid pattern"),
                 strict: true,
                 actions: Vec::new(),
+                publish: None,
             }],
         };
         let mut rules = Vec::new();

@@ -29,7 +29,7 @@ impl Lua {
     }
 
     /// `SCRIPT LOAD`, so that its `EVALSHA`s find it.
-    fn load(&self) -> redis::Cmd {
+    pub fn load(&self) -> redis::Cmd {
         let mut cmd = redis::cmd("SCRIPT");
         cmd.arg("LOAD").arg(self.source);
         cmd

@@ -101,34 +101,9 @@ fn is_refused_command(e: &RedisError) -> bool {
     text.contains("no permissions to run") || text.contains("can't run this command")
 }
 
-/// What a Redis error means for the batch (see `HandlerError`).
+/// What a Redis error means for the batch.
 fn classify(e: &RedisError) -> HandlerError {
-    let text = e.to_string();
-    if is_refused_command(e) || text.contains("No permissions to access") {
-        return HandlerError::Misconfigured(format!(
-            "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
-        ));
-    }
-    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
-        return HandlerError::Unavailable(format!("redis: {text}"));
-    }
-    match e.code() {
-        Some("OOM") => HandlerError::Unavailable(
-            "Redis out of memory (maxmemory reached): effects wait, their entries stay pending"
-                .into(),
-        ),
-        Some("READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN") => {
-            HandlerError::Unavailable(format!("redis: {text}"))
-        }
-        Some("NOPERM") => HandlerError::Misconfigured(format!(
-            "FLEET_REDIS_URL: the user may not run the projector's script or its commands: {text}"
-        )),
-        // An event whose keys are in another hash slot than its stream: its keys are at fault.
-        Some("CROSSSLOT") => HandlerError::Permanent(format!(
-            "redis: {text} (on Redis Cluster, key templates keep the stream's hash tag, e.g. {{stream}})"
-        )),
-        _ => HandlerError::Transient(format!("redis: {text}")),
-    }
+    HandlerError::from_redis(e)
 }
 
 impl RedisSink {
