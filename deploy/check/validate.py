@@ -4,8 +4,9 @@ as arguments): core kinds against the Kubernetes schemas of PyPI's kubernetes-va
 with validate-crds.js, then the facts the deployment promises (probes, consumer names, grace
 periods, security context, resources, scaling, setup; per worker: its command and which
 credentials it gets; the worker's FLEET_CONFIG as it ships, and the keys it names against the
-worker's Redis ACL user in deploy/redis/users.acl and its streams' hash slot). One line per
-check; exit 1 on a failure.
+worker's Redis ACL user in deploy/redis/users.acl and its streams' hash slot, and the Pub/Sub
+channels it publishes on against the user's channel patterns). One line per check; exit 1 on a
+failure.
 
     validate.py NODE_MODULES RULES_YML FILE.yaml...
 """
@@ -27,12 +28,19 @@ CUSTOM = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
 ACL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "redis", "users.acl")
 
 # Every worker each overlay deploys, by its Deployment's name (= its command, its Service, its
-# default group, its Redis ACL user): whether it uses PostgreSQL, and whether its FLEET_CONFIG
-# must declare projector actions (the projector exits 2 without any).
+# default group, its Redis ACL user): whether it uses PostgreSQL, whether its FLEET_CONFIG
+# must declare projector actions (the projector exits 2 without any), and whether it publishes
+# every routed event on Pub/Sub (the notifier: each route's `publish` template, else
+# DEFAULT_CHANNEL, must fall inside its ACL user's channel patterns).
 WORKERS = {
-    "persister": {"database": True, "actions": False},
-    "projector": {"database": False, "actions": True},
+    "persister": {"database": True, "actions": False, "publish": False},
+    "projector": {"database": False, "actions": True, "publish": False},
+    "notifier": {"database": False, "actions": False, "publish": True},
 }
+# The notifier's channel for a route without `publish` (workers/notifier/src/sink.rs).
+DEFAULT_CHANNEL = "fleet:{channel}"
+# A FLEET_CONFIG without any [[route]] routes this (README: "The configuration file").
+DEFAULT_ROUTES = [{"pattern": "user.#", "strict": True}]
 
 
 def fail(msg):
@@ -50,7 +58,8 @@ def env_of(container):
 
 def acl_users(path=ACL_FILE):
     """users.acl as {user: [rule, ...]}: the root rule first, then one per selector; a rule is
-    (key patterns, granted commands) with commands lowercased (`client|list`, `@all`)."""
+    (key patterns, granted commands, channel patterns) with commands lowercased (`client|list`,
+    `@all`)."""
     users = {}
     with open(path) as f:
         for line in f:
@@ -59,10 +68,16 @@ def acl_users(path=ACL_FILE):
                 continue
             rules = []
             for text in [re.sub(r"\([^)]*\)", " ", m.group(2))] + re.findall(r"\(([^)]*)\)", m.group(2)):
-                keys, cmds = [], set()
+                keys, cmds, channels = [], set(), []
                 for tok in text.split():
                     if tok == "resetkeys":
                         keys = []
+                    elif tok == "resetchannels":
+                        channels = []
+                    elif tok == "allchannels":
+                        channels.append("*")
+                    elif tok.startswith("&"):
+                        channels.append(tok[1:])
                     elif tok in ("allkeys", "~*"):
                         keys.append("*")
                     elif tok.startswith("~") or tok.startswith("%"):
@@ -75,7 +90,7 @@ def acl_users(path=ACL_FILE):
                         cmds.add(tok[1:].lower())
                     elif tok.startswith("-"):
                         cmds.discard(tok[1:].lower())
-                rules.append((keys, cmds))
+                rules.append((keys, cmds, channels))
             users[m.group(1)] = rules
     return users
 
@@ -184,7 +199,7 @@ def check_keys(name, streams, config, user, where):
                      f"ACL user {user} ({' '.join(root_keys)})")
             if kind == "invalidate" and not any(
                     ("del" in cmds or "@all" in cmds) and any(covers(p, prefix) for p in keys)
-                    for keys, cmds in rules):
+                    for keys, cmds, _ in rules):
                 fail(f"{where}: invalidate key {template!r} (starts {prefix!r}): ACL user {user} "
                      "may not DEL it (deploy/redis/users.acl)")
             if tags != {None} and hash_tag(prefix) not in tags:
@@ -192,6 +207,27 @@ def check_keys(name, streams, config, user, where):
                      f"tag of its stream ({', '.join(streams)}): on Redis Cluster it is in another "
                      "slot than the script's stream (CROSSSLOT)")
     return n
+
+
+def check_channels(streams, config, user, where):
+    """Every Pub/Sub channel the notifier publishes on (each route's `publish` template, else the
+    default) against its ACL user's channel patterns and its PUBLISH grant. Channels are no keys:
+    no hash slot applies (a PUBLISH reaches every node of a cluster)."""
+    rules = acl_users()[user]
+    if not any("publish" in cmds or "@all" in cmds for _, cmds, _ in rules):
+        fail(f"{where}: ACL user {user} may not PUBLISH (deploy/redis/users.acl)")
+    channels = [p for _, _, chans in rules for p in chans]
+    routes = config.get("route") or DEFAULT_ROUTES
+    for route in routes:
+        template = route.get("publish", DEFAULT_CHANNEL)
+        for prefix in template_prefix(template, streams):
+            if any(covers(p, prefix) for p in channels):
+                continue
+            fail(f"{where}: route {route.get('pattern')!r} publishes on {template!r} (starts "
+                 f"{prefix!r}), outside the channels of ACL user {user} "
+                 f"({' '.join('&' + p for p in channels) or 'none: resetchannels'}); Redis refuses "
+                 "the PUBLISH (NOPERM) and the batch is retried without end")
+    return len(routes)
 
 
 def check_worker(d, objects, source):
@@ -231,6 +267,7 @@ def check_worker(d, objects, source):
     if user != name:
         fail(f"{where}: FLEET_REDIS_URL logs in as {user}, not as its own ACL user {name}")
     keys = check_keys(name, streams, config, user, where)
+    publishes = check_channels(streams, config, user, where) if spec["publish"] else 0
     psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
     if not (psc.get("runAsNonRoot") and csc.get("readOnlyRootFilesystem")
             and csc.get("allowPrivilegeEscalation") is False):
@@ -265,7 +302,8 @@ def check_worker(d, objects, source):
        f"{'Redis and PostgreSQL' if spec['database'] else 'Redis only (no database)'} Secret, "
        f"ConfigMap, security, resources, PDB, ServiceMonitor, "
        f"ScaledObject ({scaled[0]['spec']['triggers'][0]['type']}), keys inside ACL user {user}"
-       + (f" and their stream's hash slot ({keys} action keys)" if spec["actions"] else ""))
+       + (f" and their stream's hash slot ({keys} action keys)" if spec["actions"] else "")
+       + (f", channels inside its channel patterns ({publishes} routes' publish)" if spec["publish"] else ""))
     return {"name": name, "group": group, "streams": streams}
 
 
