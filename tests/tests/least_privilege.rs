@@ -1,11 +1,14 @@
 //! The deployment's least privilege, as shipped in deploy/: the persister runs under its Redis ACL
 //! user (deploy/redis/users.acl) and its PostgreSQL role (deploy/postgres/roles.sql and the
-//! migrations' grants), the projector under its Redis ACL user alone, the setup steps under
-//! theirs, and what lies outside is refused.
+//! migrations' grants), the projector and the notifier under their Redis ACL users alone, the
+//! setup steps under theirs, and what lies outside is refused.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Expect};
@@ -500,6 +503,247 @@ actions = [
     ] {
         let refused = cmd
             .query_async::<redis::Value>(&mut as_projector)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("NOPERM"), "{cmd:?}: {refused}");
+    }
+}
+
+/// The notifier's group (its default, and the deployment's FLEET_GROUP).
+const NOTIFIER_GROUP: &str = "notifier";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifier_runs_under_its_shipped_acl_user_and_nothing_more() {
+    let prefix = unique("lpn");
+    let server = PrivateRedis::start_with(&["--aclfile".into(), acl_file(&prefix)]);
+    let stream = format!("{{{prefix}}}:events");
+    let mut admin = redis_at(&server.url()).await;
+
+    // The shipped configuration, as is, with the test's prefix: flow.*.progress published on
+    // `{{prefix}}:fleet:{channel}`, which renders `{prefix}:fleet:flow.<n>.progress`.
+    let shipped =
+        std::fs::read_to_string(repo_path("deploy/kustomize/base/notifier/fleet.toml")).unwrap();
+    assert!(shipped.contains("{{app}}:fleet:{channel}"), "{shipped}");
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("notifier")));
+    std::fs::write(
+        &cfg,
+        shipped.replace("{{app}}", &format!("{{{{{prefix}}}}}")),
+    )
+    .unwrap();
+    let channel_pattern = format!("{{{prefix}}}:fleet:*");
+
+    // The setup Job's step, as shipped: the notifier's group, as `setup`, with no database.
+    let setup = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "setup"));
+    let (status, stderr) = setup
+        .run_to_end_with_args(
+            "fleetctl",
+            &[
+                "groups",
+                "create",
+                "--streams",
+                &stream,
+                "--group",
+                NOTIFIER_GROUP,
+                "--start-from",
+                "newest",
+            ],
+        )
+        .await;
+    assert!(status.success(), "groups create as `setup`: {stderr}");
+
+    // The notifier user may not subscribe (it only publishes): a subscribers' user of the shape
+    // deploy/redis/README.md documents does, on exactly the notifier's channel pattern.
+    let as_notifier_client = redis::Client::open(url_as(&server.url(), "notifier")).unwrap();
+    let mut refused_sub = as_notifier_client.get_async_pubsub().await.unwrap();
+    let refused = refused_sub.psubscribe(&channel_pattern).await.unwrap_err();
+    assert_eq!(refused.code(), Some("NOPERM"), "{refused}");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("fanout")
+        .arg("on")
+        .arg(">pw-fanout")
+        .arg("resetkeys")
+        .arg("resetchannels")
+        .arg(format!("&{channel_pattern}"))
+        .arg("-@all")
+        .arg("+auth")
+        .arg("+hello")
+        .arg("+ping")
+        .arg("+subscribe")
+        .arg("+psubscribe")
+        .arg("+unsubscribe")
+        .arg("+punsubscribe")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let client = redis::Client::open(url_as(&server.url(), "fanout")).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.psubscribe(&channel_pattern).await.unwrap();
+    let received: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let payload: String = msg.get_payload().unwrap();
+            sink.lock().unwrap().push((
+                msg.get_channel_name().to_owned(),
+                serde_json::from_str(&payload).unwrap(),
+            ));
+        }
+    });
+
+    // The notifier under its own user only (no database at all).
+    let mut worker = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "notifier"))
+        .set("FLEET_GROUP", NOTIFIER_GROUP)
+        .set("FLEET_CONFIG", &cfg.display().to_string())
+        .start("notifier")
+        .await;
+
+    // Flow events (published), user events (no route: acknowledged with no effect), malformed
+    // entries (dead letters), after the group was created at the stream's end.
+    let corpus = corpus::mixed(2000, 5, 1);
+    let mut flows: HashMap<String, String> = HashMap::new(); // event id -> its channel
+    for (line, expect) in corpus.lines.iter().zip(&corpus.expected) {
+        if let Expect::Valid { id, user: false } = expect {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            let channel = event["channel"].as_str().unwrap().to_owned();
+            if channel.starts_with("flow.") && channel.ends_with(".progress") {
+                flows.insert(id.to_string(), channel);
+            }
+        }
+    }
+    assert!(flows.len() > 100, "{} flow progress events", flows.len());
+    publish_lines_to(&server.url(), &stream, &corpus.lines).await;
+    wait_settled(&admin, &stream, NOTIFIER_GROUP).await;
+
+    // Every flow progress event received (at least once), on its channel, with its stream.
+    wait_until(Duration::from_secs(60), "every flow event received", || {
+        let (received, want) = (received.clone(), flows.len());
+        async move {
+            let got: HashSet<String> = received
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, m)| m["id"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            got.len() >= want
+        }
+    })
+    .await;
+    for (channel, message) in received.lock().unwrap().iter() {
+        let id = message["id"].as_str().unwrap();
+        let flow = flows
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} is not a flow progress event: {message}"));
+        assert_eq!(channel, &format!("{{{prefix}}}:fleet:{flow}"));
+        assert_eq!(message["stream"], stream.as_str());
+        assert!(message["entry_id"].is_string(), "{message}");
+    }
+
+    // The checkpoint reaches the last entry, in `<stream>:checkpoints` (the notifier has no
+    // database): the checkpoint script ran under the notifier user.
+    wait_until(
+        Duration::from_secs(30),
+        "the notifier's checkpoint at the last entry",
+        || {
+            let (mut conn, stream) = (admin.clone(), stream.clone());
+            async move {
+                let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+                    .arg(&stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let at: Option<String> = redis::cmd("HGET")
+                    .arg(format!("{stream}:checkpoints"))
+                    .arg(NOTIFIER_GROUP)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or(None);
+                last.first().map(|(id, _)| id) == at.as_ref()
+            }
+        },
+    )
+    .await;
+    let dead = corpus
+        .expected
+        .iter()
+        .filter(|e| matches!(e, Expect::Dead(_)))
+        .count();
+    let dead_letters: usize = redis::cmd("XLEN")
+        .arg(format!("{stream}:dlq"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Malformed entries dead-lettered under the notifier's user (the shipped configuration keeps
+    // the default max_data_bytes, so the corpus's oversized entries pass: fewer than the test's).
+    assert!(
+        dead_letters > 0 && dead_letters <= dead,
+        "{dead_letters} dead letters, {dead} malformed at most"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = worker.log_text();
+    for refusal in [
+        "NOPERM",
+        "NoPerm",
+        "no permissions",
+        "can't run this command",
+    ] {
+        assert!(!log.contains(refusal), "{refusal}:\n{log}");
+    }
+    let (code, body) = worker.readyz().await;
+    assert_eq!(code, 200, "{body}");
+    worker.stop_cleanly().await;
+
+    // Outside its ACL: a channel outside its pattern (the default `fleet:{channel}` among them),
+    // the projector's effect commands, other keys, subscribing.
+    let mut as_notifier = redis_at(&url_as(&server.url(), "notifier")).await;
+    let n: usize = redis::cmd("PUBLISH")
+        .arg(format!("{{{prefix}}}:fleet:flow.x.progress"))
+        .arg("{}")
+        .query_async(&mut as_notifier)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the subscriber receives a channel inside the pattern");
+    for cmd in [
+        redis::cmd("PUBLISH")
+            .arg("fleet:flow.x.progress")
+            .arg("{}")
+            .clone(),
+        redis::cmd("PUBLISH")
+            .arg(format!("{{{prefix}}}:other"))
+            .arg("{}")
+            .clone(),
+        redis::cmd("PUBLISH")
+            .arg("{other}:fleet:flow.x.progress")
+            .arg("{}")
+            .clone(),
+        redis::cmd("GET").arg(format!("{{{prefix}}}:x")).clone(),
+        redis::cmd("INCRBY")
+            .arg(format!("{{{prefix}}}:x"))
+            .arg(1)
+            .clone(),
+        redis::cmd("DEL").arg(format!("{{{prefix}}}:x")).clone(),
+        redis::cmd("SADD")
+            .arg(format!("{{{prefix}}}:x"))
+            .arg("a")
+            .clone(),
+        redis::cmd("HGET")
+            .arg("other:checkpoints")
+            .arg("notifier")
+            .clone(),
+        redis::cmd("EVAL").arg("return 1").arg(0).clone(),
+        redis::cmd("FLUSHALL").clone(),
+    ] {
+        let refused = cmd
+            .query_async::<redis::Value>(&mut as_notifier)
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Some("NOPERM"), "{cmd:?}: {refused}");
