@@ -120,6 +120,31 @@ pub async fn create_group(conn: &mut MultiplexedConnection, stream: &str, group:
         .unwrap();
 }
 
+/// Pub/Sub messages received: (channel, payload as JSON).
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// A subscriber of `pattern` (PSUBSCRIBE) on the Redis at `url`, subscribed when this returns;
+/// every message it receives is appended.
+pub async fn subscriber_at(url: &str, pattern: &str) -> Received {
+    use futures_util::StreamExt;
+    let client = redis::Client::open(url).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.psubscribe(pattern).await.unwrap();
+    let received: Received = Received::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let payload: String = msg.get_payload().unwrap();
+            sink.lock().unwrap().push((
+                msg.get_channel_name().to_owned(),
+                serde_json::from_str(&payload).unwrap(),
+            ));
+        }
+    });
+    received
+}
+
 /// A free loopback port for a worker's HTTP endpoints.
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -132,3 +132,34 @@ pub async fn checkpoint(pool: &PgPool, stream: &str) -> Option<String> {
         .ok()
         .flatten()
 }
+
+/// Waits (at most 30 s) until `group`'s checkpoint in `<stream>:checkpoints` (a worker without
+/// PostgreSQL) is the stream's last entry.
+pub async fn wait_checkpointed_in_redis(conn: &MultiplexedConnection, stream: &str, group: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        "the checkpoint in Redis at the last entry",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let at: Option<String> = redis::cmd("HGET")
+                    .arg(format!("{stream}:checkpoints"))
+                    .arg(group)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or(None);
+                last.first().map(|(id, _)| id) == at.as_ref()
+            }
+        },
+    )
+    .await;
+}

@@ -5,14 +5,13 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use futures_util::StreamExt;
 
 use sqlx::PgPool;
 use streamfleet_tests::corpus::{self, Expect};
-use streamfleet_tests::scenario::{conclude, config, wait_settled, GROUP};
+use streamfleet_tests::scenario::{
+    conclude, config, wait_checkpointed_in_redis, wait_settled, GROUP,
+};
 use streamfleet_tests::servers::PrivateRedis;
 use streamfleet_tests::*;
 
@@ -359,32 +358,7 @@ actions = [
         .unwrap();
     assert_eq!(dead_letters, dead, "dead letters");
     // The checkpoint reaches the last entry, in Redis (the projector has no database).
-    wait_until(
-        Duration::from_secs(30),
-        "the projector's checkpoint at the last entry",
-        || {
-            let (mut conn, stream) = (admin.clone(), stream.clone());
-            async move {
-                let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
-                    .arg(&stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                let at: Option<String> = redis::cmd("HGET")
-                    .arg(format!("{stream}:checkpoints"))
-                    .arg(PROJECTOR_GROUP)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or(None);
-                last.first().map(|(id, _)| id) == at.as_ref()
-            }
-        },
-    )
-    .await;
+    wait_checkpointed_in_redis(&admin, &stream, PROJECTOR_GROUP).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // a lag sample and a consumer clean-up
                                                           // A command refused inside the script is not a NOPERM reply but an error of the script.
     let log = worker.log_text();
@@ -578,21 +552,7 @@ async fn the_notifier_runs_under_its_shipped_acl_user_and_nothing_more() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let client = redis::Client::open(url_as(&server.url(), "fanout")).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub.psubscribe(&channel_pattern).await.unwrap();
-    let received: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
-    let sink = received.clone();
-    tokio::spawn(async move {
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            let payload: String = msg.get_payload().unwrap();
-            sink.lock().unwrap().push((
-                msg.get_channel_name().to_owned(),
-                serde_json::from_str(&payload).unwrap(),
-            ));
-        }
-    });
+    let received = subscriber_at(&url_as(&server.url(), "fanout"), &channel_pattern).await;
 
     // The notifier under its own user only (no database at all).
     let mut worker = WorkerEnv::new(&stream, "")
@@ -646,32 +606,7 @@ async fn the_notifier_runs_under_its_shipped_acl_user_and_nothing_more() {
 
     // The checkpoint reaches the last entry, in `<stream>:checkpoints` (the notifier has no
     // database): the checkpoint script ran under the notifier user.
-    wait_until(
-        Duration::from_secs(30),
-        "the notifier's checkpoint at the last entry",
-        || {
-            let (mut conn, stream) = (admin.clone(), stream.clone());
-            async move {
-                let last: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
-                    .arg(&stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                let at: Option<String> = redis::cmd("HGET")
-                    .arg(format!("{stream}:checkpoints"))
-                    .arg(NOTIFIER_GROUP)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or(None);
-                last.first().map(|(id, _)| id) == at.as_ref()
-            }
-        },
-    )
-    .await;
+    wait_checkpointed_in_redis(&admin, &stream, NOTIFIER_GROUP).await;
     let dead = corpus
         .expected
         .iter()

@@ -3,10 +3,8 @@
 //! kill -9 (a duplicate carries the same `entry_id`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -15,27 +13,9 @@ use streamfleet_tests::*;
 
 const GROUP: &str = "notifier";
 
-/// Messages received: (Pub/Sub channel, payload).
-type Received = Arc<Mutex<Vec<(String, Value)>>>;
-
-/// A subscriber of `pattern` (PSUBSCRIBE), subscribed when this returns.
+/// A subscriber of `pattern` on the test Redis.
 async fn subscriber(pattern: &str) -> Received {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub.psubscribe(pattern).await.unwrap();
-    let received: Received = Arc::default();
-    let sink = received.clone();
-    tokio::spawn(async move {
-        let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
-            let payload: String = msg.get_payload().unwrap();
-            sink.lock().unwrap().push((
-                msg.get_channel_name().to_owned(),
-                serde_json::from_str(&payload).unwrap(),
-            ));
-        }
-    });
-    received
+    subscriber_at(&redis_url(), pattern).await
 }
 
 /// `n` flow events over `flows` channels; returns the lines and their ids.

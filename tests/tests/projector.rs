@@ -10,7 +10,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use uuid::Uuid;
 
-use streamfleet_tests::scenario::{config, wait_settled};
+use streamfleet_tests::scenario::{config, wait_checkpointed_in_redis, wait_settled};
 use streamfleet_tests::*;
 
 const GROUP: &str = "projector";
@@ -353,23 +353,7 @@ async fn a_group_created_again_resumes_from_the_checkpoint_in_redis() {
     let mut conn = redis().await;
     wait_settled(&conn, &stream, GROUP).await;
     let last = read_stream(&mut conn, &stream).await.pop().unwrap().0;
-    wait_until(
-        Duration::from_secs(30),
-        "checkpoint at the last entry",
-        || {
-            let (mut conn, stream, last) = (conn.clone(), stream.clone(), last.clone());
-            async move {
-                let at: Option<String> = redis::cmd("HGET")
-                    .arg(format!("{stream}:checkpoints"))
-                    .arg(GROUP)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                at.as_deref() == Some(last.as_str())
-            }
-        },
-    )
-    .await;
+    wait_checkpointed_in_redis(&conn, &stream, GROUP).await;
     worker.stop_cleanly().await;
     let _: () = redis::cmd("XGROUP")
         .arg("DESTROY")
