@@ -138,3 +138,328 @@ async fn kill_9_mid_load_publishes_every_event_at_least_once_with_its_entry_id()
     );
     worker.stop_cleanly().await;
 }
+
+/// A message received, with when (this machine's clock, as the event's `time` at publishing).
+type Timed = std::sync::Arc<std::sync::Mutex<Vec<(Value, time::OffsetDateTime)>>>;
+
+/// A subscriber of `pattern` that notes when each message arrived.
+async fn timed_subscriber(pattern: &str) -> Timed {
+    use futures_util::StreamExt;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.psubscribe(pattern).await.unwrap();
+    let received = Timed::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let at = time::OffsetDateTime::now_utc();
+            let payload: String = msg.get_payload().unwrap();
+            sink.lock()
+                .unwrap()
+                .push((serde_json::from_str(&payload).unwrap(), at));
+        }
+    });
+    received
+}
+
+/// One flow event on `channel`, `data.i = i`, timed now.
+fn timed_line(channel: &str, i: usize) -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "flow.progress",
+        "channel": channel, "source": "tests", "time": now, "data": {"i": i}})
+    .to_string()
+}
+
+/// Publishes `per_tick` events on each channel every 10 ms for `ticks` ticks (data.i counts per
+/// channel); returns how many were published per channel.
+async fn publish_steadily(stream: String, channels: Vec<(String, usize)>, ticks: usize) {
+    let mut n: HashMap<String, usize> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for t in 0..ticks {
+        tick.tick().await;
+        let mut lines = Vec::new();
+        for (channel, every) in &channels {
+            // `every`: one event per that many ticks (a quiet channel), 0 for none.
+            if *every > 0 && t % every == 0 {
+                let i = n.entry(channel.clone()).or_default();
+                lines.push(timed_line(channel, *i));
+                *i += 1;
+            }
+        }
+        if !lines.is_empty() {
+            publish_lines(&stream, &lines).await;
+        }
+    }
+}
+
+/// A notifier on `stream` with backpressure `rules` (and `tuning` lines).
+fn limited_notifier(stream: &str, tuning: &str, rules: &str) -> WorkerEnv {
+    WorkerEnv::new(stream, "").unset("FLEET_DATABASE_URL").set(
+        "FLEET_CONFIG",
+        &config(&format!(
+            "{tuning}\n[[route]]\npattern = \"flow.*.progress\"\npublish = \"{{stream}}:{{channel}}\"\n{rules}"
+        )),
+    )
+}
+
+/// The messages of `channel`, in arrival order.
+fn of_channel(received: &Timed, channel: &str) -> Vec<(Value, time::OffsetDateTime)> {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| m["channel"] == channel)
+        .cloned()
+        .collect()
+}
+
+/// Publish-to-subscriber latencies in ms, sorted.
+fn latencies(messages: &[(Value, time::OffsetDateTime)]) -> Vec<f64> {
+    let mut out: Vec<f64> = messages
+        .iter()
+        .map(|(m, at)| {
+            let sent = time::OffsetDateTime::parse(
+                m["time"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap();
+            (*at - sent).as_seconds_f64() * 1000.0
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn p99(sorted: &[f64]) -> f64 {
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_channel_delivers_the_newest_state_of_every_key_in_far_fewer_messages() {
+    let stream = unique("notify-coalesce:");
+    let received = timed_subscriber(&format!("{stream}:*")).await;
+    let mut worker = limited_notifier(
+        &stream,
+        "",
+        "[[backpressure]]\npattern = \"flow.*.progress\"\nmode = \"coalesce\"\nwindow_ms = 200",
+    )
+    .start("notifier")
+    .await;
+    worker.wait_ready().await;
+    // 10 keys (channels), 1 event each per 10 ms tick for 2 s: 2 000 events.
+    let channels: Vec<(String, usize)> =
+        (0..10).map(|k| (format!("flow.{k}.progress"), 1)).collect();
+    let started = std::time::Instant::now();
+    publish_steadily(stream.clone(), channels.clone(), 200).await;
+    let windows = started.elapsed().as_millis() as usize / 200 + 2;
+    let conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let total = received.lock().unwrap().len();
+    for (channel, _) in &channels {
+        let got = of_channel(&received, channel);
+        let last = got.last().expect("each key delivered");
+        assert_eq!(last.0["data"]["i"], 199, "{channel}: the newest state last");
+        let order: Vec<u64> = got
+            .iter()
+            .map(|(m, _)| m["data"]["i"].as_u64().unwrap())
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{channel}: {order:?}"
+        );
+    }
+    // One message per key per 200 ms window: about 10 per key over 2 s, not 200.
+    assert!(
+        (10..=10 * windows).contains(&total),
+        "{total} messages for 2 000 events ({windows} windows at most per key)"
+    );
+    let coalesced = worker
+        .metric("fleet_backpressure_actions_total", "action=\"coalesced\"")
+        .await;
+    assert_eq!(
+        coalesced as usize,
+        2000 - total,
+        "each replaced event counted"
+    );
+    assert_eq!(dead_letters(&stream).await, 0);
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_channel_stays_within_its_rate_and_a_quiet_channel_flows() {
+    let stream = unique("notify-rate:");
+    let received = timed_subscriber(&format!("{stream}:*")).await;
+    let mut worker = limited_notifier(
+        &stream,
+        "",
+        "[[backpressure]]\npattern = \"flow.hot.*\"\nmode = \"rate_limit\"\nper_second = 50\nburst = 10\nover_limit = \"drop\"",
+    )
+    .start("notifier")
+    .await;
+    worker.wait_ready().await;
+    // The hot channel at 1 000/s for 3 s, the quiet one at 10/s.
+    let started = time::OffsetDateTime::now_utc();
+    publish_steadily(
+        stream.clone(),
+        vec![
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.hot.progress".into(), 1),
+            ("flow.quiet.progress".into(), 10),
+        ],
+        300,
+    )
+    .await;
+    let conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let elapsed = (time::OffsetDateTime::now_utc() - started).as_seconds_f64();
+    let hot = of_channel(&received, "flow.hot.progress");
+    // At most the burst plus 50/s over the time the load lasted.
+    let most = 10.0 + 50.0 * elapsed;
+    assert!(
+        (hot.len() as f64) <= most && hot.len() >= 100,
+        "{} hot messages in {elapsed:.1} s (limit 50/s, burst 10)",
+        hot.len()
+    );
+    let quiet = of_channel(&received, "flow.quiet.progress");
+    assert_eq!(quiet.len(), 30, "every quiet event, none dropped");
+    let lat = latencies(&quiet);
+    eprintln!(
+        "quiet channel beside a rate-limited hot one: p50 {:.1} ms, p99 {:.1} ms; hot {} delivered",
+        lat[lat.len() / 2],
+        p99(&lat),
+        hot.len()
+    );
+    // The bench measures the 50 ms target on a quiet machine; here the bound says the quiet
+    // channel never waits for the hot one's budget (that would be seconds).
+    assert!(p99(&lat) < 250.0, "quiet p99 {:.1} ms", p99(&lat));
+    assert_eq!(dead_letters(&stream).await, 0);
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_publishes_every_waiting_event_later_while_a_quiet_channel_flows() {
+    let stream = unique("notify-block:");
+    let received = timed_subscriber(&format!("{stream}:*")).await;
+    let mut worker = limited_notifier(
+        &stream,
+        "",
+        "[[backpressure]]\npattern = \"flow.hot.*\"\nmode = \"rate_limit\"\nper_second = 100\nburst = 10\nover_limit = \"block\"",
+    )
+    .start("notifier")
+    .await;
+    worker.wait_ready().await;
+    // 400 hot events at once (4 s of budget), and the quiet channel at 10/s meanwhile.
+    let hot_lines: Vec<String> = (0..400)
+        .map(|i| timed_line("flow.hot.progress", i))
+        .collect();
+    let started = std::time::Instant::now();
+    publish_lines(&stream, &hot_lines).await;
+    publish_steadily(
+        stream.clone(),
+        vec![("flow.quiet.progress".into(), 10)],
+        300,
+    )
+    .await;
+    let conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let took = started.elapsed();
+    let hot = of_channel(&received, "flow.hot.progress");
+    let order: Vec<u64> = hot
+        .iter()
+        .map(|(m, _)| m["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        (0..400).collect::<Vec<u64>>(),
+        "every hot event, once, in order"
+    );
+    assert!(
+        took >= Duration::from_millis(3_500),
+        "published at the channel's rate: 400 events in {took:?}"
+    );
+    let quiet = of_channel(&received, "flow.quiet.progress");
+    assert_eq!(quiet.len(), 30);
+    let lat = latencies(&quiet);
+    eprintln!(
+        "quiet channel beside a blocked hot one: p50 {:.1} ms, p99 {:.1} ms",
+        lat[lat.len() / 2],
+        p99(&lat)
+    );
+    assert!(p99(&lat) < 250.0, "quiet p99 {:.1} ms", p99(&lat));
+    assert!(
+        worker
+            .metric("fleet_backpressure_actions_total", "action=\"delayed\"")
+            .await
+            >= 300.0
+    );
+    assert_eq!(worker.metric("fleet_backpressure_waiting", "").await, 0.0);
+    assert_eq!(dead_letters(&stream).await, 0);
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_max_in_flight_under_block_pauses_reading_and_loses_nothing() {
+    let stream = unique("notify-flood:");
+    let received = timed_subscriber(&format!("{stream}:*")).await;
+    let env = limited_notifier(
+        &stream,
+        "batch_size = 50\nmax_in_flight = 200\nhandler_timeout_ms = 1000\nclaim_idle_ms = 2000",
+        "[[backpressure]]\npattern = \"flow.hot.*\"\nmode = \"rate_limit\"\nper_second = 200\nburst = 1\nover_limit = \"block\"",
+    );
+    let mut worker = env.start("notifier").await;
+    worker.wait_ready().await;
+    let lines: Vec<String> = (0..1000)
+        .map(|i| timed_line("flow.hot.progress", i))
+        .collect();
+    publish_lines(&stream, &lines).await;
+    // Read but not settled stays within max_in_flight and one read, whatever the backlog.
+    let mut conn = redis().await;
+    let mut most = 0;
+    let mut killed = false;
+    for round in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        most = most.max(pending(&mut conn, &stream, GROUP).await);
+        if round == 15 && !killed {
+            // kill -9 while events wait: they are delivered again after the restart.
+            worker.signal("KILL").await;
+            worker.wait(Duration::from_secs(10)).await;
+            worker = env.start("notifier").await;
+            killed = true;
+        }
+    }
+    assert!(
+        most <= 250,
+        "{most} pending at most (max_in_flight 200, batch 50)"
+    );
+    wait_settled(&conn, &stream, GROUP).await;
+    let mut seen: Vec<u64> = of_channel(&received, "flow.hot.progress")
+        .iter()
+        .map(|(m, _)| m["data"]["i"].as_u64().unwrap())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, (0..1000).collect::<Vec<u64>>(), "none lost");
+    assert_eq!(dead_letters(&stream).await, 0);
+    worker.stop_cleanly().await;
+}
+
+/// Entries in `<stream>:dlq`.
+async fn dead_letters(stream: &str) -> usize {
+    let mut conn = redis().await;
+    redis::cmd("XLEN")
+        .arg(format!("{stream}:dlq"))
+        .query_async::<usize>(&mut conn)
+        .await
+        .unwrap()
+}

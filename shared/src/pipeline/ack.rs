@@ -59,13 +59,19 @@ pub struct Settlement {
     /// Per entry (empty unless the handler acknowledges): acknowledged by the sink with its
     /// effects, never again here.
     pub by_sink: Vec<bool>,
+    /// Indices of the entries waiting for their channel (backpressure): neither acknowledged nor
+    /// counted now; a later settlement of their own settles them.
+    pub deferred: Vec<usize>,
+    /// Entries read before, that waited (released, or replaced by a newer event of their key):
+    /// not counted as read a second time.
+    pub released: bool,
     pub counts: Counts,
     pub started: Instant,
 }
 
 /// What becomes of one entry of a settlement. Settlement is per entry and per part: an entry
-/// deferred by backpressure (the notifier's `block`) would be settled later in a settlement of
-/// its own, as parts are now.
+/// deferred by backpressure (a rate limit's `block`, a coalescing window) is settled later, in a
+/// settlement of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
     Ack,
@@ -74,6 +80,15 @@ enum Fate {
     Sink,
     Held,
     Dead,
+    /// Waiting for its channel: untouched now.
+    Deferred,
+}
+
+impl Fate {
+    /// Whether the entry leaves the pending list with this settlement.
+    fn settles(self) -> bool {
+        !matches!(self, Fate::Held | Fate::Deferred)
+    }
 }
 
 /// One command of the settlement's round trip, to read its reply.
@@ -121,6 +136,9 @@ impl Settlement {
         }
         for d in &self.dead {
             fates[d.index] = Fate::Dead;
+        }
+        for i in &self.deferred {
+            fates[*i] = Fate::Deferred;
         }
         if !self.held.is_empty() {
             for (i, e) in self.entries.iter().enumerate() {
@@ -186,7 +204,7 @@ impl Settlement {
                     entries: dead.len(),
                 });
             }
-            if fates[run].iter().any(|f| *f != Fate::Held) {
+            if fates[run].iter().any(|f| f.settles()) {
                 watermarks.settled(stream);
             }
         }
@@ -198,11 +216,13 @@ impl Settlement {
             let stream = labels.of(&run[0].stream).to_string();
             let acked = fates[start..start + run.len()]
                 .iter()
-                .filter(|f| **f != Fate::Held)
+                .filter(|f| f.settles())
                 .count();
             start += run.len();
-            metrics::counter!(m::EVENTS_READ, "stream" => stream.clone())
-                .increment(run.len() as u64);
+            if !self.released {
+                metrics::counter!(m::EVENTS_READ, "stream" => stream.clone())
+                    .increment(run.len() as u64);
+            }
             metrics::counter!(m::EVENTS_ACKNOWLEDGED, "stream" => stream).increment(acked as u64);
         }
         for d in &self.dead {

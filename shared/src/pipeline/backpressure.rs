@@ -1,22 +1,34 @@
-//! The backpressure stage: per-channel rules (block, drop, coalesce, rate limit) applied to a
-//! batch before the handler sees it, so a hot channel cannot flood a sink.
+//! The backpressure stage: per-channel rules (drop, coalesce, rate limit) decide, for each event
+//! of a part, whether it reaches the handler now, is shed (acknowledged with no effect), or
+//! waits, so that a hot channel cannot flood a sink nor hold up a quiet one.
 //!
-//! Memory stays bounded because the reader never runs ahead of the handler: "block" simply means
-//! the next read waits. Lossy decisions (drop, coalesce, rate limit with `over_limit = "drop"`)
-//! never apply to events on strict routes: a user event is never discarded to relieve pressure;
-//! such events are delayed instead.
+//! Waiting happens in each lane's [`Room`], never by stalling the lane: an event over its
+//! channel's rate limit (`over_limit = "block"` or `"coalesce"`) or inside a coalescing window
+//! stays unacknowledged in the room, kept alive in the pending list, while the lane goes on with
+//! the other channels; it is released in a later part of its own once its time comes. Events of
+//! a key with an event waiting wait behind it, whatever their channel: order per key holds (a
+//! lane has every event of its keys). Waiting entries count towards `max_in_flight`: when the
+//! room fills it, reading pauses, and everything is delayed.
+//!
+//! Lossy decisions (drop, coalesce) never apply to events on strict routes: a user event is never
+//! discarded to relieve pressure; over a rate limit it waits instead, and a coalescing rule lets
+//! it through at once.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
 use crate::event::pattern::PatternTable;
 use crate::pipeline::handler::Routed;
 use crate::runtime::config::{Backpressure, OverLimit};
 use crate::runtime::metrics as m;
+use crate::source::entry::Entry;
 
 /// Applies the `[[backpressure]]` rules; holds one rate limiter per rate-limited rule, with a
 /// budget per channel: a hot channel spends its own, never a quiet one's.
@@ -28,6 +40,168 @@ pub struct BackpressureStage {
 /// Channels a limiter remembers before it forgets those whose budget is full again (their state
 /// is then the same as a new channel's): memory bounded by the channels recently busy.
 const CHANNELS_KEPT: usize = 10_000;
+
+/// What admission decided for the events of a part.
+#[derive(Debug, Default)]
+pub(crate) struct Admission<'a> {
+    /// For the handler now, in part order.
+    pub now: Vec<Routed<'a>>,
+    /// Acknowledged with no effect (dropped, or replaced by a newer event of their key).
+    pub shed: usize,
+    /// Indices (into the part's entries) of the events that wait in the room.
+    pub deferred: Vec<usize>,
+}
+
+/// One event waiting in a room.
+#[derive(Debug)]
+struct Waiting {
+    /// Its own copy (not its read's reply buffer).
+    entry: Entry,
+    channel: String,
+    /// Not released before (the end of its coalescing window, or when its channel's budget is
+    /// expected back).
+    not_before: Instant,
+    /// The rate-limited rule whose budget it still has to spend when released.
+    limit: Option<String>,
+    /// The coalescing rule under which a newer event of its key replaces it while it waits.
+    coalesce: Option<String>,
+}
+
+/// The events of one ordering key waiting, in stream order, and when the first is due.
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: VecDeque<Waiting>,
+    wake: Option<Instant>,
+}
+
+/// A lane's waiting room: the events that wait for their channel, per ordering key, with the
+/// times they are due. Bounded by `max_in_flight` (the reader waits while it is full).
+#[derive(Debug, Default)]
+pub(crate) struct Room {
+    queues: HashMap<String, Queue>,
+    /// When each queue's first event is due (entries whose time no longer matches their queue's
+    /// `wake` are stale and skipped).
+    wakes: BinaryHeap<Reverse<(Instant, String)>>,
+    len: usize,
+    /// Entries replaced by a newer event of their key: to be acknowledged as coalesced.
+    superseded: Vec<Entry>,
+}
+
+impl Clone for Room {
+    /// Each lane has a room of its own: a clone starts empty.
+    fn clone(&self) -> Self {
+        Room::default()
+    }
+}
+
+impl Room {
+    /// Events waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// When the next event may be due.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.wakes.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The entries replaced since last asked, to be acknowledged as coalesced.
+    pub fn take_superseded(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.superseded)
+    }
+
+    /// Every entry waiting (the drain leaves them pending).
+    pub fn clear(&mut self) -> Vec<Entry> {
+        self.wakes.clear();
+        self.len = 0;
+        self.queues
+            .drain()
+            .flat_map(|(_, q)| q.waiting.into_iter().map(|w| w.entry))
+            .collect()
+    }
+
+    fn schedule(&mut self, key: &str, at: Instant) {
+        let queue = self.queues.get_mut(key).expect("a queue to schedule");
+        if queue.wake != Some(at) {
+            queue.wake = Some(at);
+            self.wakes.push(Reverse((at, key.to_owned())));
+        }
+    }
+
+    /// Puts an event behind its key's waiting ones. A coalescing event replaces the last one
+    /// waiting if that one coalesces under the same rule (it keeps its place and time): returns
+    /// true then.
+    fn enqueue(&mut self, key: &str, w: Waiting) -> bool {
+        let queue = self.queues.entry(key.to_owned()).or_default();
+        if let (Some(rule), Some(last)) = (&w.coalesce, queue.waiting.back_mut()) {
+            if last.coalesce.as_ref() == Some(rule) {
+                let old = std::mem::replace(&mut last.entry, w.entry);
+                last.channel = w.channel;
+                self.superseded.push(old);
+                return true;
+            }
+        }
+        let first = queue.waiting.is_empty();
+        let at = w.not_before;
+        queue.waiting.push_back(w);
+        self.len += 1;
+        if first {
+            self.schedule(key, at);
+        }
+        false
+    }
+
+    /// Takes the events due at `now`, spending their channels' budgets: per key in stream order,
+    /// stopping at the first one not due yet.
+    pub fn release(&mut self, now: Instant, stage: &BackpressureStage) -> Vec<Entry> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, _))) = self.wakes.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, key))) = self.wakes.pop() else {
+                break;
+            };
+            let Some(queue) = self.queues.get_mut(&key) else {
+                continue;
+            };
+            if queue.wake != Some(at) {
+                continue;
+            }
+            queue.wake = None;
+            let mut next = None;
+            while let Some(head) = queue.waiting.front_mut() {
+                if head.not_before > now {
+                    next = Some(head.not_before);
+                    break;
+                }
+                if let Some(rule) = &head.limit {
+                    if let Err(wait) = stage.spend(rule, &head.channel) {
+                        head.not_before = now + wait;
+                        next = Some(head.not_before);
+                        break;
+                    }
+                    head.limit = None;
+                }
+                let released = queue.waiting.pop_front().expect("a head");
+                out.push(released.entry);
+                self.len -= 1;
+            }
+            match next {
+                Some(at) => self.schedule(&key, at),
+                None => {
+                    self.queues.remove(&key);
+                }
+            }
+        }
+        out
+    }
+}
 
 impl BackpressureStage {
     /// Builds the stage and its limiters.
@@ -52,61 +226,101 @@ impl BackpressureStage {
         self.rules.is_empty()
     }
 
-    /// Keeps the events that should reach the handler, waiting where a rule says block.
-    /// Returns the kept events and how many were skipped.
-    pub async fn admit<'a>(&self, events: Vec<Routed<'a>>) -> (Vec<Routed<'a>>, usize) {
-        if self.is_empty() {
-            return (events, 0);
+    /// Spends one unit of `channel`'s budget under `rule`, or says how long until one is back.
+    fn spend(&self, rule: &str, channel: &str) -> Result<(), Duration> {
+        let Some(limiter) = self.limiters.get(rule) else {
+            return Ok(());
+        };
+        // A String key per check: governor's keyed state owns its keys.
+        limiter
+            .check_key(&channel.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Decides for each routed event (with its index in the part's `entries`): now, shed, or wait
+    /// in `room`. Events of a key already waiting wait behind it.
+    pub(crate) fn admit<'a>(
+        &self,
+        events: Vec<(usize, Routed<'a>)>,
+        entries: &[Entry],
+        room: &mut Room,
+    ) -> Admission<'a> {
+        let mut out = Admission::default();
+        if self.is_empty() && room.is_empty() {
+            out.now = events.into_iter().map(|(_, r)| r).collect();
+            return out;
         }
-        let now = OffsetDateTime::now_utc();
-        // Coalescing keeps the newest event per key among those read together.
-        let mut newest: HashMap<(&str, &str), usize> = HashMap::new();
-        for (i, r) in events.iter().enumerate() {
-            if let Some((p, Backpressure::Coalesce { .. })) = self.rules.lookup(&r.event.channel) {
-                if !r.route.strict {
-                    newest.insert((p.as_str(), r.event.key()), i);
-                }
-            }
-        }
-        let mut kept = Vec::with_capacity(events.len());
-        let mut skipped = 0;
-        for (i, r) in events.into_iter().enumerate() {
-            let Some((pattern, rule)) = self.rules.lookup(&r.event.channel) else {
-                kept.push(r);
-                continue;
+        let now = Instant::now();
+        let wall = OffsetDateTime::now_utc();
+        let count = |pattern: &str, action: &'static str| {
+            metrics::counter!(m::BACKPRESSURE_ACTIONS, "rule" => pattern.to_owned(), "action" => action).increment(1);
+        };
+        for (index, r) in events {
+            let key = r.event.key();
+            let channel = &*r.event.channel;
+            let lossy = !r.route.strict;
+            let rule = self.rules.lookup(channel);
+            let behind = room.queues.contains_key(key);
+            let mut wait = Waiting {
+                entry: Entry {
+                    stream: r.stream.clone(),
+                    id: r.entry_id,
+                    fields: None,
+                    deliveries: 0,
+                },
+                channel: channel.to_owned(),
+                not_before: now,
+                limit: None,
+                coalesce: None,
             };
-            let lossy_ok = !r.route.strict;
-            let action = match rule {
-                Backpressure::Block => None,
-                Backpressure::Drop { max_age_ms } => {
-                    let age = now - r.event.time;
-                    (lossy_ok && age > Duration::from_millis(*max_age_ms)).then_some("dropped")
-                }
-                Backpressure::Coalesce { .. } => {
-                    let latest = newest.get(&(pattern.as_str(), r.event.key())) == Some(&i);
-                    (lossy_ok && !latest).then_some("coalesced")
-                }
-                Backpressure::RateLimit { over_limit, .. } => {
-                    let limiter = &self.limiters[pattern.as_str()];
-                    let channel = r.event.channel.to_string();
-                    if limiter.check_key(&channel).is_ok() {
-                        None
-                    } else if *over_limit == OverLimit::Drop && lossy_ok {
-                        Some("dropped")
-                    } else {
-                        limiter.until_key_ready(&channel).await;
-                        metrics::counter!(m::BACKPRESSURE_ACTIONS, "rule" => pattern.as_str().to_owned(), "action" => "delayed").increment(1);
-                        None
+            match rule {
+                None | Some((_, Backpressure::Block)) => {}
+                Some((pattern, Backpressure::Drop { max_age_ms })) => {
+                    if lossy && wall - r.event.time > Duration::from_millis(*max_age_ms) {
+                        count(pattern.as_str(), "dropped");
+                        out.shed += 1;
+                        continue;
                     }
                 }
-            };
-            match action {
-                Some(action) => {
-                    metrics::counter!(m::BACKPRESSURE_ACTIONS, "rule" => pattern.as_str().to_owned(), "action" => action).increment(1);
-                    skipped += 1;
+                Some((pattern, Backpressure::Coalesce { window_ms })) => {
+                    if lossy {
+                        wait.not_before = now + Duration::from_millis(*window_ms);
+                        wait.coalesce = Some(pattern.as_str().to_owned());
+                    }
                 }
-                None => kept.push(r),
+                Some((pattern, Backpressure::RateLimit { over_limit, .. })) => {
+                    let over_limit = if lossy { *over_limit } else { OverLimit::Block };
+                    let rule = || Some(pattern.as_str().to_owned());
+                    if behind && over_limit != OverLimit::Drop {
+                        // Its budget is spent when it reaches the front.
+                        wait.limit = rule();
+                    } else if let Err(until) = self.spend(pattern.as_str(), channel) {
+                        if over_limit == OverLimit::Drop {
+                            count(pattern.as_str(), "dropped");
+                            out.shed += 1;
+                            continue;
+                        }
+                        wait.not_before = now + until;
+                        wait.limit = rule();
+                    }
+                    if wait.limit.is_some() && over_limit == OverLimit::Coalesce {
+                        wait.coalesce = rule();
+                    }
+                }
             }
+            if !behind && wait.coalesce.is_none() && wait.limit.is_none() {
+                out.now.push(r);
+                continue;
+            }
+            wait.entry = entries[index].detached();
+            if room.enqueue(key, wait) {
+                if let Some((pattern, _)) = rule {
+                    count(pattern.as_str(), "coalesced");
+                }
+            } else if let Some((pattern, Backpressure::RateLimit { .. })) = rule {
+                count(pattern.as_str(), "delayed");
+            }
+            out.deferred.push(index);
         }
         for limiter in self.limiters.values() {
             if limiter.len() > CHANNELS_KEPT {
@@ -114,7 +328,7 @@ impl BackpressureStage {
                 limiter.shrink_to_fit();
             }
         }
-        (kept, skipped)
+        out
     }
 }
 
@@ -126,51 +340,212 @@ mod tests {
 
     use crate::event::Event;
     use crate::runtime::config::FileConfig;
+    use crate::source::entry::{EntryId, Fields};
 
-    #[tokio::test]
-    async fn a_rate_limit_is_a_budget_per_channel() {
+    fn stage(rules: &str) -> (FileConfig, BackpressureStage) {
         let config = FileConfig::parse(
-            "[[route]]\npattern = \"flow.#\"\n[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 1\nburst = 2\nover_limit = \"drop\"",
+            &format!("[[route]]\npattern = \"flow.#\"\n[[route]]\npattern = \"user.#\"\nstrict = true\n{rules}"),
             "test",
         )
         .unwrap();
         let stage = BackpressureStage::new(config.backpressure.clone());
-        let (_, route) = config.routes.lookup("flow.a").unwrap();
+        (config, stage)
+    }
+
+    /// One event per (channel, key) given, as entries and decoded events.
+    fn events(specs: &[(&'static str, Option<&'static str>)]) -> (Vec<Entry>, Vec<Event<'static>>) {
         let stream: Arc<str> = "s".into();
-        let events: Vec<Event<'static>> = ["flow.hot"; 5]
-            .into_iter()
-            .chain(["flow.quiet"; 2])
-            .map(|channel| Event {
+        let mut entries = Vec::new();
+        let mut events = Vec::new();
+        for (i, (channel, key)) in specs.iter().enumerate() {
+            entries.push(Entry {
+                stream: stream.clone(),
+                id: EntryId {
+                    ms: 1,
+                    seq: i as u64,
+                },
+                fields: Some([("channel", *channel)].into_iter().collect::<Fields>()),
+                deliveries: 1,
+            });
+            events.push(Event {
                 id: uuid::Uuid::now_v7(),
                 event_type: Cow::Borrowed("flow.progress"),
                 channel: Cow::Borrowed(channel),
                 source: Cow::Borrowed("tests"),
                 time: OffsetDateTime::now_utc(),
                 data: Cow::Borrowed("{}"),
-                key: None,
+                key: key.map(Cow::Borrowed),
                 correlation_id: None,
-            })
-            .collect();
-        let routed = events
+            });
+        }
+        (entries, events)
+    }
+
+    fn routed<'a>(
+        config: &'a FileConfig,
+        entries: &'a [Entry],
+        events: &'a [Event<'static>],
+    ) -> Vec<(usize, Routed<'a>)> {
+        events
             .iter()
             .enumerate()
-            .map(|(i, event)| Routed {
-                event,
-                route,
-                stream: &stream,
-                entry_id: crate::source::entry::EntryId {
-                    ms: 1,
-                    seq: i as u64,
-                },
+            .map(|(i, event)| {
+                let (_, route) = config.routes.lookup(&event.channel).unwrap();
+                (
+                    i,
+                    Routed {
+                        event,
+                        route,
+                        stream: &entries[i].stream,
+                        entry_id: entries[i].id,
+                    },
+                )
             })
-            .collect();
-        let (kept, dropped) = stage.admit(routed).await;
-        let channels: Vec<&str> = kept.iter().map(|r| &*r.event.channel).collect();
+            .collect()
+    }
+
+    fn seqs(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.id.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_is_a_budget_per_channel() {
+        let (config, stage) = stage(
+            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 1\nburst = 2\nover_limit = \"drop\"",
+        );
+        let (entries, events) = events(&[
+            ("flow.hot", None),
+            ("flow.hot", None),
+            ("flow.hot", None),
+            ("flow.hot", None),
+            ("flow.hot", None),
+            ("flow.quiet", None),
+            ("flow.quiet", None),
+        ]);
+        let mut room = Room::default();
+        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        let channels: Vec<&str> = admitted.now.iter().map(|r| &*r.event.channel).collect();
         // The hot channel spent its burst of 2; the quiet one still has its own.
         assert_eq!(
             channels,
             ["flow.hot", "flow.hot", "flow.quiet", "flow.quiet"]
         );
-        assert_eq!(dropped, 3);
+        assert_eq!(admitted.shed, 3);
+        assert!(room.is_empty() && admitted.deferred.is_empty());
+    }
+
+    /// Rate limiters keep their own (real) clock: these tests wait for real.
+    async fn release_within(
+        room: &mut Room,
+        stage: &BackpressureStage,
+        limit: Duration,
+    ) -> Vec<u64> {
+        let started = Instant::now();
+        let mut out = Vec::new();
+        while !room.is_empty() && started.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            out.extend(seqs(&room.release(Instant::now(), stage)));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn block_defers_a_channel_over_its_budget_and_lets_the_others_through() {
+        let (config, stage) = stage(
+            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 10\nburst = 1\nover_limit = \"block\"",
+        );
+        let (entries, events) = events(&[
+            ("flow.hot", None),
+            ("flow.hot", None),
+            ("flow.hot", None),
+            ("flow.quiet", None),
+        ]);
+        let mut room = Room::default();
+        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        let now: Vec<u64> = admitted.now.iter().map(|r| r.entry_id.seq).collect();
+        assert_eq!(now, [0, 3], "the first hot event and the quiet one go now");
+        assert_eq!(admitted.deferred, [1, 2]);
+        assert_eq!(room.len(), 2);
+        // Nothing is due before the budget is back (100 ms per event at 10/s).
+        assert!(room.release(Instant::now(), &stage).is_empty());
+        let started = Instant::now();
+        let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
+        assert_eq!(released, [1, 2], "released in stream order, none lost");
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "at the channel's rate: {:?}",
+            started.elapsed()
+        );
+        assert!(room.next_wake().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_coalescing_window_keeps_the_newest_event_per_key_until_its_end() {
+        let (config, stage) =
+            stage("[[backpressure]]\npattern = \"flow.*\"\nmode = \"coalesce\"\nwindow_ms = 100");
+        let (entries, events) = events(&[
+            ("flow.a", None),
+            ("flow.b", None),
+            ("flow.a", None),
+            ("flow.a", None),
+            ("user.1", None),
+        ]);
+        let mut room = Room::default();
+        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        // user.1 is strict: never coalesced, never delayed.
+        assert_eq!(admitted.now.len(), 1);
+        assert_eq!(admitted.deferred, [0, 1, 2, 3]);
+        assert_eq!(seqs(&room.take_superseded()), [0, 2]);
+        assert_eq!(room.len(), 2);
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert!(room.release(Instant::now(), &stage).is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let mut out = seqs(&room.release(Instant::now(), &stage));
+        out.sort();
+        assert_eq!(
+            out,
+            [1, 3],
+            "the newest of each key, at the end of the window"
+        );
+        assert!(room.is_empty());
+    }
+
+    #[tokio::test]
+    async fn events_of_a_waiting_key_wait_behind_it_whatever_their_channel() {
+        let (config, stage) = stage(
+            "[[backpressure]]\npattern = \"flow.hot\"\nmode = \"rate_limit\"\nper_second = 10\nburst = 1\nover_limit = \"block\"",
+        );
+        let (entries, events) = events(&[
+            ("flow.hot", Some("k")),
+            ("flow.hot", Some("k")),
+            ("flow.other", Some("k")),
+            ("flow.other", None),
+        ]);
+        let mut room = Room::default();
+        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        let now: Vec<u64> = admitted.now.iter().map(|r| r.entry_id.seq).collect();
+        assert_eq!(now, [0, 3]);
+        assert_eq!(admitted.deferred, [1, 2]);
+        let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
+        assert_eq!(released, [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn over_limit_coalesce_sends_the_newest_state_at_the_limited_rate() {
+        let (config, stage) = stage(
+            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 10\nburst = 1\nover_limit = \"coalesce\"",
+        );
+        let (entries, events) = events(&[
+            ("flow.a", None),
+            ("flow.a", None),
+            ("flow.a", None),
+            ("flow.a", None),
+        ]);
+        let mut room = Room::default();
+        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        assert_eq!(admitted.now.len(), 1);
+        assert_eq!(seqs(&room.take_superseded()), [1, 2]);
+        let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
+        assert_eq!(released, [3]);
     }
 }

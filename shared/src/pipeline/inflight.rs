@@ -4,8 +4,12 @@
 //! consumer's, or this one's) take them over and process them a second time, counting
 //! redeliveries against valid events. The heartbeat runs on a timer of its own, whatever the
 //! stages are doing.
+//!
+//! Entries waiting for their channel (backpressure's `block`, a coalescing window) outlive the
+//! part they were read in: they are registered one by one as *waiting*, kept alive the same way,
+//! and counted with the parts towards `max_in_flight`, which the reader waits for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,27 +20,22 @@ use crate::source::entry::Entry;
 /// The entry ids of one batch, per stream, formatted once when the batch is read.
 pub type BatchIds = Vec<(Arc<str>, Vec<String>)>;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct State {
     next: u64,
     batches: BTreeMap<u64, BatchIds>,
+    /// Entries that outlive their part, by stream.
+    waiting: HashMap<Arc<str>, HashSet<String>>,
+    /// Entries of the batches plus waiting entries.
+    len: usize,
 }
 
 /// A registry of in-flight batches shared by the reader, the processor and the acker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct InFlight {
     state: Arc<Mutex<State>>,
-}
-
-impl Default for InFlight {
-    fn default() -> Self {
-        InFlight {
-            state: Arc::new(Mutex::new(State {
-                next: 0,
-                batches: BTreeMap::new(),
-            })),
-        }
-    }
+    /// Signalled when entries leave, for a reader waiting under `max_in_flight`.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl InFlight {
@@ -54,8 +53,60 @@ impl InFlight {
         let mut s = self.state.lock().expect("in-flight lock");
         let ticket = s.next;
         s.next += 1;
+        s.len += entries.len();
         s.batches.insert(ticket, ids);
         ticket
+    }
+
+    /// Registers entries that outlive their part (waiting for their channel); they stay in
+    /// flight until [`InFlight::unwait`].
+    pub fn wait<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        let mut s = self.state.lock().expect("in-flight lock");
+        for e in entries {
+            if s.waiting
+                .entry(e.stream.clone())
+                .or_default()
+                .insert(e.id.to_string())
+            {
+                s.len += 1;
+            }
+        }
+    }
+
+    /// Forgets waiting entries: released (in a part of their own by now) or settled.
+    pub fn unwait<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        let mut s = self.state.lock().expect("in-flight lock");
+        for e in entries {
+            let Some(ids) = s.waiting.get_mut(&e.stream) else {
+                continue;
+            };
+            let removed = ids.remove(&e.id.to_string());
+            if ids.is_empty() {
+                s.waiting.remove(&e.stream);
+            }
+            if removed {
+                s.len -= 1;
+            }
+        }
+        drop(s);
+        self.freed.notify_waiters();
+    }
+
+    /// Entries read and not settled: parts in the stages and waiting entries.
+    pub fn len(&self) -> usize {
+        self.state.lock().expect("in-flight lock").len
+    }
+
+    /// Returns once `more` entries fit under `max` (or nothing is in flight at all).
+    pub async fn room_for(&self, more: usize, max: usize) {
+        loop {
+            let freed = self.freed.notified();
+            let len = self.len();
+            if len == 0 || len + more <= max {
+                return;
+            }
+            freed.await;
+        }
     }
 
     /// Runs `f` on the ids of a batch still in flight (the acker builds its XACKs from them, so no
@@ -79,21 +130,23 @@ impl InFlight {
 
     /// Forgets a batch: settled, or left pending for redelivery.
     pub fn release(&self, ticket: u64) {
-        self.state
-            .lock()
-            .expect("in-flight lock")
-            .batches
-            .remove(&ticket);
+        let mut s = self.state.lock().expect("in-flight lock");
+        if let Some(ids) = s.batches.remove(&ticket) {
+            s.len -= ids.iter().map(|(_, ids)| ids.len()).sum::<usize>();
+        }
+        drop(s);
+        self.freed.notify_waiters();
     }
 
     /// Whether the entry `id` of `stream` is in flight here (a reclaim may return entries this
     /// worker is still processing: they must not be processed twice).
     pub fn contains(&self, stream: &str, id: &str) -> bool {
         let s = self.state.lock().expect("in-flight lock");
-        s.batches
-            .values()
-            .flatten()
-            .any(|(st, ids)| &**st == stream && ids.iter().any(|i| i == id))
+        s.waiting.get(stream).is_some_and(|ids| ids.contains(id))
+            || s.batches
+                .values()
+                .flatten()
+                .any(|(st, ids)| &**st == stream && ids.iter().any(|i| i == id))
     }
 
     /// Every `claim_idle / 4`, resets the idle time of the entries in flight idle for at least
@@ -118,10 +171,19 @@ impl InFlight {
             let mut pipe = redis::pipe();
             {
                 let s = self.state.lock().expect("in-flight lock");
-                if s.batches.is_empty() {
+                if s.batches.is_empty() && s.waiting.is_empty() {
                     continue;
                 }
-                for (stream, ids) in s.batches.values().flatten() {
+                let waiting = s
+                    .waiting
+                    .iter()
+                    .map(|(stream, ids)| (stream, ids.iter().collect::<Vec<_>>()));
+                let batches = s
+                    .batches
+                    .values()
+                    .flatten()
+                    .map(|(stream, ids)| (stream, ids.iter().collect()));
+                for (stream, ids) in batches.chain(waiting) {
                     pipe.cmd("XCLAIM")
                         .arg(&**stream)
                         .arg(&group)

@@ -12,7 +12,8 @@
 //! often is, `trial`'s; where a replay may start, `watermark`'s.
 //!
 //! Settlement is per entry (`ack::Settlement`): the parts of one read are settled independently,
-//! as their lanes confirm them.
+//! as their lanes confirm them, and an event that waits for its channel (`backpressure`) is
+//! settled later, in a part of its own.
 
 pub(crate) mod ack;
 pub(crate) mod backpressure;
@@ -33,7 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::event::Limits;
 use crate::pipeline::ack::Acker;
-use crate::pipeline::backpressure::BackpressureStage;
+use crate::pipeline::backpressure::{BackpressureStage, Room};
 use crate::pipeline::handler::{Handler, HandlerError};
 use crate::pipeline::inflight::InFlight;
 use crate::pipeline::lanes::{lanes, queue_len, split};
@@ -96,6 +97,8 @@ impl<H: Handler> Pipeline<H> {
             health: health.clone(),
             in_flight: in_flight.clone(),
             watermarks: watermarks.clone(),
+            room: Room::default(),
+            waiting_reported: 0,
         };
         if !processor.prepare(&shutdown).await? {
             health.drain();
@@ -122,6 +125,7 @@ impl<H: Handler> Pipeline<H> {
         drop((processor, settle_tx));
         let reader = tokio::spawn(read(
             source,
+            (config.tuning.batch_size, config.tuning.max_in_flight),
             queues,
             health.clone(),
             shutdown.clone(),
@@ -150,9 +154,12 @@ impl<H: Handler> Pipeline<H> {
     }
 }
 
-/// The reader stage: batches in, split into one part per lane, until the drain starts.
+/// The reader stage: batches in, split into one part per lane, until the drain starts. It reads
+/// only while a batch fits under `max_in_flight` with what is in flight (parts and the events
+/// waiting for their channel).
 async fn read(
     mut source: Source,
+    (batch_size, max_in_flight): (usize, usize),
     lanes: Vec<mpsc::Sender<Part>>,
     health: Arc<Health>,
     shutdown: Shutdown,
@@ -162,6 +169,10 @@ async fn read(
     let mut delays = backoff();
     let mut streams = source.watch_streams();
     'reading: while !shutdown.is_triggered() {
+        tokio::select! {
+            _ = in_flight.room_for(batch_size, max_in_flight) => {}
+            _ = shutdown.triggered() => break,
+        }
         match source.read().await {
             Ok(mut read) => {
                 health.up(Dependency::Redis);

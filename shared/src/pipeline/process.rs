@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 use crate::event::DlqReason;
 use crate::event::{decode, Event, Limits};
 use crate::pipeline::ack::{Counts, DeadLetter, Settlement};
-use crate::pipeline::backpressure::BackpressureStage;
+use crate::pipeline::backpressure::Admission;
+use crate::pipeline::backpressure::{BackpressureStage, Room};
 use crate::pipeline::handler::{Batch, Handler, HandlerError, Routed};
 use crate::pipeline::inflight::InFlight;
 use crate::pipeline::policy::Applier;
@@ -34,6 +35,9 @@ const IDLE_INTERVAL: Duration = Duration::from_secs(5);
 /// A part of one read, for one lane: a ticket (for the in-flight registry) and its entries.
 pub(crate) type Part = (u64, Vec<Entry>);
 
+/// A routed event and its index in the part's entries.
+type Indexed<'a> = (usize, Routed<'a>);
+
 /// One lane of the processor stage.
 #[derive(Clone)]
 pub(crate) struct Processor<H> {
@@ -48,6 +52,10 @@ pub(crate) struct Processor<H> {
     pub health: Arc<Health>,
     pub in_flight: InFlight,
     pub watermarks: Watermarks,
+    /// Events waiting for their channel (this lane's own: see `backpressure`).
+    pub room: Room,
+    /// The room's size last added to the waiting gauge (shared by the lanes).
+    pub waiting_reported: usize,
 }
 
 /// A part decoded: the events (by index into the part's entries) and what was counted on the way.
@@ -68,7 +76,17 @@ impl<H: Handler> Processor<H> {
     ) {
         let watermarks = self.watermarks.clone();
         loop {
+            let wake = self.room.next_wake();
+            let never = tokio::time::Instant::now() + IDLE_INTERVAL * 1000;
             let next = tokio::select! {
+                biased;
+                // Waiting events due: released in a part of their own.
+                _ = tokio::time::sleep_until(wake.unwrap_or(never)), if wake.is_some() => {
+                    if !self.release(&settlements, shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
                 next = tokio::time::timeout(IDLE_INTERVAL, parts.recv()) => next,
                 // Out of work, the acker sampled watermarks that moved: write them now.
                 _ = watermarks.moved(), if first => {
@@ -79,14 +97,9 @@ impl<H: Handler> Processor<H> {
             match next {
                 Ok(Some(part)) => {
                     let (ticket, entries) = self.gather(part, &mut parts);
-                    match self.process(ticket, entries, shutdown).await {
-                        Some(settlement) => {
-                            if settlements.send(settlement).await.is_err() {
-                                break;
-                            }
-                        }
-                        // Left pending: the keep-alive forgets it, the reclaimer brings it back.
-                        None => self.in_flight.release(ticket),
+                    let settled = self.process(ticket, entries, shutdown, false).await;
+                    if !self.settle(ticket, settled, &settlements).await {
+                        break;
                     }
                 }
                 Ok(None) => break,
@@ -95,6 +108,89 @@ impl<H: Handler> Processor<H> {
                 Err(_) => self.idle(shutdown, first).await,
             }
         }
+        // Waiting events are left pending: redelivered after the restart.
+        let left = self.room.clear();
+        self.report_waiting();
+        if !left.is_empty() {
+            tracing::info!(
+                entries = left.len(),
+                "draining: events waiting for their channel are left pending"
+            );
+            self.in_flight.unwait(&left);
+        }
+    }
+
+    /// Sends a part's settlement to the acker (or forgets the part, left pending), then the
+    /// settlement of the waiting entries a newer event of their key replaced (acknowledged as
+    /// coalesced). False once the acker is gone.
+    async fn settle(
+        &mut self,
+        ticket: u64,
+        settled: Option<Settlement>,
+        settlements: &mpsc::Sender<Settlement>,
+    ) -> bool {
+        match settled {
+            Some(settlement) => {
+                if settlements.send(settlement).await.is_err() {
+                    return false;
+                }
+            }
+            // Left pending: the keep-alive forgets it, the reclaimer brings it back.
+            None => self.in_flight.release(ticket),
+        }
+        self.report_waiting();
+        let superseded = self.room.take_superseded();
+        if superseded.is_empty() {
+            return true;
+        }
+        let ticket = self.in_flight.register(&superseded);
+        self.in_flight.unwait(&superseded);
+        let settlement = Settlement {
+            ticket,
+            counts: Counts {
+                shed: superseded.len(),
+                ..Counts::default()
+            },
+            entries: superseded,
+            dead: Vec::new(),
+            held: Vec::new(),
+            by_sink: Vec::new(),
+            deferred: Vec::new(),
+            released: true,
+            started: Instant::now(),
+        };
+        settlements.send(settlement).await.is_ok()
+    }
+
+    /// Moves the waiting gauge by this room's change since last reported.
+    fn report_waiting(&mut self) {
+        let now = self.room.len();
+        let gauge = metrics::gauge!(crate::runtime::metrics::BACKPRESSURE_WAITING);
+        if now > self.waiting_reported {
+            gauge.increment((now - self.waiting_reported) as f64);
+        } else if now < self.waiting_reported {
+            gauge.decrement((self.waiting_reported - now) as f64);
+        }
+        self.waiting_reported = now;
+    }
+
+    /// Processes the waiting events that are due, as a part of their own (their channels'
+    /// budgets already spent). False once the acker is gone.
+    async fn release(
+        &mut self,
+        settlements: &mpsc::Sender<Settlement>,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let entries = self
+            .room
+            .release(tokio::time::Instant::now(), &self.backpressure);
+        if entries.is_empty() {
+            return true;
+        }
+        let ticket = self.in_flight.register(&entries);
+        self.in_flight.unwait(&entries);
+        let settled = self.process(ticket, entries, shutdown, true).await;
+        self.settle(ticket, settled, settlements).await
     }
 
     /// The part, with the parts queued behind it for this lane, up to about what one read brings
@@ -204,12 +300,14 @@ impl<H: Handler> Processor<H> {
     }
 
     /// One part through every stage up to the handler's confirmation. `None` if the drain
-    /// started while the handler was failing: the part stays pending.
+    /// started while the handler was failing: the part stays pending. A part of `released`
+    /// events (they waited in the room) has been through backpressure already.
     async fn process(
         &mut self,
         ticket: u64,
         entries: Vec<Entry>,
         shutdown: &Shutdown,
+        released: bool,
     ) -> Option<Settlement> {
         let started = Instant::now();
         let Decoded {
@@ -220,8 +318,20 @@ impl<H: Handler> Processor<H> {
         counts.batch_duplicates = dedup(&mut events);
         let config = self.config.clone();
         let (routed, suspects) = self.route(&config, &entries, &events, &mut counts);
-        let (routed, shed) = self.backpressure.admit(routed).await;
-        counts.shed = shed;
+        let admission = if released {
+            Admission {
+                now: routed.into_iter().map(|(_, r)| r).collect(),
+                ..Admission::default()
+            }
+        } else {
+            self.backpressure.admit(routed, &entries, &mut self.room)
+        };
+        counts.shed = admission.shed;
+        let deferred = admission.deferred;
+        if !deferred.is_empty() {
+            self.in_flight.wait(deferred.iter().map(|i| &entries[*i]));
+        }
+        let routed = admission.now;
         // A sink that acknowledges settles what it is given: the routed entries, a subsequence of
         // the part's entries in their order.
         let mut by_sink = Vec::new();
@@ -297,6 +407,8 @@ impl<H: Handler> Processor<H> {
             dead,
             held,
             by_sink,
+            deferred,
+            released,
             counts,
             started,
         })
@@ -342,7 +454,7 @@ impl<H: Handler> Processor<H> {
         entries: &'a [Entry],
         events: &'a [(usize, Event<'a>)],
         counts: &mut Counts,
-    ) -> (Vec<Routed<'a>>, Vec<(usize, Routed<'a>)>) {
+    ) -> (Vec<Indexed<'a>>, Vec<Indexed<'a>>) {
         let mut routed = Vec::with_capacity(events.len());
         let mut suspects = Vec::new();
         for (index, event) in events {
@@ -360,7 +472,7 @@ impl<H: Handler> Processor<H> {
             if entry.deliveries > config.tuning.max_deliveries {
                 suspects.push((*index, r));
             } else {
-                routed.push(r);
+                routed.push((*index, r));
             }
         }
         (routed, suspects)

@@ -296,12 +296,17 @@ impl RawRoute {
     }
 }
 
-/// What to do when a rate limit is exceeded.
+/// What to do with an event over its channel's rate limit. On a strict route, always `Block`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OverLimit {
+    /// It waits (unacknowledged, kept alive) for its channel's budget, never lost.
     Block,
+    /// It is acknowledged with no effect.
     Drop,
+    /// It waits for its channel's budget, and a newer event of its key replaces it (the older
+    /// one is acknowledged as coalesced): the newest state goes out at the limited rate.
+    Coalesce,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -333,7 +338,8 @@ pub enum Backpressure {
     Block,
     /// Shed load: skip events older than `max_age_ms` when they are finally read.
     Drop { max_age_ms: u64 },
-    /// Keep only the newest event per key among those read within `window_ms`.
+    /// Per key, hold an event for `window_ms` and publish only the newest one of the window at
+    /// its end; the older ones are acknowledged as coalesced.
     Coalesce { window_ms: u64 },
     /// At most `per_second` events (bursts of `burst`); beyond, wait or skip.
     RateLimit {
@@ -491,23 +497,38 @@ fn validate_backpressure(i: usize, r: RawBackpressure) -> Result<Backpressure, S
             Ok(())
         }
     };
+    let given = [
+        ("window_ms", r.window_ms.is_some()),
+        ("max_age_ms", r.max_age_ms.is_some()),
+        ("per_second", r.per_second.is_some()),
+        ("burst", r.burst.is_some()),
+        ("over_limit", r.over_limit.is_some()),
+    ];
+    let (mode, own): (&str, &[&str]) = match r.mode {
+        ModeName::Block => ("block", &[]),
+        ModeName::Drop => ("drop", &["max_age_ms"]),
+        ModeName::Coalesce => ("coalesce", &["window_ms"]),
+        ModeName::RateLimit => ("rate_limit", &["per_second", "burst", "over_limit"]),
+    };
+    for (field, present) in given {
+        forbid(present && !own.contains(&field), field, mode)?;
+    }
     Ok(match r.mode {
-        ModeName::Block => {
-            forbid(r.window_ms.is_some(), "window_ms", "block")?;
-            forbid(r.per_second.is_some(), "per_second", "block")?;
-            Backpressure::Block
-        }
+        ModeName::Block => Backpressure::Block,
         ModeName::Drop => Backpressure::Drop {
             max_age_ms: require(r.max_age_ms, "max_age_ms", "drop")?,
         },
         ModeName::Coalesce => {
-            forbid(r.per_second.is_some(), "per_second", "coalesce")?;
-            Backpressure::Coalesce {
-                window_ms: require(r.window_ms, "window_ms", "coalesce")?,
+            let window_ms = require(r.window_ms, "window_ms", "coalesce")?;
+            if window_ms > MAX_WINDOW_MS {
+                return Err(format!(
+                    "{} must be at most {MAX_WINDOW_MS} (an hour): events wait that long unacknowledged",
+                    name("window_ms")
+                ));
             }
+            Backpressure::Coalesce { window_ms }
         }
         ModeName::RateLimit => {
-            forbid(r.window_ms.is_some(), "window_ms", "rate_limit")?;
             let per_second =
                 require(r.per_second.map(u64::from), "per_second", "rate_limit")? as u32;
             Backpressure::RateLimit {
@@ -518,6 +539,9 @@ fn validate_backpressure(i: usize, r: RawBackpressure) -> Result<Backpressure, S
         }
     })
 }
+
+/// Longest coalescing window: its events wait unacknowledged (kept alive) that long.
+const MAX_WINDOW_MS: u64 = 3_600_000;
 
 #[cfg(test)]
 mod tests {
@@ -651,6 +675,35 @@ over_limit = "block"
                 .contains("backpressure[0].window_ms")
         );
         assert!(err("[[backpressure]]\npattern = \"a\"\nmode = \"flood\"").contains("flood"));
+        // A field of another mode is an error, not silently ignored.
+        assert!(
+            err("[[backpressure]]\npattern = \"a\"\nmode = \"coalesce\"\nwindow_ms = 5\nover_limit = \"drop\"")
+                .contains("backpressure[0].over_limit does not apply to mode coalesce")
+        );
+        assert!(
+            err("[[backpressure]]\npattern = \"a\"\nmode = \"block\"\nmax_age_ms = 5")
+                .contains("backpressure[0].max_age_ms")
+        );
+        assert!(
+            err("[[backpressure]]\npattern = \"a\"\nmode = \"coalesce\"\nwindow_ms = 3600001")
+                .contains("backpressure[0].window_ms must be at most")
+        );
+        let coalesce = FileConfig::parse(
+            "[[backpressure]]\npattern = \"a\"\nmode = \"rate_limit\"\nper_second = 5\nover_limit = \"coalesce\"",
+            "f.toml",
+        )
+        .unwrap();
+        assert!(matches!(
+            coalesce.backpressure.lookup("a"),
+            Some((
+                _,
+                Backpressure::RateLimit {
+                    over_limit: OverLimit::Coalesce,
+                    burst: 5,
+                    ..
+                }
+            ))
+        ));
         for e in [
             err("[tuning]\nbatch_sise = 3"),
             err("[[route]]\nstrict = true"),

@@ -28,6 +28,9 @@ pub const GROUP_LAG: &str = "fleet_consumer_group_lag";
 pub const GROUP_PENDING: &str = "fleet_consumer_group_pending";
 /// Backpressure decisions (labels: rule, action = delayed | dropped | coalesced).
 pub const BACKPRESSURE_ACTIONS: &str = "fleet_backpressure_actions_total";
+/// Events waiting for their channel (a rate limit's `block` or `coalesce`, a coalescing window):
+/// read, not yet settled, counted towards `max_in_flight`.
+pub const BACKPRESSURE_WAITING: &str = "fleet_backpressure_waiting";
 /// Transitions of a dependency from unreachable to reachable (labels: target = redis | sink).
 pub const RECONNECTS: &str = "fleet_reconnects_total";
 /// Entries taken over from idle consumers (labels: stream).
@@ -83,6 +86,7 @@ pub fn register_zeroes(streams: &[&str], rules: &[&str]) {
                 .increment(0);
         }
     }
+    metrics::gauge!(BACKPRESSURE_WAITING).increment(0.0);
 }
 
 /// Installs the process-wide Prometheus recorder and describes every metric.
@@ -136,6 +140,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         BACKPRESSURE_ACTIONS,
         "Backpressure decisions, by rule and action."
+    );
+    describe_gauge!(
+        BACKPRESSURE_WAITING,
+        "Events waiting for their channel (rate limit, coalescing window), counted towards max_in_flight."
     );
     describe_counter!(
         RECONNECTS,

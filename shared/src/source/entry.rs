@@ -52,6 +52,18 @@ pub struct Entry {
     pub deliveries: u64,
 }
 
+impl Entry {
+    /// A copy that holds its own fields, not its read's reply (see [`Fields::detached`]).
+    pub fn detached(&self) -> Entry {
+        Entry {
+            stream: self.stream.clone(),
+            id: self.id,
+            fields: self.fields.as_ref().map(Fields::detached),
+            deliveries: self.deliveries,
+        }
+    }
+}
+
 /// An entry's field/value pairs as spans of the reply they were read in: the reply buffer is
 /// shared (reference-counted) by every entry of a read, so reading a batch allocates a few
 /// vectors, not one buffer per field.
@@ -96,6 +108,25 @@ impl Fields {
             .iter()
             .map(|&(i, len)| len - self.spans[i].1.len())
             .sum::<usize>()
+    }
+
+    /// A copy in a buffer of its own: an entry kept after its read (waiting for its channel's
+    /// budget) must not keep the whole reply it came in alive.
+    pub fn detached(&self) -> Fields {
+        let mut buf = Vec::with_capacity(self.spans.iter().map(|(k, v)| k.len() + v.len()).sum());
+        let mut spans = Vec::with_capacity(self.spans.len());
+        for (k, v) in self.iter() {
+            let k_start = buf.len();
+            buf.extend_from_slice(k);
+            let v_start = buf.len();
+            buf.extend_from_slice(v);
+            spans.push((k_start..v_start, v_start..buf.len()));
+        }
+        Fields {
+            buf: Bytes::from(buf),
+            spans,
+            cut: self.cut.clone(),
+        }
     }
 
     /// The length of the `i`-th value as the producer wrote it (a cut value holds only its first
