@@ -78,6 +78,8 @@ impl<H: Handler> Pipeline<H> {
         } = self;
         let consumer = source.consumer().to_owned();
         let labels = source.labels();
+        metrics::gauge!(crate::runtime::metrics::MAX_IN_FLIGHT)
+            .set(config.tuning.max_in_flight as f64);
         let in_flight = InFlight::default();
         let watermarks = Watermarks::default();
         let mut processor = Processor {

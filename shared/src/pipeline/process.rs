@@ -165,6 +165,9 @@ impl<H: Handler> Processor<H> {
     /// Moves the waiting gauge by this room's change since last reported.
     fn report_waiting(&mut self) {
         let now = self.room.len();
+        if now == self.waiting_reported {
+            return;
+        }
         let gauge = metrics::gauge!(crate::runtime::metrics::BACKPRESSURE_WAITING);
         if now > self.waiting_reported {
             gauge.increment((now - self.waiting_reported) as f64);

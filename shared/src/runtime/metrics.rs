@@ -31,6 +31,8 @@ pub const BACKPRESSURE_ACTIONS: &str = "fleet_backpressure_actions_total";
 /// Events waiting for their channel (a rate limit's `block` or `coalesce`, a coalescing window):
 /// read, not yet settled, counted towards `max_in_flight`.
 pub const BACKPRESSURE_WAITING: &str = "fleet_backpressure_waiting";
+/// `tuning.max_in_flight`, so that alerts compare the waiting events with it.
+pub const MAX_IN_FLIGHT: &str = "fleet_max_in_flight";
 /// Transitions of a dependency from unreachable to reachable (labels: target = redis | sink).
 pub const RECONNECTS: &str = "fleet_reconnects_total";
 /// Entries taken over from idle consumers (labels: stream).
@@ -140,6 +142,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         BACKPRESSURE_ACTIONS,
         "Backpressure decisions, by rule and action."
+    );
+    describe_gauge!(
+        MAX_IN_FLIGHT,
+        "tuning.max_in_flight: entries read and not settled beyond which reading pauses."
     );
     describe_gauge!(
         BACKPRESSURE_WAITING,
