@@ -24,6 +24,7 @@ pub(crate) mod source;
 pub mod store;
 mod worker;
 
+pub use pipeline::dlq::{DLQ_SUFFIX, REDRIVE_GROUP_FIELD};
 pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Rejected, Routed};
 pub use runtime::config::{Route, StartFrom};
 pub use source::entry::{EntryId, Fields};

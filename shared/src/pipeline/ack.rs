@@ -44,6 +44,8 @@ pub struct Counts {
     pub applied: Applied,
     pub batch_duplicates: usize,
     pub unrouted: usize,
+    /// Redriven for another group (`dlq::REDRIVE_GROUP_FIELD`).
+    pub other_group: usize,
     pub shed: usize,
     pub deleted: usize,
 }
@@ -237,6 +239,8 @@ impl Settlement {
         metrics::counter!(m::EVENTS_DEDUPLICATED, "stage" => "sink")
             .increment(c.applied.duplicates as u64);
         metrics::counter!(m::EVENTS_SKIPPED, "reason" => "unrouted").increment(c.unrouted as u64);
+        metrics::counter!(m::EVENTS_SKIPPED, "reason" => "other_group")
+            .increment(c.other_group as u64);
         metrics::counter!(m::EVENTS_SKIPPED, "reason" => "not_for_worker")
             .increment(c.applied.skipped as u64);
         metrics::counter!(m::EVENTS_SKIPPED, "reason" => "backpressure").increment(c.shed as u64);

@@ -17,6 +17,11 @@ use crate::source::entry::Entry;
 
 /// Suffix of a dead letter stream.
 pub const DLQ_SUFFIX: &str = ":dlq";
+/// The field a redriven entry carries (`fleetctl dlq redrive`): the one group it is for. A dead
+/// letter is one group's (`dlq_group`), while the stream it goes back to is read by every group:
+/// the other groups acknowledge the entry with no effect (`fleet_events_skipped_total{reason =
+/// "other_group"}`), as they already settled the original.
+pub const REDRIVE_GROUP_FIELD: &str = "redrive_group";
 /// Suffix of the hash that marks the entries being tried alone after `max_deliveries` (see
 /// `pipeline`): one field per entry under trial, removed when it is settled.
 pub const TRIALS_SUFFIX: &str = ":trials";

@@ -16,6 +16,7 @@ use crate::event::{decode, Event, Limits};
 use crate::pipeline::ack::{Counts, DeadLetter, Settlement};
 use crate::pipeline::backpressure::Admission;
 use crate::pipeline::backpressure::{BackpressureStage, Room};
+use crate::pipeline::dlq::REDRIVE_GROUP_FIELD;
 use crate::pipeline::handler::{Batch, Handler, HandlerError, Routed};
 use crate::pipeline::inflight::InFlight;
 use crate::pipeline::policy::Applier;
@@ -418,7 +419,8 @@ impl<H: Handler> Processor<H> {
     }
 
     /// Decodes every entry; malformed ones become dead letters for what they are, however often
-    /// they were delivered. Deleted entries (nothing left to apply) are counted.
+    /// they were delivered. Deleted entries (nothing left to apply) and entries redriven for
+    /// another group are counted and acknowledged.
     fn decode<'a>(&self, entries: &'a [Entry]) -> Decoded<'a> {
         let mut out = Decoded {
             events: Vec::with_capacity(entries.len()),
@@ -430,6 +432,13 @@ impl<H: Handler> Processor<H> {
                 out.counts.deleted += 1;
                 continue;
             };
+            // Redriven from another group's dead letters: this group settled the original.
+            if let Some(group) = fields.get(REDRIVE_GROUP_FIELD.as_bytes()) {
+                if group != self.group.as_bytes() {
+                    out.counts.other_group += 1;
+                    continue;
+                }
+            }
             match decode(&entry.stream, entry.id, fields, &self.limits) {
                 Ok(event) => out.events.push((index, event)),
                 Err(e) => {

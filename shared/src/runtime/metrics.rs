@@ -14,7 +14,8 @@ pub const EVENTS_DEDUPLICATED: &str = "fleet_events_deduplicated_total";
 pub const EVENTS_DEAD_LETTERED: &str = "fleet_events_dead_lettered_total";
 /// Entries acknowledged (labels: stream).
 pub const EVENTS_ACKNOWLEDGED: &str = "fleet_events_acknowledged_total";
-/// Events acknowledged with no effect (labels: reason = unrouted | not_for_worker | deleted | backpressure).
+/// Events acknowledged with no effect (labels: reason = unrouted | not_for_worker | deleted |
+/// backpressure | other_group).
 pub const EVENTS_SKIPPED: &str = "fleet_events_skipped_total";
 /// Time from read to acknowledgement of a batch.
 pub const BATCH_DURATION: &str = "fleet_batch_duration_seconds";
@@ -61,7 +62,13 @@ pub fn register_zeroes(streams: &[&str], rules: &[&str]) {
     for stage in ["batch", "sink"] {
         counter!(EVENTS_DEDUPLICATED, "stage" => stage).increment(0);
     }
-    for reason in ["unrouted", "not_for_worker", "backpressure", "deleted"] {
+    for reason in [
+        "unrouted",
+        "not_for_worker",
+        "backpressure",
+        "deleted",
+        "other_group",
+    ] {
         counter!(EVENTS_SKIPPED, "reason" => reason).increment(0);
     }
     for target in ["redis", "sink"] {

@@ -49,6 +49,52 @@ impl CreateArgs {
     }
 }
 
+/// Where the checkpoint of `group` on `stream` is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// The `checkpoints` table (the persister's).
+    Postgres,
+    /// `<stream>:checkpoints` (workers without PostgreSQL).
+    Redis,
+}
+
+impl Kept {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kept::Postgres => "postgres",
+            Kept::Redis => "redis",
+        }
+    }
+}
+
+/// The checkpoint of `group` on `stream`: in PostgreSQL when `store` is given and has one, else
+/// beside the stream in Redis.
+pub async fn checkpoint(
+    store: Option<&EventStore>,
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> anyhow::Result<Option<(EntryId, Kept)>> {
+    if let Some(store) = store {
+        if let Some(position) = store
+            .checkpoint(stream, group)
+            .await
+            .with_context(|| format!("reading the checkpoint of {stream} in PostgreSQL"))?
+        {
+            return Ok(Some((position, Kept::Postgres)));
+        }
+    }
+    let position = redis_checkpoints::read(conn, stream, group)
+        .await
+        .with_context(|| {
+            format!(
+                "reading the checkpoint of {stream} in {} (HGET)",
+                redis_checkpoints::key(stream)
+            )
+        })?;
+    Ok(position.map(|p| (p, Kept::Redis)))
+}
+
 /// Creates what is missing. A group starts at the stream's checkpoint (a group destroyed and
 /// created again resumes there): in PostgreSQL when `store` is given and has one (the persister's),
 /// else beside the stream in Redis (`<stream>:checkpoints`, workers without PostgreSQL), else at
@@ -67,23 +113,9 @@ pub async fn create(
         _ => StartFrom::Oldest,
     };
     for stream in args.streams.iter().map(|s| s.trim()) {
-        let mut checkpoint: Option<EntryId> = match &store {
-            Some(store) => store
-                .checkpoint(stream, &args.group)
-                .await
-                .with_context(|| format!("reading the checkpoint of {stream}"))?,
-            None => None,
-        };
-        if checkpoint.is_none() {
-            checkpoint = redis_checkpoints::read(&mut conn, stream, &args.group)
-                .await
-                .with_context(|| {
-                    format!(
-                        "reading the checkpoint of {stream} in {} (HGET)",
-                        redis_checkpoints::key(stream)
-                    )
-                })?;
-        }
+        let checkpoint = checkpoint(store.as_ref(), &mut conn, stream, &args.group)
+            .await?
+            .map(|(position, _)| position);
         let start = checkpoint.map_or_else(|| default.as_id().to_owned(), |c| c.to_string());
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")

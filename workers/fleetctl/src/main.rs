@@ -1,8 +1,12 @@
-//! fleetctl: the operator's tool. For now: `publish` (events onto a stream), `migrate` and
-//! `groups create`.
+//! fleetctl: the operator's tool: events in (`publish`), dead letters (`dlq`), consumer groups
+//! (`groups create`), the schema (`migrate`).
 
+mod dlq;
 mod groups;
+mod output;
+mod progress;
 mod publish;
+mod replay;
 
 use std::process::ExitCode;
 
@@ -33,6 +37,10 @@ struct Cli {
     )]
     database_url: Option<String>,
 
+    /// How results are printed: aligned tables, or one JSON document for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = output::Output::Table)]
+    output: output::Output,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -46,54 +54,60 @@ enum Command {
     /// Consumer groups: create the streams and groups a deployment needs before its workers start.
     #[command(subcommand)]
     Groups(groups::GroupsCommand),
+    /// Move a consumer group back to its checkpoint, an entry id or a time: the entries after it
+    /// are delivered to the group again.
+    Replay(replay::ReplayArgs),
+    /// Dead letters (`<stream>:dlq`): list, show, redrive into their stream, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = cli::parse(NAME);
     streamfleet::runtime::connect::init_tls();
-    match cli.command {
+    match run(cli).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+/// Checks what the command needs before connecting (bad configuration exits 2), then runs it.
+async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    let bad = |e: &dyn std::fmt::Display| cli::config_exit(NAME, e);
+    let redis = || cli.redis.client().map_err(|e| bad(&e));
+    let store = || -> Result<Option<EventStore>, ExitCode> {
+        cli.database_url
+            .as_deref()
+            .map(|url| EventStore::connect_lazy(url, "FLEET_DATABASE_URL").map_err(|e| bad(&e)))
+            .transpose()
+    };
+    let output = cli.output;
+    let result = match cli.command {
         Command::Publish(args) => {
-            let client = match cli.redis.client() {
-                Ok(c) => c,
-                Err(e) => return cli::config_exit(NAME, &e),
-            };
-            match args.validate() {
-                Ok(()) => cli::finish(NAME, publish::run(client, *args).await),
-                Err(e) => cli::config_exit(NAME, &e),
-            }
+            args.validate().map_err(|e| bad(&e))?;
+            let client = redis()?;
+            publish::run(client, *args).await
+        }
+        Command::Replay(args) => {
+            args.validate().map_err(|e| bad(&e))?;
+            let (client, store) = (redis()?, store()?);
+            replay::run(client, store, args, output).await
+        }
+        Command::Dlq(command) => {
+            command.validate().map_err(|e| bad(&e))?;
+            let client = redis()?;
+            dlq::run(client, command, output).await
         }
         Command::Groups(groups::GroupsCommand::Create(args)) => {
-            let client = match cli.redis.client() {
-                Ok(c) => c,
-                Err(e) => return cli::config_exit(NAME, &e),
-            };
-            if let Err(e) = args.validate() {
-                return cli::config_exit(NAME, &e);
-            }
-            let store = match cli.database_url.as_deref() {
-                None => None,
-                Some(url) => match EventStore::connect_lazy(url, "FLEET_DATABASE_URL") {
-                    Ok(s) => Some(s),
-                    Err(e) => return cli::config_exit(NAME, &e),
-                },
-            };
-            cli::finish(NAME, groups::create(client, store, args).await)
+            args.validate().map_err(|e| bad(&e))?;
+            let (client, store) = (redis()?, store()?);
+            groups::create(client, store, args).await
         }
         Command::Migrate => {
-            let store = match cli.database_url.as_deref() {
-                None => {
-                    return cli::config_exit(
-                        NAME,
-                        &"FLEET_DATABASE_URL (--database-url) is required",
-                    )
-                }
-                Some(url) => match EventStore::connect_lazy(url, "FLEET_DATABASE_URL") {
-                    Ok(s) => s,
-                    Err(e) => return cli::config_exit(NAME, &e),
-                },
+            let Some(store) = store()? else {
+                return Err(bad(&"FLEET_DATABASE_URL (--database-url) is required"));
             };
-            let result = store
+            store
                 .migrate()
                 .await
                 .map_err(anyhow::Error::from)
@@ -102,8 +116,8 @@ async fn main() -> ExitCode {
                         "migrations applied ({} known)",
                         streamfleet::store::MIGRATOR.iter().count()
                     );
-                });
-            cli::finish(NAME, result)
+                })
         }
-    }
+    };
+    Ok(cli::finish(NAME, result))
 }

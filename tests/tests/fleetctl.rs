@@ -1,0 +1,478 @@
+//! fleetctl against the real servers: dead letters redriven into their stream (each once, for
+//! its own group, through kill -9), and replays of a group to its checkpoint or a time.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use streamfleet_tests::scenario::{config, migrated_database, rows, wait_settled};
+use streamfleet_tests::*;
+
+/// Runs fleetctl with `args` against the test Redis (and `database` when given); returns its
+/// status, stdout and stderr.
+async fn fleetctl(args: &[&str], database: Option<&str>) -> (ExitStatus, String, String) {
+    let mut cmd = tokio::process::Command::new(bin("fleetctl"));
+    cmd.env_clear()
+        .env("FLEET_REDIS_URL", redis_url())
+        .args(args)
+        .stdin(Stdio::null());
+    if let Some(url) = database {
+        cmd.env("FLEET_DATABASE_URL", url);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("fleetctl within 60 s")
+        .expect("run fleetctl");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A strict user event, rejected by PostgreSQL (`reject_trigger`) when `reject`.
+fn user_line(id: Uuid, n: usize, reject: bool) -> String {
+    let data = if reject {
+        json!({"n": n, "reject": true})
+    } else {
+        json!({"n": n})
+    };
+    json!({"v": 1, "id": id.to_string(), "type": "user.updated",
+        "channel": format!("user.{}.profile", n % 7), "source": "tests",
+        "time": "2026-11-26T10:00:00Z", "data": data})
+    .to_string()
+}
+
+/// Events whose `data` has `reject` fail with a data exception (SQLSTATE 23514): the persister
+/// dead-letters them as `handler_error`.
+async fn reject_trigger(pool: &sqlx::PgPool, on: bool) {
+    let sql = if on {
+        "CREATE FUNCTION reject() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.data ? 'reject' THEN RAISE EXCEPTION 'rejected event' USING ERRCODE = '23514'; END IF;
+           RETURN NEW; END $$;
+         CREATE TRIGGER reject BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION reject();"
+    } else {
+        "DROP TRIGGER reject ON events;"
+    };
+    sqlx::raw_sql(sql).execute(pool).await.unwrap();
+}
+
+async fn xlen(conn: &mut MultiplexedConnection, key: &str) -> usize {
+    redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_is_applied_once_by_its_group_and_skipped_by_the_others() {
+    let db = fresh_database().await;
+    let pool = migrated_database(&db).await;
+    reject_trigger(&pool, true).await;
+    let stream = unique("redrive:");
+    let lines: Vec<String> = (0..50)
+        .map(|n| user_line(Uuid::now_v7(), n, n % 5 == 0))
+        .collect();
+    // A second group on the stream: a notifier publishing every user event.
+    let received = subscriber_at(&redis_url(), &format!("{stream}:*")).await;
+    let notifier_env = WorkerEnv::new(&stream, "").unset("FLEET_DATABASE_URL").set(
+        "FLEET_CONFIG",
+        &config("[[route]]\npattern = \"user.#\"\npublish = \"{stream}:{channel}\""),
+    );
+    let mut notifier = notifier_env.start("notifier").await;
+    let mut persister = WorkerEnv::new(&stream, &db)
+        .set("FLEET_CONFIG", &config(""))
+        .start("persister")
+        .await;
+    publish_lines(&stream, &lines).await;
+    let mut conn = redis().await;
+    wait_settled(&conn, &stream, "persister").await;
+    wait_settled(&conn, &stream, "notifier").await;
+    assert_eq!(rows(&pool).await, 40);
+
+    let (status, out, err) = fleetctl(
+        &["dlq", "list", "--stream", &stream, "--output", "json"],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let letters = listed["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 10);
+    assert!(letters
+        .iter()
+        .all(|d| d["fields"]["dlq_reason"] == "handler_error"
+            && d["fields"]["dlq_group"] == "persister"));
+    let (status, out, _) = fleetctl(
+        &[
+            "dlq",
+            "show",
+            "--stream",
+            &stream,
+            letters[0]["id"].as_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success() && out.contains("dlq_error") && out.contains("rejected event"));
+
+    // Nothing selected: refused before anything is done.
+    let (status, _, err) = fleetctl(&["dlq", "redrive", "--stream", &stream], None).await;
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--all"), "{err}");
+
+    reject_trigger(&pool, false).await;
+    let (status, out, err) = fleetctl(
+        &[
+            "dlq",
+            "redrive",
+            "--stream",
+            &stream,
+            "--group",
+            "persister",
+            "--dry-run",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        status.success() && out.contains("would redrive 10"),
+        "{out}{err}"
+    );
+    assert_eq!(xlen(&mut conn, &format!("{stream}:dlq")).await, 10);
+    let (status, out, err) = fleetctl(
+        &[
+            "dlq",
+            "redrive",
+            "--stream",
+            &stream,
+            "--group",
+            "persister",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("redriven: 10"), "{out}");
+    assert_eq!(xlen(&mut conn, &format!("{stream}:dlq")).await, 0);
+    wait_settled(&conn, &stream, "persister").await;
+    wait_settled(&conn, &stream, "notifier").await;
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((rows(&pool).await, distinct), (50, 50), "each event once");
+    // The notifier settled the originals: the redriven entries are not published again.
+    assert_eq!(received.lock().unwrap().len(), 50);
+    assert_eq!(
+        notifier
+            .metric("fleet_events_skipped_total", "reason=\"other_group\"")
+            .await,
+        10.0
+    );
+    assert_eq!(xlen(&mut conn, &format!("{stream}:dlq")).await, 0);
+    persister.stop_cleanly().await;
+    notifier.stop_cleanly().await;
+}
+
+/// `n` dead letters of `stream` written as the persister writes them, for valid user events.
+async fn dead_letters(conn: &mut MultiplexedConnection, stream: &str, n: usize) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    for (chunk_no, chunk) in ids.chunks(1000).enumerate() {
+        let mut pipe = redis::pipe();
+        for (i, id) in chunk.iter().enumerate() {
+            let n = chunk_no * 1000 + i;
+            pipe.cmd("XADD")
+                .arg(format!("{stream}:dlq"))
+                .arg("*")
+                .arg(&[
+                    ("v", "1".to_owned()),
+                    ("id", id.to_string()),
+                    ("type", "user.updated".into()),
+                    ("channel", format!("user.{}.profile", n % 7)),
+                    ("source", "tests".into()),
+                    ("time", "2026-11-26T10:00:00Z".into()),
+                    ("data", format!("{{\"n\":{n}}}")),
+                    ("dlq_reason", "handler_error".into()),
+                    ("dlq_error", "rejected event".into()),
+                    ("dlq_stream", stream.to_owned()),
+                    ("dlq_entry_id", format!("1-{n}")),
+                    ("dlq_group", "persister".into()),
+                    ("dlq_deliveries", "1".into()),
+                    ("dlq_at", "2026-11-26T10:00:01Z".into()),
+                ])
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await.unwrap();
+    }
+    ids
+}
+
+/// Event ids of the entries of `stream`, with how often each appears.
+async fn event_ids(conn: &mut MultiplexedConnection, stream: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for (_, fields) in read_stream(conn, stream).await {
+        *out.entry(fields["id"].clone()).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_redrive_of_10_000_then_again_loses_and_doubles_nothing() {
+    let stream = unique("redrive-kill:");
+    let mut conn = redis().await;
+    let ids = dead_letters(&mut conn, &stream, 10_000).await;
+    let dlq = format!("{stream}:dlq");
+    let mut partial = 0;
+    for attempt in 0..20 {
+        if xlen(&mut conn, &dlq).await == 0 {
+            break;
+        }
+        let mut child = tokio::process::Command::new(bin("fleetctl"))
+            .env_clear()
+            .env("FLEET_REDIS_URL", redis_url())
+            .args(["dlq", "redrive", "--stream", &stream, "--all"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(random_between(10, 40 + attempt * 10))).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        // At every instant, each dead letter is in exactly one place.
+        let (left, moved) = (xlen(&mut conn, &dlq).await, xlen(&mut conn, &stream).await);
+        assert_eq!(left + moved, 10_000, "after kill -9 #{attempt}");
+        if left > 0 && moved > 0 {
+            partial += 1;
+        }
+    }
+    eprintln!("kill -9 mid-redrive: {partial} kill(s) left it half done");
+    assert!(partial > 0, "no kill landed mid-redrive");
+    let (status, out, err) =
+        fleetctl(&["dlq", "redrive", "--stream", &stream, "--all"], None).await;
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(xlen(&mut conn, &dlq).await, 0);
+    let copies = event_ids(&mut conn, &stream).await;
+    assert_eq!(copies.len(), 10_000, "none lost");
+    assert!(copies.values().all(|n| *n == 1), "none doubled");
+    let want: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+    assert_eq!(copies.keys().cloned().collect::<HashSet<_>>(), want);
+    // The persister then applies each once.
+    let db = fresh_database().await;
+    let pool = migrated_database(&db).await;
+    let mut persister = WorkerEnv::new(&stream, &db)
+        .set("FLEET_CONFIG", &config(""))
+        .start("persister")
+        .await;
+    wait_settled(&conn, &stream, "persister").await;
+    assert_eq!(rows(&pool).await, 10_000);
+    persister.stop_cleanly().await;
+}
+
+/// A stream with entries at ids `1000-0`, `2000-0`, … `10000-0`, a group `g` that read and
+/// acknowledged them all as consumer `c1`.
+async fn read_stream_of_ten(conn: &mut MultiplexedConnection) -> String {
+    let stream = unique("replay:");
+    for i in 1..=10 {
+        let () = redis::cmd("XADD")
+            .arg(&stream)
+            .arg(format!("{}-0", i * 1000))
+            .arg("n")
+            .arg(i)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    create_group(conn, &stream, "g").await;
+    let ids = read_new(conn, &stream).await;
+    assert_eq!(ids.len(), 10);
+    stream
+}
+
+/// Reads what the group `g` has not been delivered yet (as `c1`), acknowledges it, returns ids.
+async fn read_new(conn: &mut MultiplexedConnection, stream: &str) -> Vec<String> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("c1")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let ids: Vec<String> = reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .map(|e| e.id)
+        .collect();
+    if !ids.is_empty() {
+        let () = redis::cmd("XACK")
+            .arg(stream)
+            .arg("g")
+            .arg(&ids)
+            .query_async(conn)
+            .await
+            .map(|_: u64| ())
+            .unwrap();
+    }
+    ids
+}
+
+fn thousands(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range.map(|i| format!("{}-0", i * 1000)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_to_the_checkpoint_delivers_again_exactly_the_entries_after_it() {
+    let mut conn = redis().await;
+    let stream = read_stream_of_ten(&mut conn).await;
+    let () = redis::cmd("HSET")
+        .arg(format!("{stream}:checkpoints"))
+        .arg("g")
+        .arg("4000-0")
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .unwrap();
+    let replay = |extra: &'static [&'static str]| {
+        let stream = stream.clone();
+        async move {
+            let mut args = vec![
+                "replay",
+                "--stream",
+                &stream,
+                "--group",
+                "g",
+                "--to-checkpoint",
+            ];
+            args.extend(extra);
+            fleetctl(&args, None).await
+        }
+    };
+    // c1 just read: an active consumer.
+    let (status, _, err) = replay(&[]).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("active consumers: c1") && err.contains("--force"),
+        "{err}"
+    );
+    let (status, out, err) = replay(&["--force", "--dry-run", "--output", "json"]).await;
+    assert!(status.success(), "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            plan["entries"].as_u64(),
+            plan["from"].as_str(),
+            plan["to"].as_str()
+        ),
+        (Some(6), Some("10000-0"), Some("4000-0"))
+    );
+    assert!(
+        read_new(&mut conn, &stream).await.is_empty(),
+        "a dry run changes nothing"
+    );
+    let (status, out, err) = replay(&["--force"]).await;
+    assert!(status.success(), "{err}");
+    assert!(out.contains("delivers 6 entries again"), "{out}");
+    assert_eq!(
+        lag(&mut conn, &stream, "g").await,
+        Some(6),
+        "the lag stays known"
+    );
+    assert_eq!(read_new(&mut conn, &stream).await, thousands(5..=10));
+
+    // To a time: from the first entry at or after it.
+    let (status, _, err) = fleetctl(
+        &[
+            "replay",
+            "--stream",
+            &stream,
+            "--group",
+            "g",
+            "--to-time",
+            "1970-01-01T00:00:06.500Z",
+            "--force",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    assert_eq!(read_new(&mut conn, &stream).await, thousands(7..=10));
+    let (status, _, err) = fleetctl(
+        &[
+            "replay",
+            "--stream",
+            &stream,
+            "--group",
+            "g",
+            "--to-time",
+            "1970-01-01T00:00:03Z",
+            "--force",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    assert_eq!(read_new(&mut conn, &stream).await, thousands(3..=10));
+
+    // Forward skips entries: refused without --force; an unknown group is named.
+    let (status, _, err) = fleetctl(
+        &[
+            "replay", "--stream", &stream, "--group", "g", "--to-id", "20000-0", "--force",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    let () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(&stream)
+        .arg("g")
+        .arg("5000-0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // No consumer left (c1 owns nothing): nothing active.
+    let _: u64 = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(&stream)
+        .arg("g")
+        .arg("c1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, _, err) = fleetctl(
+        &[
+            "replay", "--stream", &stream, "--group", "g", "--to-id", "9000-0",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        !status.success() && err.contains("skips 4 entries"),
+        "{err}"
+    );
+    let (status, _, err) = fleetctl(
+        &[
+            "replay", "--stream", &stream, "--group", "nope", "--to-id", "1-0",
+        ],
+        None,
+    )
+    .await;
+    assert!(!status.success() && err.contains("no group nope"), "{err}");
+    let (status, _, err) = fleetctl(
+        &[
+            "replay", "--stream", &stream, "--group", "g", "--to-id", "soon",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status.code(), Some(2), "{err}");
+}

@@ -1,0 +1,553 @@
+//! `fleetctl dlq`: browse, redrive and purge dead letters.
+//!
+//! Dead letters are per stream (`<stream>:dlq`, beside it in its hash slot) and each belongs to
+//! the group that dead-lettered it (`dlq_group`): two groups that both fail an entry write two
+//! dead letters. A redrive puts the original entry back into its stream, with a new entry id, its
+//! event id unchanged, and the field `redrive_group` naming that group: every group reads the
+//! stream, and the others acknowledge it with no effect (they settled the original). Each dead
+//! letter moves in one server-side script with the `XADD` and the `XDEL` together, so a crash
+//! mid-redrive (fleetctl killed, Redis restarted) neither loses nor doubles one: run it again.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use serde_json::{json, Map};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::output::{cut, print, Output, Table};
+use crate::progress::Progress;
+use streamfleet::REDRIVE_GROUP_FIELD;
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// The dead letters of a stream, oldest first, filtered by group, reason, time or id.
+    List(ListArgs),
+    /// Every field of one dead letter.
+    Show(ShowArgs),
+    /// Put dead letters back into their stream, for their group to try again, and remove them
+    /// from the DLQ (atomically per entry).
+    Redrive(ActArgs),
+    /// Delete dead letters.
+    Purge(ActArgs),
+}
+
+/// Which dead letters.
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// The stream whose dead letters these are (its DLQ is `<stream>:dlq`).
+    #[arg(long, env = "FLEET_STREAM")]
+    stream: String,
+
+    /// Only these dead letter ids (repeat, or comma-separated).
+    #[arg(long = "id", value_delimiter = ',')]
+    ids: Vec<String>,
+
+    /// Only dead letters of this group (`dlq_group`).
+    #[arg(long)]
+    group: Option<String>,
+
+    /// Only dead letters with this reason: invalid, unsupported_version, too_large,
+    /// max_deliveries, handler_error.
+    #[arg(long)]
+    reason: Option<String>,
+
+    /// Only dead letters written at or after this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<OffsetDateTime>,
+
+    /// Only dead letters written before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    until: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    select: Selection,
+
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The stream whose dead letter this is.
+    #[arg(long, env = "FLEET_STREAM")]
+    stream: String,
+
+    /// The dead letter's id (in `<stream>:dlq`).
+    id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ActArgs {
+    #[command(flatten)]
+    select: Selection,
+
+    /// Every dead letter of the stream (required when nothing else selects).
+    #[arg(long)]
+    all: bool,
+
+    /// Say what would be done, and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|e| format!("{text}: not an RFC 3339 time (e.g. 2026-11-26T12:00:00Z): {e}"))
+}
+
+const REASONS: [&str; 5] = [
+    "invalid",
+    "unsupported_version",
+    "too_large",
+    "max_deliveries",
+    "handler_error",
+];
+
+impl DlqCommand {
+    /// Refuses, before connecting, what cannot be right.
+    pub fn validate(&self) -> Result<(), String> {
+        let (select, act) = match self {
+            DlqCommand::List(a) => (&a.select, None),
+            DlqCommand::Show(_) => return Ok(()),
+            DlqCommand::Redrive(a) | DlqCommand::Purge(a) => (&a.select, Some(a)),
+        };
+        if let Some(reason) = &select.reason {
+            if !REASONS.contains(&reason.as_str()) {
+                return Err(format!(
+                    "--reason {reason}: not a dead letter reason ({})",
+                    REASONS.join(", ")
+                ));
+            }
+        }
+        for id in &select.ids {
+            if id.parse::<streamfleet::EntryId>().is_err() {
+                return Err(format!("--id {id}: not a stream entry id (<ms>-<seq>)"));
+            }
+        }
+        if let Some(act) = act {
+            let selects = !select.ids.is_empty()
+                || select.group.is_some()
+                || select.reason.is_some()
+                || select.since.is_some()
+                || select.until.is_some();
+            if !selects && !act.all {
+                return Err(
+                    "say which dead letters: --id, --group, --reason, --since/--until, or --all"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One dead letter as stored.
+struct DeadLetter {
+    id: String,
+    fields: Vec<(String, String)>,
+}
+
+impl DeadLetter {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mut fields = Map::new();
+        for (k, v) in &self.fields {
+            fields.insert(k.clone(), json!(v));
+        }
+        json!({"id": self.id, "fields": fields})
+    }
+}
+
+fn dlq_key(stream: &str) -> String {
+    format!("{stream}{}", streamfleet::DLQ_SUFFIX)
+}
+
+/// Entries of `key` from `start` (exclusive with `(`), `count` at most.
+async fn range(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    start: &str,
+    end: &str,
+    count: usize,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let reply: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg(start)
+        .arg(end)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("reading {key}"))?;
+    Ok(reply
+        .into_iter()
+        .map(|(id, fields)| DeadLetter { id, fields })
+        .collect())
+}
+
+/// The id bounds of a time range (dead letter ids are the times they were written).
+fn bounds(select: &Selection) -> (String, String) {
+    let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+    let start = select
+        .since
+        .map(|t| format!("{}-0", ms(t)))
+        .unwrap_or_else(|| "-".into());
+    let end = select
+        .until
+        .map(|t| format!("({}-0", ms(t)))
+        .unwrap_or_else(|| "+".into());
+    (start, end)
+}
+
+impl Selection {
+    fn matches(&self, d: &DeadLetter) -> bool {
+        (self.ids.is_empty() || self.ids.contains(&d.id))
+            && self
+                .group
+                .as_deref()
+                .is_none_or(|g| d.get("dlq_group") == Some(g))
+            && self
+                .reason
+                .as_deref()
+                .is_none_or(|r| d.get("dlq_reason") == Some(r))
+    }
+
+    /// Calls `each` with the matching dead letters, a page at a time, oldest first, until it
+    /// returns false. Pages are read after `each` ran on the previous one, so that it may delete.
+    async fn scan(
+        &self,
+        conn: &mut MultiplexedConnection,
+        mut each: impl AsyncFnMut(&mut MultiplexedConnection, Vec<DeadLetter>) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let key = dlq_key(&self.stream);
+        if !self.ids.is_empty() {
+            let mut found = Vec::new();
+            for id in &self.ids {
+                found.extend(range(conn, &key, id, id, 1).await?);
+            }
+            found.retain(|d| self.matches(d));
+            each(conn, found).await?;
+            return Ok(());
+        }
+        let (mut start, end) = bounds(self);
+        loop {
+            let page = range(conn, &key, &start, &end, PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            start = format!("({}", last.id);
+            let full = page.len() == PAGE;
+            let matching: Vec<DeadLetter> = page.into_iter().filter(|d| self.matches(d)).collect();
+            if !matching.is_empty() && !each(conn, matching).await? {
+                return Ok(());
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Dead letters read per `XRANGE`, and moved per script call.
+const PAGE: usize = 200;
+
+async fn connect(client: &redis::Client) -> anyhow::Result<MultiplexedConnection> {
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to Redis (FLEET_REDIS_URL)")
+}
+
+/// Runs one `dlq` command.
+pub async fn run(client: redis::Client, command: DlqCommand, output: Output) -> anyhow::Result<()> {
+    let mut conn = connect(&client).await?;
+    match command {
+        DlqCommand::List(args) => list(&mut conn, args, output).await,
+        DlqCommand::Show(args) => show(&mut conn, args, output).await,
+        DlqCommand::Redrive(args) => redrive(&mut conn, args, output).await,
+        DlqCommand::Purge(args) => purge(&mut conn, args, output).await,
+    }
+}
+
+async fn list(
+    conn: &mut MultiplexedConnection,
+    args: ListArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut found: Vec<DeadLetter> = Vec::new();
+    let limit = args.limit;
+    args.select
+        .scan(conn, async |_, page| {
+            found.extend(page);
+            Ok(found.len() < limit)
+        })
+        .await?;
+    found.truncate(limit);
+    let mut table = Table::new(&[
+        "ID",
+        "AT",
+        "GROUP",
+        "REASON",
+        "ENTRY",
+        "DELIVERIES",
+        "CHANNEL",
+        "ERROR",
+    ]);
+    for d in &found {
+        let f = |name| d.get(name).unwrap_or("").to_owned();
+        table.row(vec![
+            d.id.clone(),
+            f("dlq_at"),
+            f("dlq_group"),
+            f("dlq_reason"),
+            f("dlq_entry_id"),
+            f("dlq_deliveries"),
+            f("channel"),
+            cut(d.get("dlq_error").unwrap_or(""), 60),
+        ]);
+    }
+    let json = json!({
+        "stream": args.select.stream,
+        "dead_letters": found.iter().map(DeadLetter::json).collect::<Vec<_>>(),
+    });
+    print(
+        output,
+        &json,
+        &table,
+        &format!("no dead letters in {}", dlq_key(&args.select.stream)),
+    );
+    Ok(())
+}
+
+async fn show(
+    conn: &mut MultiplexedConnection,
+    args: ShowArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let key = dlq_key(&args.stream);
+    let Some(d) = range(conn, &key, &args.id, &args.id, 1).await?.pop() else {
+        anyhow::bail!(
+            "no dead letter {} in {key} (fleetctl dlq list --stream {} lists them)",
+            args.id,
+            args.stream
+        );
+    };
+    let mut table = Table::new(&["FIELD", "VALUE"]);
+    table.row(vec!["(id)".into(), d.id.clone()]);
+    for (k, v) in &d.fields {
+        table.row(vec![k.clone(), v.clone()]);
+    }
+    print(output, &d.json(), &table, "");
+    Ok(())
+}
+
+/// KEYS[1] the dead letter stream, KEYS[2] its stream; ARGV the dead letter ids. Per id, in one
+/// atomic step: the original fields (ours removed, a producer's `dlq_*` field restored from
+/// `orig_dlq_*`) plus `redrive_group` are added to the stream, and the dead letter is deleted.
+/// Returns per id the new entry id, or why it was not moved.
+const REDRIVE_SCRIPT: &str = r#"
+local ours = {dlq_reason = 1, dlq_error = 1, dlq_stream = 1, dlq_entry_id = 1, dlq_group = 1,
+  dlq_deliveries = 1, dlq_at = 1, dlq_size = 1, dlq_truncated = 1}
+local out = {}
+for i, id in ipairs(ARGV) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found == 0 then
+    out[i] = 'gone: already redriven or purged'
+  else
+    local f = found[1][2]
+    local fields, meta = {}, {}
+    for j = 1, #f, 2 do
+      local k, v = f[j], f[j + 1]
+      if ours[k] then
+        meta[k] = v
+      elseif k ~= 'redrive_group' then
+        if string.sub(k, 1, 9) == 'orig_dlq_' then k = string.sub(k, 6) end
+        fields[#fields + 1] = k
+        fields[#fields + 1] = v
+      end
+    end
+    if meta['dlq_truncated'] then
+      out[i] = 'not redriven: its values were cut (too_large), the original is not in the dead letter'
+    elseif meta['dlq_stream'] ~= KEYS[2] then
+      out[i] = 'not redriven: it comes from another stream (' .. tostring(meta['dlq_stream']) .. ')'
+    elseif #fields == 0 then
+      out[i] = 'not redriven: the entry had no fields'
+    else
+      if meta['dlq_group'] then
+        fields[#fields + 1] = 'redrive_group'
+        fields[#fields + 1] = meta['dlq_group']
+      end
+      out[i] = redis.call('XADD', KEYS[2], '*', unpack(fields))
+      redis.call('XDEL', KEYS[1], id)
+    end
+  end
+end
+return out
+"#;
+
+/// What an action did, per dead letter.
+#[derive(Default)]
+struct Tally {
+    moved: Vec<(String, String)>,
+    refused: Vec<(String, String)>,
+}
+
+async fn redrive(
+    conn: &mut MultiplexedConnection,
+    args: ActArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let stream = args.select.stream.clone();
+    let key = dlq_key(&stream);
+    let script = redis::Script::new(REDRIVE_SCRIPT);
+    let mut tally = Tally::default();
+    let mut by_group: HashMap<String, usize> = HashMap::new();
+    let mut progress = Progress::new("redrive", None);
+    args.select
+        .scan(conn, async |conn, page| {
+            for d in &page {
+                *by_group
+                    .entry(d.get("dlq_group").unwrap_or("").to_owned())
+                    .or_default() += 1;
+            }
+            if args.dry_run {
+                tally
+                    .moved
+                    .extend(page.into_iter().map(|d| (d.id, String::new())));
+                return Ok(true);
+            }
+            let ids: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
+            let results: Vec<String> = script
+                .key(&key)
+                .key(&stream)
+                .arg(&ids)
+                .invoke_async(conn)
+                .await
+                .with_context(|| format!("redriving dead letters of {stream}"))?;
+            progress.add(ids.len() as u64);
+            for (d, result) in page.into_iter().zip(results) {
+                if result.parse::<streamfleet::EntryId>().is_ok() {
+                    tally.moved.push((d.id, result));
+                } else {
+                    tally.refused.push((d.id, result));
+                }
+            }
+            Ok(true)
+        })
+        .await?;
+    progress.finish();
+    report("redrive", &stream, &args, &tally, &by_group, output);
+    if !tally.refused.is_empty() {
+        anyhow::bail!(
+            "{} dead letter(s) not redriven (listed above); they stay in {key}",
+            tally.refused.len()
+        );
+    }
+    Ok(())
+}
+
+async fn purge(
+    conn: &mut MultiplexedConnection,
+    args: ActArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let stream = args.select.stream.clone();
+    let key = dlq_key(&stream);
+    let mut tally = Tally::default();
+    let mut by_group: HashMap<String, usize> = HashMap::new();
+    let mut progress = Progress::new("purge", None);
+    args.select
+        .scan(conn, async |conn, page| {
+            for d in &page {
+                *by_group
+                    .entry(d.get("dlq_group").unwrap_or("").to_owned())
+                    .or_default() += 1;
+            }
+            if !args.dry_run {
+                let ids: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
+                let _: Value = redis::cmd("XDEL")
+                    .arg(&key)
+                    .arg(&ids)
+                    .query_async(conn)
+                    .await
+                    .with_context(|| format!("deleting from {key}"))?;
+                progress.add(ids.len() as u64);
+            }
+            tally
+                .moved
+                .extend(page.into_iter().map(|d| (d.id, String::new())));
+            Ok(true)
+        })
+        .await?;
+    progress.finish();
+    report("purge", &stream, &args, &tally, &by_group, output);
+    Ok(())
+}
+
+/// Prints what a redrive or purge did (or would do).
+fn report(
+    verb: &str,
+    stream: &str,
+    args: &ActArgs,
+    tally: &Tally,
+    by_group: &HashMap<String, usize>,
+    output: Output,
+) {
+    let mut groups: Vec<(&String, &usize)> = by_group.iter().collect();
+    groups.sort();
+    let json = json!({
+        "stream": stream,
+        "action": verb,
+        "dry_run": args.dry_run,
+        "selected": tally.moved.len() + tally.refused.len(),
+        "by_group": groups.iter().map(|(g, n)| json!({"group": g, "dead_letters": n})).collect::<Vec<_>>(),
+        "done": tally.moved.iter().map(|(id, new)| if new.is_empty() { json!({"id": id}) } else { json!({"id": id, "entry_id": new}) }).collect::<Vec<_>>(),
+        "refused": tally.refused.iter().map(|(id, why)| json!({"id": id, "reason": why})).collect::<Vec<_>>(),
+    });
+    if output == Output::Json {
+        print(output, &json, &Table::new(&[]), "");
+        return;
+    }
+    let done = tally.moved.len();
+    let summary = match (verb, args.dry_run) {
+        ("redrive", true) => format!("would redrive {done} dead letter(s) of {stream}"),
+        ("redrive", false) => format!("redriven: {done} dead letter(s) back into {stream}"),
+        (_, true) => format!("would purge {done} dead letter(s) of {stream}"),
+        _ => format!("purged {done} dead letter(s) of {stream}"),
+    };
+    println!("{summary}");
+    for (group, n) in groups {
+        let who = if group.is_empty() {
+            "(no group)"
+        } else {
+            group
+        };
+        println!("  {who}: {n}");
+    }
+    if verb == "redrive" && done > 0 {
+        println!(
+            "each is back in {stream} with field {REDRIVE_GROUP_FIELD} = its group: that group applies it, the others acknowledge it with no effect"
+        );
+    }
+    if !tally.refused.is_empty() {
+        let mut table = Table::new(&["ID", "NOT DONE"]);
+        for (id, why) in &tally.refused {
+            table.row(vec![id.clone(), why.clone()]);
+        }
+        eprint!("{}", table.render());
+    }
+}

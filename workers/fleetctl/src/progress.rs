@@ -1,0 +1,71 @@
+//! Progress of long operations (replay, redrive, reconcile, generate): a bar on a terminal, plain
+//! lines otherwise (logs of a Job, CI), on stderr so that stdout stays the command's result.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A counter of work done, shown as it moves.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    what: &'static str,
+    done: u64,
+    total: Option<u64>,
+    last_line: Instant,
+}
+
+/// Plain progress lines at most this often.
+const LINE_EVERY: Duration = Duration::from_secs(2);
+
+impl Progress {
+    /// `total` when known (a bar with an ETA), else a spinner with a count.
+    pub fn new(what: &'static str, total: Option<u64>) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = match total {
+                Some(n) => ProgressBar::new(n).with_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                ),
+                None => ProgressBar::new_spinner().with_style(
+                    ProgressStyle::with_template("{spinner} {msg} {pos} ({per_sec})")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ),
+            };
+            bar.set_message(what);
+            bar
+        });
+        Progress {
+            bar,
+            what,
+            done: 0,
+            total,
+            last_line: Instant::now(),
+        }
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.done += n;
+        match &self.bar {
+            Some(bar) => bar.inc(n),
+            None if self.last_line.elapsed() >= LINE_EVERY => {
+                self.last_line = Instant::now();
+                match self.total {
+                    Some(total) => eprintln!("{}: {}/{total}", self.what, self.done),
+                    None => eprintln!("{}: {}", self.what, self.done),
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Clears the bar (the command then prints its result).
+    pub fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

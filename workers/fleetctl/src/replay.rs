@@ -1,0 +1,336 @@
+//! `fleetctl replay`: move a consumer group back (`XGROUP SETID`) to its checkpoint, an entry id
+//! or a time, so that the entries after it are delivered to the group again. Effects are
+//! idempotent (the persister's rows, the projector's `XACK`-gated effects, within their documented
+//! limits), so a replay re-applies nothing already applied, except what the README says (the
+//! projector's counters and history beyond the dedup window, the notifier's messages).
+//!
+//! Like `kafka-consumer-groups --reset-offsets`, it refuses while consumers of the group are
+//! active (their reads in flight would interleave with the replay) unless `--force`, and
+//! `--dry-run` says what would happen.
+
+use anyhow::Context;
+use clap::{ArgGroup, Args};
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::groups::checkpoint;
+use crate::output::{print, Output, Table};
+use crate::progress::Progress;
+use streamfleet::store::EventStore;
+use streamfleet::EntryId;
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("to").required(true).args(["to_checkpoint", "to_id", "to_time"])))]
+pub struct ReplayArgs {
+    /// The stream.
+    #[arg(long, env = "FLEET_STREAM")]
+    stream: String,
+
+    /// The consumer group to move.
+    #[arg(long, env = "FLEET_GROUP")]
+    group: String,
+
+    /// To the group's checkpoint (PostgreSQL's with --database-url, else the one beside the
+    /// stream in Redis): entries after it are delivered again.
+    #[arg(long)]
+    to_checkpoint: bool,
+
+    /// To this entry id: entries after it are delivered again.
+    #[arg(long, value_name = "ENTRY_ID")]
+    to_id: Option<String>,
+
+    /// To this time (RFC 3339): entries from the first one at or after it are delivered again.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    to_time: Option<OffsetDateTime>,
+
+    /// Say what would happen, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Replay although consumers of the group are active, or forward (skipping entries).
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|e| format!("{text}: not an RFC 3339 time (e.g. 2026-11-26T12:00:00Z): {e}"))
+}
+
+impl ReplayArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(id) = &self.to_id {
+            id.parse::<EntryId>()
+                .map_err(|_| format!("--to-id {id}: not a stream entry id (<ms>-<seq>)"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A consumer that interacted with Redis within this many ms is active: a worker reads at least
+/// every `block_ms` (1 s by default) and refreshes its entries in flight.
+pub const ACTIVE_MS: u64 = 10_000;
+
+/// A field of an `XINFO` reply, if present and of that type (`nil` is absent).
+fn field<T: redis::FromRedisValue>(
+    fields: &std::collections::HashMap<String, redis::Value>,
+    name: &str,
+) -> Option<T> {
+    fields
+        .get(name)
+        .filter(|v| !matches!(v, redis::Value::Nil))
+        .and_then(|v| redis::from_redis_value(v.clone()).ok())
+}
+
+/// The group as `XINFO GROUPS` reports it.
+#[derive(Debug)]
+struct GroupInfo {
+    last_delivered: EntryId,
+    entries_read: Option<u64>,
+    pending: u64,
+}
+
+async fn group_info(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> anyhow::Result<GroupInfo> {
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("XINFO GROUPS {stream} (does the stream exist?)"))?;
+    for g in groups {
+        let fields: std::collections::HashMap<String, redis::Value> =
+            redis::from_redis_value(g).context("XINFO GROUPS reply")?;
+        if field::<String>(&fields, "name").as_deref() != Some(group) {
+            continue;
+        }
+        let last_delivered = field::<String>(&fields, "last-delivered-id")
+            .and_then(|s| s.parse().ok())
+            .context("XINFO GROUPS: last-delivered-id")?;
+        return Ok(GroupInfo {
+            last_delivered,
+            entries_read: field(&fields, "entries-read"),
+            pending: field(&fields, "pending").unwrap_or(0),
+        });
+    }
+    anyhow::bail!(
+        "no group {group} on {stream} (fleetctl groups create --streams {stream} --group {group} creates it)"
+    )
+}
+
+/// The consumers of the group that are active: (name, idle ms).
+async fn active_consumers(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .with_context(|| format!("XINFO CONSUMERS {stream} {group}"))?;
+    let mut active = Vec::new();
+    for c in consumers {
+        let fields: std::collections::HashMap<String, redis::Value> =
+            redis::from_redis_value(c).context("XINFO CONSUMERS reply")?;
+        let name: String = field(&fields, "name").unwrap_or_default();
+        let idle: u64 = field(&fields, "idle").unwrap_or(u64::MAX);
+        if idle < ACTIVE_MS {
+            active.push((name, idle));
+        }
+    }
+    Ok(active)
+}
+
+/// Entries of `stream` with ids in (`after`, `upto`], counted a page at a time.
+async fn count_between(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    after: EntryId,
+    upto: EntryId,
+) -> anyhow::Result<u64> {
+    const PAGE: usize = 10_000;
+    let mut count = 0;
+    let mut start = format!("({after}");
+    let mut progress = Progress::new("counting", None);
+    loop {
+        let ids: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg(upto.to_string())
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(conn)
+            .await
+            .with_context(|| format!("XRANGE {stream}"))?;
+        count += ids.len() as u64;
+        progress.add(ids.len() as u64);
+        match ids.last() {
+            Some((last, _)) if ids.len() == PAGE => start = format!("({last}"),
+            _ => break,
+        }
+    }
+    progress.finish();
+    Ok(count)
+}
+
+/// The position that delivers again every entry at or after `t`: the highest possible id of the
+/// millisecond before.
+fn before_time(t: OffsetDateTime) -> EntryId {
+    let ms = (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+    match ms {
+        0 => EntryId { ms: 0, seq: 0 },
+        ms => EntryId {
+            ms: ms - 1,
+            seq: u64::MAX,
+        },
+    }
+}
+
+pub async fn run(
+    client: redis::Client,
+    store: Option<EventStore>,
+    args: ReplayArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let (stream, group) = (args.stream.as_str(), args.group.as_str());
+    let info = group_info(&mut conn, stream, group).await?;
+    let (target, why) = if args.to_checkpoint {
+        match checkpoint(store.as_ref(), &mut conn, stream, group).await? {
+            Some((position, kept)) => (position, format!("its checkpoint ({})", kept.as_str())),
+            None => anyhow::bail!(
+                "no checkpoint of group {group} on {stream}{}: use --to-id or --to-time",
+                if store.is_none() {
+                    " in Redis (the persister's are in PostgreSQL: give --database-url)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    } else if let Some(id) = &args.to_id {
+        (
+            id.parse::<EntryId>().expect("validated"),
+            format!("entry {id}"),
+        )
+    } else {
+        let t = args.to_time.expect("one of the three, by clap");
+        (before_time(t), t.format(&Rfc3339).unwrap_or_default())
+    };
+    let forward = target > info.last_delivered;
+    let entries = if forward {
+        count_between(&mut conn, stream, info.last_delivered, target).await?
+    } else {
+        count_between(&mut conn, stream, target, info.last_delivered).await?
+    };
+    let active = active_consumers(&mut conn, stream, group).await?;
+    let json = json!({
+        "stream": stream,
+        "group": group,
+        "from": info.last_delivered.to_string(),
+        "to": target.to_string(),
+        "to_what": why,
+        "direction": if forward { "forward" } else { "back" },
+        "entries": entries,
+        "pending": info.pending,
+        "active_consumers": active.iter().map(|(n, idle)| json!({"name": n, "idle_ms": idle})).collect::<Vec<_>>(),
+        "dry_run": args.dry_run,
+    });
+    let what = if forward {
+        format!(
+            "skips {entries} entries never delivered to group {group}: they will not be processed"
+        )
+    } else {
+        format!("delivers {entries} entries again to group {group}")
+    };
+    let summary = format!(
+        "{stream}: group {group} from {} to {target} ({why}) {what}",
+        info.last_delivered
+    );
+    if !active.is_empty() && !args.force {
+        let names: Vec<String> = active
+            .iter()
+            .map(|(n, idle)| format!("{n} (idle {idle} ms)"))
+            .collect();
+        anyhow::bail!(
+            "{summary}; refused: group {group} has active consumers: {}. Their reads in flight would interleave with the replay: stop the workers (scale them to 0), wait {} s, and run this again, or pass --force",
+            names.join(", "),
+            ACTIVE_MS / 1000
+        );
+    }
+    if forward && !args.force {
+        anyhow::bail!("{summary}; refused: moving a group forward skips entries; pass --force if that is what you want");
+    }
+    if args.dry_run {
+        print_result(output, &json, &format!("dry run: {summary}"));
+        return Ok(());
+    }
+    let mut setid = redis::cmd("XGROUP");
+    setid
+        .arg("SETID")
+        .arg(stream)
+        .arg(group)
+        .arg(target.to_string());
+    // Keep the group's lag known (KEDA scales on it): the entries read move by what is replayed.
+    if let Some(read) = info.entries_read {
+        let read = if forward {
+            read + entries
+        } else {
+            read.saturating_sub(entries)
+        };
+        setid.arg("ENTRIESREAD").arg(read);
+    }
+    let () = setid
+        .query_async(&mut conn)
+        .await
+        .with_context(|| format!("XGROUP SETID {stream} {group} {target}"))?;
+    print_result(output, &json, &format!("{summary}: done"));
+    if info.pending > 0 && output == Output::Table {
+        println!(
+            "{} entries still pending in the group are delivered again by the workers' reclaim, as before",
+            info.pending
+        );
+    }
+    Ok(())
+}
+
+fn print_result(output: Output, json: &serde_json::Value, line: &str) {
+    match output {
+        Output::Json => print(output, json, &Table::new(&[]), ""),
+        Output::Table => println!("{line}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_replays_from_the_first_entry_at_or_after_it() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(2_500_000_000).unwrap();
+        let p = before_time(t);
+        assert_eq!(
+            p,
+            EntryId {
+                ms: 2499,
+                seq: u64::MAX
+            }
+        );
+        assert!(p < EntryId { ms: 2500, seq: 0 });
+        assert!(p >= EntryId { ms: 2499, seq: 7 });
+        assert_eq!(
+            before_time(OffsetDateTime::UNIX_EPOCH),
+            EntryId { ms: 0, seq: 0 }
+        );
+    }
+}
