@@ -405,13 +405,14 @@ pub async fn publish_lines(stream: &str, lines: &[String]) {
     publish_lines_to(&redis_url(), stream, lines).await
 }
 
-/// Publishes JSON-line entries to the Redis at `url`.
+/// Publishes JSON-line entries to the Redis at `url`, as they are (malformed ones included:
+/// `--no-validate`).
 pub async fn publish_lines_to(url: &str, stream: &str, lines: &[String]) {
     let file = std::env::temp_dir().join(format!("{}.jsonl", unique("pub")));
     std::fs::write(&file, lines.join("\n")).unwrap();
     let out = Command::new(bin("fleetctl"))
         .env("FLEET_REDIS_URL", url)
-        .args(["publish", "--stream", stream, "--file"])
+        .args(["publish", "--no-validate", "--stream", stream, "--file"])
         .arg(&file)
         .output()
         .await

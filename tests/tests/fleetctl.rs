@@ -476,3 +476,116 @@ async fn a_replay_to_the_checkpoint_delivers_again_exactly_the_entries_after_it(
     .await;
     assert_eq!(status.code(), Some(2), "{err}");
 }
+
+/// Runs fleetctl with `input` on its standard input.
+async fn fleetctl_stdin(args: &[&str], input: &str) -> (ExitStatus, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(bin("fleetctl"))
+        .env_clear()
+        .env("FLEET_REDIS_URL", redis_url())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_checks_every_line_before_writing_any() {
+    let mut conn = redis().await;
+    let stream = unique("publish-check:");
+    let good: Vec<String> = (0..3)
+        .map(|n| user_line(Uuid::now_v7(), n, false))
+        .collect();
+    let bad = r#"{"v":1,"id":"not-a-uuid","type":"user.signup","channel":"user.1","source":"t","time":"2026-11-26T10:00:00Z","data":{}}"#;
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("lines")));
+    let path = file.display().to_string();
+
+    // Line 3 of 4 is invalid: refused with its number and reason, nothing published.
+    std::fs::write(
+        &file,
+        format!("{}\n{}\n{bad}\n{}\n", good[0], good[1], good[2]),
+    )
+    .unwrap();
+    let (status, _, err) = fleetctl(&["publish", "--stream", &stream, "--file", &path], None).await;
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("invalid") && err.contains("nothing published"),
+        "{err}"
+    );
+    assert_eq!(xlen(&mut conn, &stream).await, 0);
+    // Not JSON at all, from standard input.
+    let (status, _, err) = fleetctl_stdin(
+        &["publish", "--stream", &stream, "--file", "-"],
+        &format!("{}\n{{oops\n", good[0]),
+    )
+    .await;
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        err.contains("standard input line 2: not a JSON object"),
+        "{err}"
+    );
+    assert_eq!(xlen(&mut conn, &stream).await, 0);
+
+    // Valid lines, from a file and from standard input.
+    std::fs::write(&file, good.join("\n")).unwrap();
+    let (status, out, err) =
+        fleetctl(&["publish", "--stream", &stream, "--file", &path], None).await;
+    assert!(
+        status.success() && out.contains("published 3 entries"),
+        "{out}{err}"
+    );
+    let (status, _, err) = fleetctl_stdin(
+        &["publish", "--stream", &stream, "--file", "-"],
+        &good.join("\n"),
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    assert_eq!(xlen(&mut conn, &stream).await, 6);
+    // On purpose, as it is.
+    std::fs::write(&file, bad).unwrap();
+    let (status, _, err) = fleetctl(
+        &[
+            "publish",
+            "--no-validate",
+            "--stream",
+            &stream,
+            "--file",
+            &path,
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    assert_eq!(xlen(&mut conn, &stream).await, 7);
+    // One event from flags is checked too.
+    let (status, _, err) = fleetctl(
+        &[
+            "publish",
+            "--stream",
+            &stream,
+            "--type",
+            "user.x",
+            "--channel",
+            "user.1",
+            "--data",
+            "[1]",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("not valid") && err.contains("data"), "{err}");
+    assert_eq!(xlen(&mut conn, &stream).await, 7);
+    let _ = std::fs::remove_file(file);
+}

@@ -86,7 +86,8 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Command::Publish(args) => {
             args.validate().map_err(|e| bad(&e))?;
             let client = redis()?;
-            publish::run(client, *args).await
+            let prepared = args.prepare().map_err(|e| bad(&e))?;
+            publish::run(client, *args, prepared).await
         }
         Command::Replay(args) => {
             args.validate().map_err(|e| bad(&e))?;

@@ -1,7 +1,9 @@
 //! `fleetctl publish`: one event from flags, entries from JSON lines, or a generated load.
 //!
-//! JSON lines are published as they are, field by field (a string value verbatim, any other value
-//! as JSON text), so malformed entries can be published on purpose to exercise dead letters.
+//! JSON lines are published field by field (a string value verbatim, any other value as JSON
+//! text). Every event is checked against the v1 contract with the workers' own decoder before
+//! anything is written: an invalid line is refused with its line number and reason, and nothing is
+//! published (`--no-validate` publishes entries as they are, to exercise dead letters on purpose).
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -12,6 +14,10 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::progress::Progress;
+use streamfleet::event::{decode, Limits, DEFAULT_MAX_DATA_BYTES};
+use streamfleet::EntryId;
 
 /// Entries per pipelined round trip.
 const CHUNK: usize = 1000;
@@ -65,6 +71,15 @@ pub struct PublishArgs {
     /// `correlation_id` of the single event.
     #[arg(long)]
     correlation_id: Option<String>,
+
+    /// Publish --file entries as they are, without checking them against the v1 contract (to
+    /// exercise dead letters on purpose).
+    #[arg(long, requires = "file")]
+    no_validate: bool,
+
+    /// Largest `data` accepted when checking, in bytes (the workers' `tuning.max_data_bytes`).
+    #[arg(long, default_value_t = DEFAULT_MAX_DATA_BYTES)]
+    max_data_bytes: usize,
 }
 
 impl PublishArgs {
@@ -94,6 +109,117 @@ impl PublishArgs {
 }
 
 type Fields = Vec<(String, String)>;
+
+/// What `publish` will write, checked before anything is.
+pub enum Prepared {
+    /// One event from flags.
+    One(Fields),
+    /// Checked lines of a file, read again while publishing (memory stays small).
+    File { path: PathBuf, count: u64 },
+    /// Lines from standard input (read once: kept).
+    Lines(Vec<Fields>),
+    /// `--generate`.
+    Generate,
+}
+
+/// Why an event is not a v1 event: the workers' decoder's verdict, with its dead letter reason.
+fn check(fields: &Fields, limits: &Limits) -> Result<(), String> {
+    let pairs: streamfleet::Fields = fields
+        .iter()
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+        .collect();
+    decode("", EntryId { ms: 0, seq: 0 }, &pairs, limits)
+        .map(|_| ())
+        .map_err(|e| format!("{} ({})", e, e.reason().as_str()))
+}
+
+/// The fields of one JSON line, or why it is not a JSON object.
+fn parse_line(line: &str) -> Result<Fields, String> {
+    serde_json::from_str::<Map<String, Value>>(line)
+        .map(fields_of)
+        .map_err(|e| format!("not a JSON object: {e}"))
+}
+
+impl PublishArgs {
+    /// Checks everything that will be published (for a file: every line, before any is
+    /// published). The error names the line and the reason.
+    pub fn prepare(&self) -> Result<Prepared, String> {
+        let limits = Limits {
+            max_data_bytes: self.max_data_bytes,
+        };
+        if self.generate.is_some() {
+            return Ok(Prepared::Generate);
+        }
+        let Some(path) = &self.file else {
+            let fields = self.single();
+            check(&fields, &limits).map_err(|e| format!("publish: the event is not valid: {e}"))?;
+            return Ok(Prepared::One(fields));
+        };
+        let stdin = path.as_os_str() == "-";
+        let name = if stdin {
+            "standard input".to_owned()
+        } else {
+            path.display().to_string()
+        };
+        let reader: Box<dyn BufRead> = if stdin {
+            Box::new(std::io::stdin().lock())
+        } else {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(path).map_err(|e| format!("publish: {name}: {e}"))?,
+            ))
+        };
+        let mut kept = Vec::new();
+        let mut count = 0;
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.map_err(|e| format!("publish: {name} line {}: {e}", n + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let fields = parse_line(&line)
+                .map_err(|e| format!("publish: {name} line {}: {e}; nothing published", n + 1))?;
+            if !self.no_validate {
+                check(&fields, &limits).map_err(|e| {
+                    format!("publish: {name} line {}: {e}; nothing published", n + 1)
+                })?;
+            }
+            count += 1;
+            if stdin {
+                kept.push(fields);
+            }
+        }
+        Ok(if stdin {
+            Prepared::Lines(kept)
+        } else {
+            Prepared::File {
+                path: path.clone(),
+                count,
+            }
+        })
+    }
+
+    /// The event given by flags.
+    fn single(&self) -> Fields {
+        let mut fields: Fields = vec![
+            ("v".into(), "1".into()),
+            (
+                "id".into(),
+                self.id.unwrap_or_else(Uuid::now_v7).to_string(),
+            ),
+            ("type".into(), self.event_type.clone().unwrap_or_default()),
+            ("channel".into(), self.channel.clone().unwrap_or_default()),
+            ("source".into(), self.source.clone()),
+            ("time".into(), now()),
+            ("data".into(), self.data.clone()),
+        ];
+        if let Some(k) = &self.key {
+            fields.push(("key".into(), k.clone()));
+        }
+        if let Some(c) = &self.correlation_id {
+            fields.push(("correlation_id".into(), c.clone()));
+        }
+        fields
+    }
+}
 
 fn now() -> String {
     OffsetDateTime::now_utc()
@@ -157,8 +283,12 @@ async fn flush(
     Ok(ids)
 }
 
-/// Publishes and prints what was published.
-pub async fn run(client: redis::Client, args: PublishArgs) -> anyhow::Result<()> {
+/// Publishes what `prepare` checked, and prints what was published.
+pub async fn run(
+    client: redis::Client,
+    args: PublishArgs,
+    prepared: Prepared,
+) -> anyhow::Result<()> {
     let mut conn = client
         // Pipelines of 1000 XADDs can take longer than redis-rs's 500 ms default on a busy host.
         .get_multiplexed_async_connection_with_config(
@@ -168,70 +298,71 @@ pub async fn run(client: redis::Client, args: PublishArgs) -> anyhow::Result<()>
         .await
         .context("connecting to Redis")?;
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
-    let mut count = 0u64;
-    if let Some(n) = args.generate {
-        // Paced: one slice every 10 ms, each event timestamped as it is sent.
-        let slice = args.rate.map(|r| (r / 100).max(1) as usize);
-        let started = tokio::time::Instant::now();
-        for i in 0..n {
-            batch.push(generated(i, args.user_share, &args.source));
-            if batch.len() == slice.unwrap_or(CHUNK) {
-                flush(&mut conn, &args.stream, &mut batch).await?;
-                if let Some(rate) = args.rate {
-                    let sent = (i + 1) as f64;
-                    let due = started + std::time::Duration::from_secs_f64(sent / rate as f64);
-                    tokio::time::sleep_until(due).await;
+    let count = match prepared {
+        Prepared::One(fields) => {
+            batch.push(fields);
+            let ids = flush(&mut conn, &args.stream, &mut batch).await?;
+            println!("{}", ids.first().map(String::as_str).unwrap_or(""));
+            return Ok(());
+        }
+        Prepared::Generate => {
+            let n = args.generate.unwrap_or(0);
+            let mut progress = Progress::new("publish", Some(n));
+            // Paced: one slice every 10 ms, each event timestamped as it is sent.
+            let slice = args.rate.map(|r| (r / 100).max(1) as usize);
+            let started = tokio::time::Instant::now();
+            for i in 0..n {
+                batch.push(generated(i, args.user_share, &args.source));
+                if batch.len() == slice.unwrap_or(CHUNK) {
+                    progress.add(batch.len() as u64);
+                    flush(&mut conn, &args.stream, &mut batch).await?;
+                    if let Some(rate) = args.rate {
+                        let sent = (i + 1) as f64;
+                        let due = started + std::time::Duration::from_secs_f64(sent / rate as f64);
+                        tokio::time::sleep_until(due).await;
+                    }
                 }
             }
+            flush(&mut conn, &args.stream, &mut batch).await?;
+            progress.finish();
+            n
         }
-        flush(&mut conn, &args.stream, &mut batch).await?;
-        count = n;
-    } else if let Some(path) = &args.file {
-        let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-            Box::new(std::io::stdin().lock())
-        } else {
-            Box::new(std::io::BufReader::new(
-                std::fs::File::open(path).with_context(|| format!("{}", path.display()))?,
-            ))
-        };
-        for (n, line) in reader.lines().enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
+        Prepared::Lines(lines) => {
+            let mut progress = Progress::new("publish", Some(lines.len() as u64));
+            let n = lines.len() as u64;
+            for fields in lines {
+                batch.push(fields);
+                if batch.len() == CHUNK {
+                    progress.add(CHUNK as u64);
+                    flush(&mut conn, &args.stream, &mut batch).await?;
+                }
             }
-            let object: Map<String, Value> = serde_json::from_str(&line)
-                .with_context(|| format!("{} line {}: not a JSON object", path.display(), n + 1))?;
-            batch.push(fields_of(object));
-            count += 1;
-            if batch.len() == CHUNK {
-                flush(&mut conn, &args.stream, &mut batch).await?;
+            flush(&mut conn, &args.stream, &mut batch).await?;
+            progress.finish();
+            n
+        }
+        Prepared::File { path, count } => {
+            let mut progress = Progress::new("publish", Some(count));
+            let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+            for line in std::io::BufReader::new(file).lines() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let fields = parse_line(&line)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("{} changed while publishing", path.display()))?;
+                batch.push(fields);
+                if batch.len() == CHUNK {
+                    progress.add(CHUNK as u64);
+                    flush(&mut conn, &args.stream, &mut batch).await?;
+                }
             }
+            flush(&mut conn, &args.stream, &mut batch).await?;
+            progress.finish();
+            count
         }
-        flush(&mut conn, &args.stream, &mut batch).await?;
-    } else {
-        let mut fields: Fields = vec![
-            ("v".into(), "1".into()),
-            (
-                "id".into(),
-                args.id.unwrap_or_else(Uuid::now_v7).to_string(),
-            ),
-            ("type".into(), args.event_type.clone().unwrap_or_default()),
-            ("channel".into(), args.channel.clone().unwrap_or_default()),
-            ("source".into(), args.source.clone()),
-            ("time".into(), now()),
-            ("data".into(), args.data.clone()),
-        ];
-        if let Some(k) = &args.key {
-            fields.push(("key".into(), k.clone()));
-        }
-        if let Some(c) = &args.correlation_id {
-            fields.push(("correlation_id".into(), c.clone()));
-        }
-        batch.push(fields);
-        let ids = flush(&mut conn, &args.stream, &mut batch).await?;
-        println!("{}", ids.first().map(String::as_str).unwrap_or(""));
-        return Ok(());
-    }
+    };
     println!("published {count} entries to {}", args.stream);
     Ok(())
 }
