@@ -10,14 +10,24 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use streamfleet_tests::scenario::{config, migrated_database, rows, wait_settled};
+use streamfleet_tests::servers::PrivateRedis;
 use streamfleet_tests::*;
 
 /// Runs fleetctl with `args` against the test Redis (and `database` when given); returns its
 /// status, stdout and stderr.
 async fn fleetctl(args: &[&str], database: Option<&str>) -> (ExitStatus, String, String) {
+    fleetctl_at(&redis_url(), args, database).await
+}
+
+/// `fleetctl` against the Redis at `url`.
+async fn fleetctl_at(
+    url: &str,
+    args: &[&str],
+    database: Option<&str>,
+) -> (ExitStatus, String, String) {
     let mut cmd = tokio::process::Command::new(bin("fleetctl"));
     cmd.env_clear()
-        .env("FLEET_REDIS_URL", redis_url())
+        .env("FLEET_REDIS_URL", url)
         .args(args)
         .stdin(Stdio::null());
     if let Some(url) = database {
@@ -588,4 +598,91 @@ async fn publish_checks_every_line_before_writing_any() {
     assert!(err.contains("not valid") && err.contains("data"), "{err}");
     assert_eq!(xlen(&mut conn, &stream).await, 7);
     let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_flushall_replay_from_postgres_brings_the_strict_events_back_once() {
+    let server = PrivateRedis::start();
+    let url = server.url();
+    let db = fresh_database().await;
+    let pool = migrated_database(&db).await;
+    let stream = unique("rebuild:");
+    let lines: Vec<String> = (0..200)
+        .map(|n| streamfleet_tests::corpus::valid_line(Uuid::now_v7(), n % 2 == 0, n))
+        .collect();
+    publish_lines_to(&url, &stream, &lines).await;
+    let env = WorkerEnv::new(&stream, &db)
+        .set("FLEET_REDIS_URL", &url)
+        .set("FLEET_CONFIG", &config(""));
+    let mut persister = env.start("persister").await;
+    let mut conn = redis_at(&url).await;
+    wait_settled(&conn, &stream, "persister").await;
+    persister.stop_cleanly().await;
+    assert_eq!(rows(&pool).await, 100);
+    let (status, out, err) =
+        fleetctl_at(&url, &["reconcile", "--stream", &stream], Some(&db)).await;
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.contains("100 strict events") && out.contains("nothing missing"),
+        "{out}"
+    );
+
+    // Redis loses everything: reconcile says so.
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let (status, out, _) = fleetctl_at(
+        &url,
+        &["reconcile", "--stream", &stream, "--output", "json"],
+        Some(&db),
+    )
+    .await;
+    assert_eq!(status.code(), Some(1));
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["missing_in_stream"].as_array().unwrap().len(), 100);
+
+    let (status, out, err) = fleetctl_at(
+        &url,
+        &["replay", "--from-postgres", "--stream", &stream],
+        Some(&db),
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    assert!(out.contains("100 events added back"), "{out}");
+    assert_eq!(xlen(&mut conn, &stream).await, 100);
+    // The persister's group comes back at its checkpoint: it reads them all, writes no second row.
+    let mut persister = env.start("persister").await;
+    wait_settled(&conn, &stream, "persister").await;
+    assert_eq!(rows(&pool).await, 100);
+    assert_eq!(
+        persister
+            .metric("fleet_events_deduplicated_total", "stage=\"sink\"")
+            .await,
+        100.0
+    );
+    persister.stop_cleanly().await;
+    let (status, out, err) =
+        fleetctl_at(&url, &["reconcile", "--stream", &stream], Some(&db)).await;
+    assert!(
+        status.success() && out.contains("nothing missing"),
+        "{out}{err}"
+    );
+    // A rebuild again would double the stream: refused.
+    let (status, _, err) = fleetctl_at(
+        &url,
+        &["replay", "--from-postgres", "--stream", &stream],
+        Some(&db),
+    )
+    .await;
+    assert!(!status.success() && err.contains("--force"), "{err}");
+
+    // A row lost from PostgreSQL is reported, by event id.
+    let lost: Uuid = sqlx::query_scalar("DELETE FROM events WHERE event_id = (SELECT event_id FROM events ORDER BY event_id LIMIT 1) RETURNING event_id")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (status, out, _) = fleetctl_at(&url, &["reconcile", "--stream", &stream], Some(&db)).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        out.contains("postgres") && out.contains(&lost.to_string()),
+        "{out}"
+    );
 }

@@ -3,6 +3,7 @@
 //! durable together or not at all; `ON CONFLICT DO NOTHING` on the event id makes a redelivered
 //! batch a no-op.
 
+pub mod read;
 pub mod redis_checkpoints;
 
 use std::str::FromStr;

@@ -6,6 +6,8 @@ mod groups;
 mod output;
 mod progress;
 mod publish;
+mod rebuild;
+mod reconcile;
 mod replay;
 
 use std::process::ExitCode;
@@ -57,6 +59,9 @@ enum Command {
     /// Move a consumer group back to its checkpoint, an entry id or a time: the entries after it
     /// are delivered to the group again.
     Replay(replay::ReplayArgs),
+    /// Compare a stream range with PostgreSQL: strict events missing on either side (exit 1 if
+    /// any), the check an auditor runs after an incident.
+    Reconcile(reconcile::ReconcileArgs),
     /// Dead letters (`<stream>:dlq`): list, show, redrive into their stream, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -90,9 +95,18 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             publish::run(client, *args, prepared).await
         }
         Command::Replay(args) => {
-            args.validate().map_err(|e| bad(&e))?;
+            args.validate(cli.database_url.is_some())
+                .map_err(|e| bad(&e))?;
             let (client, store) = (redis()?, store()?);
             replay::run(client, store, args, output).await
+        }
+        Command::Reconcile(args) => {
+            let config = args.load().map_err(|e| bad(&e))?;
+            let client = redis()?;
+            let Some(store) = store()? else {
+                return Err(bad(&"reconcile needs FLEET_DATABASE_URL (--database-url)"));
+            };
+            reconcile::run(client, store, args, config, output).await
         }
         Command::Dlq(command) => {
             command.validate().map_err(|e| bad(&e))?;

@@ -22,15 +22,16 @@ use streamfleet::store::EventStore;
 use streamfleet::EntryId;
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("to").required(true).args(["to_checkpoint", "to_id", "to_time"])))]
+#[command(group(ArgGroup::new("to").required(true).args(["to_checkpoint", "to_id", "to_time", "from_postgres"])))]
 pub struct ReplayArgs {
     /// The stream.
     #[arg(long, env = "FLEET_STREAM")]
     stream: String,
 
-    /// The consumer group to move.
-    #[arg(long, env = "FLEET_GROUP")]
-    group: String,
+    /// The consumer group to move (with --from-postgres: the groups to place after the rebuilt
+    /// entries, comma-separated; none is fine).
+    #[arg(long, env = "FLEET_GROUP", value_delimiter = ',')]
+    group: Vec<String>,
 
     /// To the group's checkpoint (PostgreSQL's with --database-url, else the one beside the
     /// stream in Redis): entries after it are delivered again.
@@ -45,11 +46,17 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     to_time: Option<OffsetDateTime>,
 
+    /// Rebuild the stream from PostgreSQL's `events` table after Redis lost it (event ids kept,
+    /// entry ids new); needs --database-url.
+    #[arg(long)]
+    from_postgres: bool,
+
     /// Say what would happen, change nothing.
     #[arg(long)]
     dry_run: bool,
 
-    /// Replay although consumers of the group are active, or forward (skipping entries).
+    /// Replay although consumers of the group are active, or forward (skipping entries); rebuild
+    /// into a stream that is not empty.
     #[arg(long)]
     force: bool,
 }
@@ -60,7 +67,16 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
 }
 
 impl ReplayArgs {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self, database: bool) -> Result<(), String> {
+        if self.from_postgres {
+            if !database {
+                return Err(
+                    "replay --from-postgres needs FLEET_DATABASE_URL (--database-url)".into(),
+                );
+            }
+        } else if self.group.len() != 1 {
+            return Err("replay: give one consumer group (--group or FLEET_GROUP)".into());
+        }
         if let Some(id) = &self.to_id {
             id.parse::<EntryId>()
                 .map_err(|_| format!("--to-id {id}: not a stream entry id (<ms>-<seq>)"))?;
@@ -204,7 +220,20 @@ pub async fn run(
         .get_multiplexed_async_connection()
         .await
         .context("connecting to Redis (FLEET_REDIS_URL)")?;
-    let (stream, group) = (args.stream.as_str(), args.group.as_str());
+    if args.from_postgres {
+        let store = store.expect("validated: a database URL");
+        return crate::rebuild::run(
+            &mut conn,
+            &store,
+            &args.stream,
+            &args.group,
+            args.force,
+            args.dry_run,
+            output,
+        )
+        .await;
+    }
+    let (stream, group) = (args.stream.as_str(), args.group[0].as_str());
     let info = group_info(&mut conn, stream, group).await?;
     let (target, why) = if args.to_checkpoint {
         match checkpoint(store.as_ref(), &mut conn, stream, group).await? {
