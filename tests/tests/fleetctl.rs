@@ -686,3 +686,108 @@ async fn after_flushall_replay_from_postgres_brings_the_strict_events_back_once(
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_shows_a_persisted_a_pending_and_a_dead_lettered_event() {
+    let db = fresh_database().await;
+    let pool = migrated_database(&db).await;
+    let stream = unique("trace:");
+    let (persisted, pending, dead) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let bad = json!({"v": 1, "id": dead.to_string(), "type": "user.updated", "channel": "User.1",
+        "source": "tests", "time": "2026-11-26T10:00:00Z", "data": {}, "correlation_id": "req-dead"})
+    .to_string();
+    publish_lines(&stream, &[user_line(persisted, 1, false), bad]).await;
+    let mut persister = WorkerEnv::new(&stream, &db)
+        .set("FLEET_CONFIG", &config(""))
+        .start("persister")
+        .await;
+    let mut conn = redis().await;
+    wait_settled(&conn, &stream, "persister").await;
+    persister.stop_cleanly().await;
+    assert_eq!(rows(&pool).await, 1);
+    // A group (from here on) whose consumer reads the next event and never acknowledges it.
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("slow")
+        .arg("$")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    publish_lines(&stream, &[user_line(pending, 2, false)]).await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("slow")
+        .arg("c9")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let trace = |id: Uuid| {
+        let (stream, db) = (stream.clone(), db.clone());
+        async move {
+            let id = id.to_string();
+            fleetctl(
+                &["trace", &id, "--streams", &stream, "--output", "json"],
+                Some(&db),
+            )
+            .await
+        }
+    };
+    let state = |t: &Value, group: &str| -> Value {
+        t["entries"][0]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["group"] == group)
+            .unwrap()["state"]
+            .clone()
+    };
+    let (status, out, err) = trace(persisted).await;
+    assert!(status.success(), "{err}");
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["postgres"]["stream"], stream.as_str());
+    assert_eq!(t["postgres"]["stream_id"], t["entries"][0]["entry_id"]);
+    assert_eq!(state(&t, "persister")["state"], "acknowledged");
+    assert_eq!(state(&t, "slow")["state"], "acknowledged");
+
+    let (status, out, err) = trace(pending).await;
+    assert!(status.success(), "{err}");
+    let t: Value = serde_json::from_str(&out).unwrap();
+    let slow = state(&t, "slow");
+    assert_eq!(
+        (slow["state"].as_str(), slow["consumer"].as_str()),
+        (Some("pending"), Some("c9"))
+    );
+    assert_eq!(slow["deliveries"], 1);
+    assert_eq!(state(&t, "persister")["state"], "not_delivered");
+    assert!(t["postgres"].is_null());
+
+    let (status, out, err) = trace(dead).await;
+    assert!(status.success(), "{err}");
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(state(&t, "persister")["state"], "dead_lettered");
+    assert_eq!(state(&t, "persister")["reason"], "invalid");
+    assert_eq!(t["dead_letters"].as_array().unwrap().len(), 1);
+    assert_eq!(t["correlation_id"], "req-dead");
+    // The table, for people.
+    let (status, out, _) = fleetctl(
+        &["trace", &dead.to_string(), "--streams", &stream],
+        Some(&db),
+    )
+    .await;
+    assert!(status.success());
+    assert!(
+        out.contains("dead-lettered (invalid") && out.contains("correlation id: req-dead"),
+        "{out}"
+    );
+    let (status, _, err) = fleetctl(
+        &["trace", &Uuid::now_v7().to_string(), "--streams", &stream],
+        None,
+    )
+    .await;
+    assert!(!status.success() && err.contains("not found"), "{err}");
+}

@@ -9,6 +9,7 @@ mod publish;
 mod rebuild;
 mod reconcile;
 mod replay;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -59,6 +60,8 @@ enum Command {
     /// Move a consumer group back to its checkpoint, an entry id or a time: the entries after it
     /// are delivered to the group again.
     Replay(replay::ReplayArgs),
+    /// Where one event is: its entries, each group's state for them, its dead letters, its row.
+    Trace(trace::TraceArgs),
     /// Compare a stream range with PostgreSQL: strict events missing on either side (exit 1 if
     /// any), the check an auditor runs after an incident.
     Reconcile(reconcile::ReconcileArgs),
@@ -99,6 +102,10 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 .map_err(|e| bad(&e))?;
             let (client, store) = (redis()?, store()?);
             replay::run(client, store, args, output).await
+        }
+        Command::Trace(args) => {
+            let (client, store) = (redis()?, store()?);
+            trace::run(client, store, args, output).await
         }
         Command::Reconcile(args) => {
             let config = args.load().map_err(|e| bad(&e))?;
