@@ -463,3 +463,76 @@ async fn dead_letters(stream: &str) -> usize {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_outside_the_acl_dead_letters_its_events_and_publishes_the_others_once() {
+    let stream = unique("notify-acl:");
+    let user = unique("notifier_acl_");
+    let mut conn = redis().await;
+    // Every command, but Pub/Sub only on the stream's `ok` channels.
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("+@all")
+        .arg("resetchannels")
+        .arg(format!("&{stream}:ok:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let received = subscriber(&format!("{stream}:*")).await;
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            let channel = if i % 2 == 0 {
+                "flow.ok.progress"
+            } else {
+                "flow.bad.progress"
+            };
+            timed_line(channel, i)
+        })
+        .collect();
+    publish_lines(&stream, &lines).await;
+    let url = redis_url().replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let mut worker = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url)
+        .set(
+            "FLEET_CONFIG",
+            &config("[[route]]\npattern = \"flow.ok.*\"\npublish = \"{stream}:ok:{channel}\"\n[[route]]\npattern = \"flow.bad.*\"\npublish = \"{stream}:bad:{channel}\""),
+        )
+        .start("notifier")
+        .await;
+    wait_settled(&conn, &stream, GROUP).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got: Vec<u64> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (0..20).step_by(2).collect::<Vec<u64>>(),
+        "the ok channel's events, each once"
+    );
+    let dead: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(format!("{stream}:dlq"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 10);
+    assert!(dead.iter().all(|(_, f)| f["dlq_reason"] == "handler_error"
+        && f["dlq_error"].contains("PUBLISH refused")
+        && f["channel"] == "flow.bad.progress"));
+    worker.stop_cleanly().await;
+    let _: u64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}

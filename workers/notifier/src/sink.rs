@@ -47,15 +47,28 @@ impl PubSubSink {
     }
 }
 
-/// The message for one event: its v1 JSON object with `stream` and `entry_id` added.
-pub fn message(r: &Routed<'_>) -> String {
+/// The message for one event: its v1 JSON object with `stream` (given as JSON text, encoded
+/// once per stream) and `entry_id` added.
+pub fn message(r: &Routed<'_>, stream_json: &str) -> String {
+    use std::fmt::Write;
     let mut json = String::with_capacity(r.event.data.len() + 320);
     r.event.write_json(&mut json);
     json.pop(); // the closing brace
     json.push_str(r#","stream":"#);
-    json.push_str(&serde_json::to_string(&**r.stream).unwrap_or_default());
-    json.push_str(&format!(r#","entry_id":"{}"}}"#, r.entry_id));
+    json.push_str(stream_json);
+    let _ = write!(json, r#","entry_id":"{}"}}"#, r.entry_id);
     json
+}
+
+/// The stream's name as JSON text, encoded once per run of events of one stream.
+fn stream_json<'a>(cache: &'a mut (Option<Arc<str>>, String), stream: &Arc<str>) -> &'a str {
+    if cache.0.as_ref() != Some(stream) {
+        *cache = (
+            Some(stream.clone()),
+            serde_json::to_string(&**stream).unwrap_or_default(),
+        );
+    }
+    &cache.1
 }
 
 impl Handler for PubSubSink {
@@ -67,11 +80,19 @@ impl Handler for PubSubSink {
         loaded.map(drop).map_err(|e| HandlerError::from_redis(&e))
     }
 
+    /// One round trip. A `PUBLISH` refused on its channel (outside the ACL user's channel
+    /// pattern), or refused while others in the batch went out, rejects its event alone (a
+    /// `handler_error` dead letter): retrying the batch would publish the others again, every
+    /// time. Refused everywhere for another reason (no `+publish` at all), the batch fails and
+    /// waits, nothing published. A checkpoint that could not be written is
+    /// left to a later batch (it stays older, so still safe) rather than publishing again.
     async fn apply(&mut self, batch: &Batch<'_>) -> Result<Applied, HandlerError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut applied = Applied::default();
+        let mut published: Vec<&Routed<'_>> = Vec::with_capacity(batch.events.len());
         let mut channel = String::new();
+        let mut stream = (None, String::new());
         for r in &batch.events {
             let template = r.route.publish.as_ref().unwrap_or(&DEFAULT_CHANNEL);
             if let Err(e) = template.render(&mut Scope::new(r.event, r.stream), &mut channel) {
@@ -82,8 +103,10 @@ impl Handler for PubSubSink {
                 });
                 continue;
             }
-            pipe.cmd("PUBLISH").arg(&channel).arg(message(r));
-            applied.applied += 1;
+            pipe.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(message(r, stream_json(&mut stream, r.stream)));
+            published.push(r);
         }
         for c in &batch.checkpoints {
             pipe.add_command(redis_checkpoints::forward(
@@ -92,15 +115,41 @@ impl Handler for PubSubSink {
                 c.position,
             ));
         }
-        if applied.applied == 0 && batch.checkpoints.is_empty() {
+        if published.is_empty() && batch.checkpoints.is_empty() {
             return Ok(applied);
         }
         let mut conn = self.conn().await?;
         let replies = query_loading(&pipe, &mut conn, &[&FORWARD_SCRIPT])
             .await
             .map_err(|e| HandlerError::from_redis(&e))?;
-        if let Some(Err(e)) = replies.into_iter().find(|r| r.is_err()) {
-            return Err(HandlerError::from_redis(&e));
+        let (publishes, checkpoints) = replies.split_at(published.len().min(replies.len()));
+        // A channel outside the user's ACL pattern is that event's fault; anything else refused
+        // everywhere (no +publish at all, say) is the worker's, and the batch waits.
+        // (Redis 7: "NOPERM this user has no permissions to access one of the channels used as
+        // arguments"; the command refused says "to run the 'publish' command".)
+        let channel_refused =
+            |e: &RedisError| e.code() == Some("NOPERM") && e.to_string().contains("channel");
+        if !publishes.is_empty()
+            && publishes
+                .iter()
+                .all(|r| matches!(r, Err(e) if !channel_refused(e)))
+        {
+            if let Some(Err(e)) = publishes.first() {
+                return Err(HandlerError::from_redis(e));
+            }
+        }
+        for (r, reply) in published.iter().zip(publishes) {
+            match reply {
+                Ok(_) => applied.applied += 1,
+                Err(e) => applied.rejected.push(Rejected {
+                    stream: r.stream.clone(),
+                    entry_id: r.entry_id,
+                    error: format!("PUBLISH refused: {e}"),
+                }),
+            }
+        }
+        if let Some(Err(e)) = checkpoints.iter().find(|r| r.is_err()) {
+            tracing::warn!(error = %e, "checkpoints not written with this batch (its events are published)");
         }
         Ok(applied)
     }
