@@ -44,6 +44,10 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = output::Output::Table)]
     output: output::Output,
 
+    /// No progress bars or progress lines (long operations print only their result).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -81,6 +85,7 @@ async fn main() -> ExitCode {
 
 /// Checks what the command needs before connecting (bad configuration exits 2), then runs it.
 async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    progress::set_quiet(cli.quiet);
     let bad = |e: &dyn std::fmt::Display| cli::config_exit(NAME, e);
     let redis = || cli.redis.client().map_err(|e| bad(&e));
     let store = || -> Result<Option<EventStore>, ExitCode> {

@@ -2,6 +2,7 @@
 //! lines otherwise (logs of a Job, CI), on stderr so that stdout stays the command's result.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,13 +16,22 @@ pub struct Progress {
     last_line: Instant,
 }
 
+/// `--quiet`: no progress at all.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Silences progress for the whole run (`--quiet`).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
 /// Plain progress lines at most this often.
 const LINE_EVERY: Duration = Duration::from_secs(2);
 
 impl Progress {
     /// `total` when known (a bar with an ETA), else a spinner with a count.
     pub fn new(what: &'static str, total: Option<u64>) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let shown = std::io::stderr().is_terminal() && !QUIET.load(Ordering::Relaxed);
+        let bar = shown.then(|| {
             let bar = match total {
                 Some(n) => ProgressBar::new(n).with_style(
                     ProgressStyle::with_template(
@@ -49,6 +59,9 @@ impl Progress {
 
     pub fn add(&mut self, n: u64) {
         self.done += n;
+        if QUIET.load(Ordering::Relaxed) {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.inc(n),
             None if self.last_line.elapsed() >= LINE_EVERY => {
