@@ -943,3 +943,136 @@ async fn checkpoints_show_postgres_and_redis_beside_the_group() {
     let (_, out, _) = fleetctl(&["status", "--streams", &stream], Some(&db)).await;
     assert!(out.contains("2-0 (postgres)"), "{out}");
 }
+
+/// A valid v1 entry's fields on `channel`.
+fn v1_fields(channel: &str, n: u32) -> Vec<(String, String)> {
+    vec![
+        ("v".into(), "1".into()),
+        ("id".into(), Uuid::now_v7().to_string()),
+        ("type".into(), "test.tick".into()),
+        ("channel".into(), channel.into()),
+        ("source".into(), "tests".into()),
+        ("time".into(), "2026-11-26T10:00:00Z".into()),
+        ("data".into(), format!("{{\"n\":{n}}}")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_shows_the_entries_from_an_id_or_a_time_filtered_by_channel() {
+    let mut conn = redis().await;
+    let stream = unique("tail:");
+    let channels = ["flow.7f3c.progress", "flow.7f3c.logs", "user.1.profile"];
+    for i in 1..=9u32 {
+        let () = redis::cmd("XADD")
+            .arg(&stream)
+            .arg(format!("{}-0", i * 1000))
+            .arg(v1_fields(channels[(i as usize - 1) % 3], i))
+            .query_async(&mut conn)
+            .await
+            .map(|_: String| ())
+            .unwrap();
+    }
+    let tail = |extra: Vec<&'static str>| {
+        let stream = stream.clone();
+        async move {
+            let mut args = vec!["tail", "--stream", stream.as_str()];
+            args.extend(extra);
+            fleetctl(&args, None).await
+        }
+    };
+    let entries = |out: &str| -> Vec<(String, String)> {
+        out.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["entry_id"].as_str().unwrap().to_owned(),
+                    v["channel"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // progress events are at 1000-0, 4000-0, 7000-0.
+    let (status, out, err) = tail(vec![
+        "--from",
+        "2000-0",
+        "--channel",
+        "flow.*.progress",
+        "--count",
+        "2",
+        "--output",
+        "json",
+    ])
+    .await;
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        entries(&out),
+        [
+            ("4000-0".into(), "flow.7f3c.progress".into()),
+            ("7000-0".into(), "flow.7f3c.progress".into())
+        ]
+    );
+    // From an id: that entry included; from a time: the first entry at or after it.
+    let (_, out, _) = tail(vec!["--from", "4000-0", "--count", "1", "--output", "json"]).await;
+    assert_eq!(entries(&out)[0].0, "4000-0");
+    let (_, out, _) = tail(vec![
+        "--from",
+        "1970-01-01T00:00:05.500Z",
+        "--channel",
+        "flow.#",
+        "--count",
+        "2",
+        "--output",
+        "json",
+    ])
+    .await;
+    let ids: Vec<String> = entries(&out).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["7000-0", "8000-0"]);
+
+    // The table: one line per event with its channel, type and data.
+    let (_, out, _) = tail(vec![
+        "--from",
+        "-",
+        "--type",
+        "test.tick",
+        "--channel",
+        "user.#",
+        "--count",
+        "1",
+    ])
+    .await;
+    let line = out.lines().next().expect(&out);
+    assert!(
+        line.contains("3000-0")
+            && line.contains("user.1.profile")
+            && line.contains("test.tick")
+            && line.contains("{\"n\":3}"),
+        "{line}"
+    );
+
+    // Default `$`: only what is written after the tail started.
+    let child = tokio::spawn(tail(vec![
+        "--channel",
+        "flow.*.progress",
+        "--count",
+        "1",
+        "--output",
+        "json",
+    ]));
+    let mut added = Vec::new();
+    while !child.is_finished() {
+        let id: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(v1_fields("flow.7f3c.progress", 0))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        added.push(id);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, out, err) = child.await.unwrap();
+    assert!(status.success(), "{err}");
+    let shown = entries(&out);
+    assert_eq!(shown.len(), 1);
+    assert!(added.contains(&shown[0].0), "{out}");
+}

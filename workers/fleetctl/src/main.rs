@@ -1,5 +1,5 @@
 //! fleetctl: the operator's tool: events in (`publish`), what the fleet is doing (`status`,
-//! `lag`, `pending`, `checkpoints`), dead letters (`dlq`), consumer groups (`groups
+//! `lag`, `pending`, `checkpoints`, `tail`), dead letters (`dlq`), consumer groups (`groups
 //! create`, `replay`), the schema (`migrate`).
 
 mod checkpoints;
@@ -15,6 +15,7 @@ mod replay;
 mod snapshot;
 mod status;
 mod streams;
+mod tail;
 
 use std::process::ExitCode;
 
@@ -82,6 +83,8 @@ enum Command {
     /// Each group's checkpoint in PostgreSQL (with --database-url) and in Redis, beside its last
     /// delivered id and lag.
     Checkpoints(checkpoints::CheckpointsArgs),
+    /// Follow a stream (or a glob's streams) without joining a group, one line per event.
+    Tail(tail::TailArgs),
 }
 
 #[tokio::main]
@@ -148,6 +151,10 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             args.validate().map_err(|e| bad(&e))?;
             let (client, store) = (redis()?, store()?);
             checkpoints::run(client, store, args, output).await
+        }
+        Command::Tail(args) => {
+            args.validate().map_err(|e| bad(&e))?;
+            tail::run(redis()?, args, output).await
         }
         Command::Migrate => {
             let Some(store) = store()? else {
