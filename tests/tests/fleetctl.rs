@@ -1076,3 +1076,74 @@ async fn tail_shows_the_entries_from_an_id_or_a_time_filtered_by_channel() {
     assert_eq!(shown.len(), 1);
     assert!(added.contains(&shown[0].0), "{out}");
 }
+
+/// The `--help` of the inspecting commands and the `status` screen, pinned (insta snapshots under
+/// tests/tests/snapshots/): a change to what an operator reads shows up in review. Fixed stream
+/// names; ages, which grow with the clock, are redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_and_the_status_screen_are_as_pinned() {
+    for command in ["status", "lag", "pending", "checkpoints", "tail"] {
+        let (status, out, err) = fleetctl(&[command, "--help"], None).await;
+        assert!(status.success(), "{err}");
+        insta::assert_snapshot!(format!("help_{command}"), out);
+    }
+
+    let mut conn = redis().await;
+    let (orders, flows) = ("snapshot:orders", "snapshot:flows");
+    let () = redis::cmd("DEL")
+        .arg(&[
+            orders,
+            flows,
+            "snapshot:orders:dlq",
+            "snapshot:orders:checkpoints",
+        ])
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .unwrap();
+    add_ids(
+        &mut conn,
+        orders,
+        &["1000-0", "2000-0", "3000-0", "4000-0", "5000-0"],
+    )
+    .await;
+    // The persister is 2 entries behind with 2 pending; the projector is caught up.
+    create_group(&mut conn, orders, "persister").await;
+    let delivered = deliver(&mut conn, orders, "persister", "persister-0", 3).await;
+    ack(&mut conn, orders, "persister", &delivered[..1]).await;
+    create_group(&mut conn, orders, "projector").await;
+    let delivered = deliver(&mut conn, orders, "projector", "projector-0", 5).await;
+    ack(&mut conn, orders, "projector", &delivered).await;
+    let () = redis::cmd("HSET")
+        .arg("snapshot:orders:checkpoints")
+        .arg("projector")
+        .arg("5000-0")
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .unwrap();
+    let () = redis::cmd("XADD")
+        .arg("snapshot:orders:dlq")
+        .arg("1-0")
+        .arg(&[("dlq_group", "persister"), ("dlq_reason", "invalid")])
+        .query_async(&mut conn)
+        .await
+        .map(|_: String| ())
+        .unwrap();
+    add_ids(&mut conn, flows, &["1000-0", "2000-0"]).await;
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(flows)
+        .arg("notifier")
+        .arg("$")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, out, err) =
+        fleetctl(&["status", "--streams", &format!("{orders},{flows}")], None).await;
+    assert!(status.success(), "{err}");
+    insta::with_settings!({filters => vec![(r"\b\d+d\d{2}h\b", "[age]")]}, {
+        insta::assert_snapshot!("status_table", out);
+    });
+}
