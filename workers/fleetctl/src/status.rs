@@ -50,8 +50,9 @@ pub const CHECKS: &str = "\
   - a stream has dead letters (<stream>:dlq is not empty), or its :dlq key is not a stream;
   - a group's oldest pending entry is older than --max-pending-age;
   - a group's lag is unknown (KEDA cannot scale on it);
-  - a named stream does not exist, a glob matches no stream, a stream has no consumer group,
-    or --group's group is missing on a stream;
+  - a named stream does not exist or has no consumer group, a glob matches no stream, or
+    --group's group is missing on a named stream;
+  - with --database-url, PostgreSQL's checkpoints cannot be read;
 and exits 0 when none of these holds.";
 
 /// Everything that needs attention, one line each saying what is wrong and what to do.
