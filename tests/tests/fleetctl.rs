@@ -1,5 +1,7 @@
 //! fleetctl against the real servers: dead letters redriven into their stream (each once, for
-//! its own group, through kill -9), and replays of a group to its checkpoint or a time.
+//! its own group, through kill -9), replays of a group to its checkpoint or a time, the rebuild
+//! of a stream from PostgreSQL, reconcile and trace, and the commands that look at the fleet
+//! (lag, pending, status --check, checkpoints, tail) checked against what Redis itself says.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{ExitStatus, Stdio};
@@ -790,4 +792,560 @@ async fn trace_shows_a_persisted_a_pending_and_a_dead_lettered_event() {
     )
     .await;
     assert!(!status.success() && err.contains("not found"), "{err}");
+}
+
+/// Adds entries with the given ids (`<ms>-<seq>`) to `stream`, one field each.
+async fn add_ids(conn: &mut MultiplexedConnection, stream: &str, ids: &[&str]) {
+    for id in ids {
+        let () = redis::cmd("XADD")
+            .arg(stream)
+            .arg(*id)
+            .arg("n")
+            .arg(*id)
+            .query_async(conn)
+            .await
+            .map(|_: String| ())
+            .unwrap();
+    }
+}
+
+/// Delivers up to `count` new entries of `stream` to `consumer` of `group`, unacknowledged.
+async fn deliver(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .map(|e| e.id)
+        .collect()
+}
+
+async fn ack(conn: &mut MultiplexedConnection, stream: &str, group: &str, ids: &[String]) {
+    let _: u64 = redis::cmd("XACK")
+        .arg(stream)
+        .arg(group)
+        .arg(ids)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// The group `group` of `stream` in a `lag`/`pending`/`status` JSON document.
+fn group_json<'a>(doc: &'a Value, stream: &str, group: &str) -> &'a Value {
+    doc["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == stream)
+        .unwrap_or_else(|| panic!("{stream} in {doc}"))["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == group)
+        .unwrap_or_else(|| panic!("{group} in {doc}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_and_pending_say_what_xinfo_says() {
+    let mut conn = redis().await;
+    let prefix = unique("lag:");
+    let stream = format!("{prefix}:a");
+    let ids: Vec<String> = (1..=10).map(|i| format!("{}-0", i * 1000)).collect();
+    add_ids(
+        &mut conn,
+        &stream,
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    create_group(&mut conn, &stream, "g").await;
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("late")
+        .arg("$")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // c1 is delivered 4 entries and acknowledges the first: 3 pending from 2000-0, lag 6.
+    let delivered = deliver(&mut conn, &stream, "g", "c1", 4).await;
+    ack(&mut conn, &stream, "g", &delivered[..1]).await;
+    // Beside it, its dead letter stream and a stream of another glob match.
+    add_ids(&mut conn, &format!("{stream}:dlq"), &["1-0"]).await;
+    let other = format!("{prefix}:b");
+    add_ids(&mut conn, &other, &["1-0"]).await;
+    create_group(&mut conn, &other, "g").await;
+
+    let (status, out, err) = fleetctl(
+        &[
+            "lag",
+            "--streams",
+            &format!("{prefix}:*"),
+            "--output",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let streams: Vec<&str> = doc["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(streams, [stream.as_str(), other.as_str()], "no :dlq");
+    let g = group_json(&doc, &stream, "g");
+    assert_eq!(
+        (g["lag"].as_u64(), g["pending"].as_u64()),
+        (
+            lag(&mut conn, &stream, "g").await,
+            Some(pending(&mut conn, &stream, "g").await)
+        )
+    );
+    assert_eq!(
+        (g["lag"].as_u64(), g["pending"].as_u64()),
+        (Some(6), Some(3))
+    );
+    assert_eq!(g["oldest_pending_id"], "2000-0");
+    // Its age on Redis's clock: the entry was "written" at 2 s past the epoch.
+    let age = g["oldest_pending_age_ms"].as_u64().unwrap();
+    assert!(age > doc["redis_time_ms"].as_u64().unwrap() - 3000, "{age}");
+    assert_eq!(g["last_delivered_id"], "4000-0");
+    assert_eq!(group_json(&doc, &stream, "late")["lag"].as_u64(), Some(0));
+
+    let (status, out, err) = fleetctl(
+        &[
+            "pending",
+            "--streams",
+            &stream,
+            "--group",
+            "g",
+            "--output",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let consumers = &group_json(&doc, &stream, "g")["consumers"];
+    assert_eq!(consumers.as_array().unwrap().len(), 1);
+    assert_eq!(
+        (&consumers[0]["name"], consumers[0]["pending"].as_u64()),
+        (&json!("c1"), Some(3))
+    );
+    assert_eq!(consumers[0]["state"], "active");
+    let (status, out, _) = fleetctl(&["pending", "--streams", &stream], None).await;
+    assert!(status.success());
+    let row = out.lines().find(|l| l.contains(" c1 ")).expect(&out);
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        (cells[1], cells[3], cells[5]),
+        ("g", "3", "active"),
+        "{out}"
+    );
+
+    // An entry deleted after the group's position: Redis cannot tell the lag any more.
+    let _: u64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg("9000-0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lag(&mut conn, &stream, "g").await, None);
+    let (status, out, _) = fleetctl(&["lag", "--streams", &stream, "--group", "g"], None).await;
+    assert!(status.success());
+    let row = out.lines().find(|l| l.starts_with(&stream)).expect(&out);
+    assert_eq!(row.split_whitespace().nth(3), Some("unknown"), "{out}");
+    let (_, out, _) = fleetctl(
+        &[
+            "lag",
+            "--streams",
+            &stream,
+            "--group",
+            "g",
+            "--output",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert!(group_json(&doc, &stream, "g")["lag"].is_null());
+
+    // A named stream that does not exist is an error that names it, after the rest is shown.
+    let missing = format!("{prefix}:nope");
+    let (status, out, err) =
+        fleetctl(&["lag", "--streams", &format!("{stream},{missing}")], None).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(out.contains(&stream), "{out}");
+    assert!(err.contains(&format!("{missing}: no such stream")), "{err}");
+    let (status, _, err) = fleetctl(&["lag", "--streams", ""], None).await;
+    assert_eq!(status.code(), Some(2), "{err}");
+    let (status, _, err) = fleetctl(
+        &["pending", "--streams", &stream, "--dead-after", "soon"],
+        None,
+    )
+    .await;
+    assert_eq!(status.code(), Some(2), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_check_fails_on_a_dead_consumer_owning_entries_and_passes_when_healthy() {
+    let mut conn = redis().await;
+    let stream = unique("status:");
+    let ids: Vec<String> = (1..=5).map(|i| format!("{i}-0")).collect();
+    add_ids(
+        &mut conn,
+        &stream,
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    create_group(&mut conn, &stream, "g").await;
+    // Healthy: everything delivered is acknowledged.
+    let delivered = deliver(&mut conn, &stream, "g", "c1", 5).await;
+    ack(&mut conn, &stream, "g", &delivered).await;
+    let status_check = |extra: &'static [&'static str]| {
+        let stream = stream.clone();
+        async move {
+            let mut args = vec!["status", "--streams", &stream, "--check"];
+            args.extend(extra);
+            fleetctl(&args, None).await
+        }
+    };
+    let (status, out, err) = status_check(&[]).await;
+    assert!(status.success(), "{out}{err}");
+    assert!(err.is_empty(), "{err}");
+    assert!(out.contains(&stream) && out.contains("1 active"), "{out}");
+
+    // A consumer takes 3 new entries and dies: its entries stay pending, nobody delivers them.
+    add_ids(&mut conn, &stream, &["6-0", "7-0", "8-0"]).await;
+    assert_eq!(deliver(&mut conn, &stream, "g", "gone", 3).await.len(), 3);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // (Entries written at the epoch: their age is no problem here.)
+    let (status, _, err) =
+        status_check(&["--dead-after", "1s", "--max-pending-age", "100000d"]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    let problems: Vec<&str> = err.lines().collect();
+    assert_eq!(problems.len(), 1, "{err}");
+    assert!(
+        problems[0].contains("consumer gone is dead") && problems[0].contains("3 pending"),
+        "{err}"
+    );
+    // Under the default --dead-after (60 s) it is not dead yet, and its entries are young; the
+    // oldest pending entry (6-0, written at the epoch) is old by any --max-pending-age, though.
+    let (status, _, err) = status_check(&["--max-pending-age", "100000d"]).await;
+    assert!(status.success(), "{err}");
+    let (status, _, err) = status_check(&[]).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("oldest pending entry 6-0"), "{err}");
+    let (status, out, err) = fleetctl(
+        &[
+            "status",
+            "--streams",
+            &stream,
+            "--dead-after",
+            "1s",
+            "--output",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    assert!(status.success(), "without --check: {err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["healthy"], false);
+    assert_eq!(doc["problems"].as_array().unwrap().len(), 2);
+    let g = group_json(&doc, &stream, "g");
+    assert_eq!(g["pending"], 3);
+    assert_eq!(g["consumers"][1]["state"], "dead", "{g}");
+
+    // Settled again (a worker reclaimed and applied them): healthy, whatever the thresholds.
+    ack(
+        &mut conn,
+        &stream,
+        "g",
+        &["6-0".into(), "7-0".into(), "8-0".into()],
+    )
+    .await;
+    let (status, _, err) = status_check(&["--dead-after", "1s", "--max-pending-age", "1s"]).await;
+    assert!(status.success(), "{err}");
+    // A dead letter needs attention.
+    add_ids(&mut conn, &format!("{stream}:dlq"), &["1-0"]).await;
+    let (status, _, err) = status_check(&[]).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.contains(&format!("1 dead letter(s) in {stream}:dlq")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_show_postgres_and_redis_beside_the_group() {
+    let db = fresh_database().await;
+    let pool = migrated_database(&db).await;
+    let mut conn = redis().await;
+    let stream = unique("checkpoints:");
+    add_ids(&mut conn, &stream, &["1-0", "2-0", "3-0", "4-0"]).await;
+    create_group(&mut conn, &stream, "persister").await;
+    deliver(&mut conn, &stream, "persister", "c1", 3).await;
+    sqlx::query(
+        "INSERT INTO checkpoints (stream, group_name, position) VALUES ($1, 'persister', '2-0')",
+    )
+    .bind(&stream)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let () = redis::cmd("HSET")
+        .arg(format!("{stream}:checkpoints"))
+        .arg("persister")
+        .arg("1-0")
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .unwrap();
+    let (status, out, err) = fleetctl(
+        &["checkpoints", "--streams", &stream, "--output", "json"],
+        Some(&db),
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        doc["checkpoints"],
+        json!([{"stream": stream, "group": "persister", "postgres": "2-0", "redis": "1-0",
+            "last_delivered_id": "3-0", "lag": 1}])
+    );
+    let (status, out, _) = fleetctl(&["checkpoints", "--streams", &stream], None).await;
+    assert!(status.success());
+    let row = out.lines().find(|l| l.starts_with(&stream)).expect(&out);
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>()[1..],
+        ["persister", "-", "1-0", "3-0", "1"]
+    );
+    // status shows the one replay would use: PostgreSQL's when given.
+    let (_, out, _) = fleetctl(&["status", "--streams", &stream], Some(&db)).await;
+    assert!(out.contains("2-0 (postgres)"), "{out}");
+}
+
+/// A valid v1 entry's fields on `channel`.
+fn v1_fields(channel: &str, n: u32) -> Vec<(String, String)> {
+    vec![
+        ("v".into(), "1".into()),
+        ("id".into(), Uuid::now_v7().to_string()),
+        ("type".into(), "test.tick".into()),
+        ("channel".into(), channel.into()),
+        ("source".into(), "tests".into()),
+        ("time".into(), "2026-11-26T10:00:00Z".into()),
+        ("data".into(), format!("{{\"n\":{n}}}")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_shows_the_entries_from_an_id_or_a_time_filtered_by_channel() {
+    let mut conn = redis().await;
+    let stream = unique("tail:");
+    let channels = ["flow.7f3c.progress", "flow.7f3c.logs", "user.1.profile"];
+    for i in 1..=9u32 {
+        let () = redis::cmd("XADD")
+            .arg(&stream)
+            .arg(format!("{}-0", i * 1000))
+            .arg(v1_fields(channels[(i as usize - 1) % 3], i))
+            .query_async(&mut conn)
+            .await
+            .map(|_: String| ())
+            .unwrap();
+    }
+    let tail = |extra: Vec<&'static str>| {
+        let stream = stream.clone();
+        async move {
+            let mut args = vec!["tail", "--stream", stream.as_str()];
+            args.extend(extra);
+            fleetctl(&args, None).await
+        }
+    };
+    let entries = |out: &str| -> Vec<(String, String)> {
+        out.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["entry_id"].as_str().unwrap().to_owned(),
+                    v["channel"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // progress events are at 1000-0, 4000-0, 7000-0.
+    let (status, out, err) = tail(vec![
+        "--from",
+        "2000-0",
+        "--channel",
+        "flow.*.progress",
+        "--count",
+        "2",
+        "--output",
+        "json",
+    ])
+    .await;
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        entries(&out),
+        [
+            ("4000-0".into(), "flow.7f3c.progress".into()),
+            ("7000-0".into(), "flow.7f3c.progress".into())
+        ]
+    );
+    // From an id: that entry included; from a time: the first entry at or after it.
+    let (_, out, _) = tail(vec!["--from", "4000-0", "--count", "1", "--output", "json"]).await;
+    assert_eq!(entries(&out)[0].0, "4000-0");
+    let (_, out, _) = tail(vec![
+        "--from",
+        "1970-01-01T00:00:05.500Z",
+        "--channel",
+        "flow.#",
+        "--count",
+        "2",
+        "--output",
+        "json",
+    ])
+    .await;
+    let ids: Vec<String> = entries(&out).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["7000-0", "8000-0"]);
+
+    // The table: one line per event with its channel, type and data.
+    let (_, out, _) = tail(vec![
+        "--from",
+        "-",
+        "--type",
+        "test.tick",
+        "--channel",
+        "user.#",
+        "--count",
+        "1",
+    ])
+    .await;
+    let line = out.lines().next().expect(&out);
+    assert!(
+        line.contains("3000-0")
+            && line.contains("user.1.profile")
+            && line.contains("test.tick")
+            && line.contains("{\"n\":3}"),
+        "{line}"
+    );
+
+    // Default `$`: only what is written after the tail started.
+    let child = tokio::spawn(tail(vec![
+        "--channel",
+        "flow.*.progress",
+        "--count",
+        "1",
+        "--output",
+        "json",
+    ]));
+    let mut added = Vec::new();
+    while !child.is_finished() {
+        let id: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(v1_fields("flow.7f3c.progress", 0))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        added.push(id);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, out, err) = child.await.unwrap();
+    assert!(status.success(), "{err}");
+    let shown = entries(&out);
+    assert_eq!(shown.len(), 1);
+    assert!(added.contains(&shown[0].0), "{out}");
+}
+
+/// The `--help` of the inspecting commands and the `status` screen, pinned (insta snapshots under
+/// tests/tests/snapshots/): a change to what an operator reads shows up in review. Fixed stream
+/// names; ages, which grow with the clock, are redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_and_the_status_screen_are_as_pinned() {
+    for command in ["status", "lag", "pending", "checkpoints", "tail"] {
+        let (status, out, err) = fleetctl(&[command, "--help"], None).await;
+        assert!(status.success(), "{err}");
+        insta::assert_snapshot!(format!("help_{command}"), out);
+    }
+
+    let mut conn = redis().await;
+    let (orders, flows) = ("snapshot:orders", "snapshot:flows");
+    let () = redis::cmd("DEL")
+        .arg(&[
+            orders,
+            flows,
+            "snapshot:orders:dlq",
+            "snapshot:orders:checkpoints",
+        ])
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .unwrap();
+    add_ids(
+        &mut conn,
+        orders,
+        &["1000-0", "2000-0", "3000-0", "4000-0", "5000-0"],
+    )
+    .await;
+    // The persister is 2 entries behind with 2 pending; the projector is caught up.
+    create_group(&mut conn, orders, "persister").await;
+    let delivered = deliver(&mut conn, orders, "persister", "persister-0", 3).await;
+    ack(&mut conn, orders, "persister", &delivered[..1]).await;
+    create_group(&mut conn, orders, "projector").await;
+    let delivered = deliver(&mut conn, orders, "projector", "projector-0", 5).await;
+    ack(&mut conn, orders, "projector", &delivered).await;
+    let () = redis::cmd("HSET")
+        .arg("snapshot:orders:checkpoints")
+        .arg("projector")
+        .arg("5000-0")
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .unwrap();
+    let () = redis::cmd("XADD")
+        .arg("snapshot:orders:dlq")
+        .arg("1-0")
+        .arg(&[("dlq_group", "persister"), ("dlq_reason", "invalid")])
+        .query_async(&mut conn)
+        .await
+        .map(|_: String| ())
+        .unwrap();
+    add_ids(&mut conn, flows, &["1000-0", "2000-0"]).await;
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(flows)
+        .arg("notifier")
+        .arg("$")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, out, err) =
+        fleetctl(&["status", "--streams", &format!("{orders},{flows}")], None).await;
+    assert!(status.success(), "{err}");
+    insta::with_settings!({filters => vec![(r"\b\d+d\d{2}h\b", "[age]")]}, {
+        insta::assert_snapshot!("status_table", out);
+    });
 }

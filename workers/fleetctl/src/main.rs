@@ -1,14 +1,23 @@
-//! fleetctl: the operator's tool: events in (`publish`), dead letters (`dlq`), consumer groups
-//! (`groups create`), the schema (`migrate`).
+//! fleetctl: the operator's tool: events in (`publish`), what the fleet is doing (`status`,
+//! `lag`, `pending`, `checkpoints`, `tail`), dead letters (`dlq`), consumer groups (`groups
+//! create`, `replay`), the schema (`migrate`).
 
+mod checkpoints;
 mod dlq;
+mod duration;
 mod groups;
+mod groups_info;
+mod lag;
 mod output;
 mod progress;
 mod publish;
 mod rebuild;
 mod reconcile;
 mod replay;
+mod snapshot;
+mod status;
+mod streams;
+mod tail;
 mod trace;
 
 use std::process::ExitCode;
@@ -72,6 +81,22 @@ enum Command {
     /// Dead letters (`<stream>:dlq`): list, show, redrive into their stream, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// The fleet on one screen: per stream and group its lag, pending entries, oldest pending
+    /// age, dead letters, checkpoint and consumers; --check exits 1 when something needs
+    /// attention.
+    #[command(after_long_help = status::CHECKS)]
+    Status(status::StatusArgs),
+    /// Per stream and group: length, lag (as KEDA reads it), pending entries, the oldest pending
+    /// entry's age, consumers.
+    Lag(lag::LagArgs),
+    /// Per consumer: the entries it owns, how long it has been silent, and whether it is dead
+    /// (gone while owning entries).
+    Pending(lag::LagArgs),
+    /// Each group's checkpoint in PostgreSQL (with --database-url) and in Redis, beside its last
+    /// delivered id and lag.
+    Checkpoints(checkpoints::CheckpointsArgs),
+    /// Follow a stream (or a glob's streams) without joining a group, one line per event.
+    Tail(tail::TailArgs),
 }
 
 #[tokio::main]
@@ -129,6 +154,33 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             args.validate().map_err(|e| bad(&e))?;
             let (client, store) = (redis()?, store()?);
             groups::create(client, store, args).await
+        }
+        Command::Status(args) => {
+            args.validate().map_err(|e| bad(&e))?;
+            let (client, store) = (redis()?, store()?);
+            match status::run(client, store, args, output).await {
+                Ok(true) => Ok(()),
+                // --check found problems (printed on stderr): exit 1, no other line.
+                Ok(false) => return Ok(ExitCode::from(cli::EXIT_FATAL)),
+                Err(e) => Err(e),
+            }
+        }
+        Command::Lag(args) => {
+            args.select.validate().map_err(|e| bad(&e))?;
+            lag::run(redis()?, args, lag::View::Lag, output).await
+        }
+        Command::Pending(args) => {
+            args.select.validate().map_err(|e| bad(&e))?;
+            lag::run(redis()?, args, lag::View::Pending, output).await
+        }
+        Command::Checkpoints(args) => {
+            args.validate().map_err(|e| bad(&e))?;
+            let (client, store) = (redis()?, store()?);
+            checkpoints::run(client, store, args, output).await
+        }
+        Command::Tail(args) => {
+            args.validate().map_err(|e| bad(&e))?;
+            tail::run(redis()?, args, output).await
         }
         Command::Migrate => {
             let Some(store) = store()? else {

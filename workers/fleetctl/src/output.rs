@@ -12,7 +12,7 @@ pub enum Output {
     /// Aligned columns.
     #[default]
     Table,
-    /// One JSON document.
+    /// One JSON document (`tail`: one JSON object per line).
     Json,
 }
 

@@ -64,6 +64,9 @@ impl Progress {
         }
         match &self.bar {
             Some(bar) => bar.inc(n),
+            // The line that would say "all done" is left out: the result follows at once, and
+            // a short command (a `status --check` whose stderr a script reads) prints none.
+            None if self.total.is_some_and(|t| self.done >= t) => {}
             None if self.last_line.elapsed() >= LINE_EVERY => {
                 self.last_line = Instant::now();
                 match self.total {

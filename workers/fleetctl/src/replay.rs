@@ -16,6 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::groups::checkpoint;
+use crate::groups_info::{active_consumers, group_info, ACTIVE_MS};
 use crate::output::{print, Output, Table};
 use crate::progress::Progress;
 use streamfleet::store::EventStore;
@@ -83,86 +84,6 @@ impl ReplayArgs {
         }
         Ok(())
     }
-}
-
-/// A consumer that interacted with Redis within this many ms is active: a worker reads at least
-/// every `block_ms` (1 s by default) and refreshes its entries in flight.
-pub const ACTIVE_MS: u64 = 10_000;
-
-/// A field of an `XINFO` reply, if present and of that type (`nil` is absent).
-fn field<T: redis::FromRedisValue>(
-    fields: &std::collections::HashMap<String, redis::Value>,
-    name: &str,
-) -> Option<T> {
-    fields
-        .get(name)
-        .filter(|v| !matches!(v, redis::Value::Nil))
-        .and_then(|v| redis::from_redis_value(v.clone()).ok())
-}
-
-/// The group as `XINFO GROUPS` reports it.
-#[derive(Debug)]
-struct GroupInfo {
-    last_delivered: EntryId,
-    entries_read: Option<u64>,
-    pending: u64,
-}
-
-async fn group_info(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-) -> anyhow::Result<GroupInfo> {
-    let groups: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .with_context(|| format!("XINFO GROUPS {stream} (does the stream exist?)"))?;
-    for g in groups {
-        let fields: std::collections::HashMap<String, redis::Value> =
-            redis::from_redis_value(g).context("XINFO GROUPS reply")?;
-        if field::<String>(&fields, "name").as_deref() != Some(group) {
-            continue;
-        }
-        let last_delivered = field::<String>(&fields, "last-delivered-id")
-            .and_then(|s| s.parse().ok())
-            .context("XINFO GROUPS: last-delivered-id")?;
-        return Ok(GroupInfo {
-            last_delivered,
-            entries_read: field(&fields, "entries-read"),
-            pending: field(&fields, "pending").unwrap_or(0),
-        });
-    }
-    anyhow::bail!(
-        "no group {group} on {stream} (fleetctl groups create --streams {stream} --group {group} creates it)"
-    )
-}
-
-/// The consumers of the group that are active: (name, idle ms).
-async fn active_consumers(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-) -> anyhow::Result<Vec<(String, u64)>> {
-    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(stream)
-        .arg(group)
-        .query_async(conn)
-        .await
-        .with_context(|| format!("XINFO CONSUMERS {stream} {group}"))?;
-    let mut active = Vec::new();
-    for c in consumers {
-        let fields: std::collections::HashMap<String, redis::Value> =
-            redis::from_redis_value(c).context("XINFO CONSUMERS reply")?;
-        let name: String = field(&fields, "name").unwrap_or_default();
-        let idle: u64 = field(&fields, "idle").unwrap_or(u64::MAX);
-        if idle < ACTIVE_MS {
-            active.push((name, idle));
-        }
-    }
-    Ok(active)
 }
 
 /// Entries of `stream` with ids in (`after`, `upto`], counted a page at a time.
@@ -272,7 +193,7 @@ pub async fn run(
         "direction": if forward { "forward" } else { "back" },
         "entries": entries,
         "pending": info.pending,
-        "active_consumers": active.iter().map(|(n, idle)| json!({"name": n, "idle_ms": idle})).collect::<Vec<_>>(),
+        "active_consumers": active.iter().map(|c| json!({"name": c.name, "idle_ms": c.idle_ms})).collect::<Vec<_>>(),
         "dry_run": args.dry_run,
     });
     let what = if forward {
@@ -289,7 +210,7 @@ pub async fn run(
     if !active.is_empty() && !args.force {
         let names: Vec<String> = active
             .iter()
-            .map(|(n, idle)| format!("{n} (idle {idle} ms)"))
+            .map(|c| format!("{} (idle {} ms)", c.name, c.idle_ms))
             .collect();
         anyhow::bail!(
             "{summary}; refused: group {group} has active consumers: {}. Their reads in flight would interleave with the replay: stop the workers (scale them to 0), wait {} s, and run this again, or pass --force",

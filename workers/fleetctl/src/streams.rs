@@ -1,0 +1,161 @@
+//! Which streams a command looks at: `--streams` names keys or globs, as `FLEET_STREAMS` does for
+//! the workers. A glob is matched with `SCAN MATCH <glob> TYPE stream` (only streams: the hashes
+//! and sets beside a stream never match) and skips dead letter streams (`<stream>:dlq`), as the
+//! workers' globs do. A named key is checked: a missing one is reported, not silently empty.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use redis::aio::MultiplexedConnection;
+
+use crate::progress::Progress;
+use streamfleet::DLQ_SUFFIX;
+
+/// Whether a `--streams` item is a glob (the workers' rule).
+pub fn is_glob(item: &str) -> bool {
+    item.contains(['*', '?', '['])
+}
+
+/// Refuses empty items before anything connects.
+pub fn validate(items: &[String], flag: &str) -> Result<(), String> {
+    if items.is_empty() {
+        return Err(format!("{flag}: name at least one stream or glob"));
+    }
+    if items.iter().any(|s| s.trim().is_empty()) {
+        return Err(format!("{flag}: an empty stream name"));
+    }
+    Ok(())
+}
+
+/// What `--streams` found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Stream keys, sorted, each once.
+    pub streams: Vec<String>,
+    /// The ones named as keys (the others were matched by a glob).
+    pub named: BTreeSet<String>,
+    /// Named keys that hold no stream: (key, what is there: `none` or its type).
+    pub missing: Vec<(String, String)>,
+    /// Globs that matched no stream.
+    pub unmatched: Vec<String>,
+}
+
+/// Resolves `items` (keys and globs) to stream keys.
+pub async fn resolve(conn: &mut MultiplexedConnection, items: &[String]) -> anyhow::Result<Found> {
+    let mut found = Found::default();
+    let mut streams = BTreeSet::new();
+    let named: Vec<&str> = items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !is_glob(s))
+        .collect();
+    if !named.is_empty() {
+        let mut pipe = redis::pipe();
+        for key in &named {
+            pipe.cmd("TYPE").arg(*key);
+        }
+        let types: Vec<String> = pipe
+            .query_async(conn)
+            .await
+            .context("TYPE of the named streams")?;
+        for (key, kind) in named.iter().zip(types) {
+            if kind == "stream" {
+                streams.insert(key.to_string());
+                found.named.insert(key.to_string());
+            } else {
+                found.missing.push((key.to_string(), kind));
+            }
+        }
+    }
+    let mut progress = Progress::new("scanning for streams", None);
+    for glob in items.iter().map(|s| s.trim()).filter(|s| is_glob(s)) {
+        let matched = scan(conn, glob, &mut progress).await?;
+        if matched.is_empty() {
+            found.unmatched.push(glob.to_owned());
+        }
+        streams.extend(matched);
+    }
+    progress.finish();
+    found.streams = streams.into_iter().collect();
+    Ok(found)
+}
+
+/// The streams matching `glob`, dead letter streams and keys that are not UTF-8 left out.
+pub async fn scan(
+    conn: &mut MultiplexedConnection,
+    glob: &str,
+    progress: &mut Progress,
+) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(glob)
+            .arg("COUNT")
+            .arg(1000)
+            .arg("TYPE")
+            .arg("stream")
+            .query_async(conn)
+            .await
+            .with_context(|| format!("SCAN MATCH {glob} TYPE stream"))?;
+        let before = out.len();
+        out.extend(
+            keys.into_iter()
+                .filter_map(|k| String::from_utf8(k).ok())
+                .filter(|k| !k.ends_with(DLQ_SUFFIX)),
+        );
+        progress.add((out.len() - before) as u64);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// `--streams` and `--group`, as the inspecting commands take them.
+#[derive(Debug, clap::Args)]
+pub struct Selection {
+    /// Comma-separated stream keys or globs (`orders:*`; dead letter streams never match).
+    #[arg(long, env = "FLEET_STREAMS", value_delimiter = ',', required = true)]
+    pub streams: Vec<String>,
+
+    /// Only this consumer group [default: every group of each stream].
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
+impl Selection {
+    pub fn validate(&self) -> Result<(), String> {
+        validate(&self.streams, "--streams")?;
+        if self.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
+            return Err("--group: must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+impl Found {
+    /// Named keys that hold no stream, in one line each (what is there, what to do).
+    pub fn missing_lines(&self) -> Vec<String> {
+        self.missing
+            .iter()
+            .map(|(key, kind)| match kind.as_str() {
+                "none" => format!("{key}: no such stream (check the name; `fleetctl groups create` creates a stream with its group)"),
+                kind => format!("{key}: holds a {kind}, not a stream"),
+            })
+            .collect()
+    }
+
+    pub fn json(&self) -> (serde_json::Value, serde_json::Value) {
+        (
+            serde_json::json!(self
+                .missing
+                .iter()
+                .map(|(k, t)| serde_json::json!({"key": k, "type": t}))
+                .collect::<Vec<_>>()),
+            serde_json::json!(self.unmatched),
+        )
+    }
+}
