@@ -1289,6 +1289,28 @@ async fn help_and_the_status_screen_are_as_pinned() {
         assert!(status.success(), "{err}");
         insta::assert_snapshot!(format!("help_{command}"), out);
     }
+    for command in [
+        &[][..],
+        &["publish"],
+        &["replay"],
+        &["trace"],
+        &["reconcile"],
+        &["dlq"],
+        &["dlq", "list"],
+        &["dlq", "redrive"],
+        &["groups", "create"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (status, out, err) = fleetctl(&args, None).await;
+        assert!(status.success(), "{err}");
+        let name = if command.is_empty() {
+            "fleetctl".to_owned()
+        } else {
+            command.join("_")
+        };
+        insta::assert_snapshot!(format!("help_{name}"), out);
+    }
 
     let mut conn = redis().await;
     let (orders, flows) = ("snapshot:orders", "snapshot:flows");

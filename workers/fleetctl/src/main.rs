@@ -63,24 +63,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Publish v1 events (or any entries, from JSON lines) onto a stream.
-    Publish(Box<publish::PublishArgs>),
-    /// Apply the embedded SQL migrations to FLEET_DATABASE_URL.
-    Migrate,
-    /// Consumer groups: create the streams and groups a deployment needs before its workers start.
-    #[command(subcommand)]
-    Groups(groups::GroupsCommand),
-    /// Move a consumer group back to its checkpoint, an entry id or a time: the entries after it
-    /// are delivered to the group again.
-    Replay(replay::ReplayArgs),
-    /// Where one event is: its entries, each group's state for them, its dead letters, its row.
-    Trace(trace::TraceArgs),
-    /// Compare a stream range with PostgreSQL: strict events missing on either side (exit 1 if
-    /// any), the check an auditor runs after an incident.
-    Reconcile(reconcile::ReconcileArgs),
-    /// Dead letters (`<stream>:dlq`): list, show, redrive into their stream, purge.
-    #[command(subcommand)]
-    Dlq(dlq::DlqCommand),
     /// The fleet on one screen: per stream and group its lag, pending entries, oldest pending
     /// age, dead letters, checkpoint and consumers; --check exits 1 when something needs
     /// attention.
@@ -97,6 +79,24 @@ enum Command {
     Checkpoints(checkpoints::CheckpointsArgs),
     /// Follow a stream (or a glob's streams) without joining a group, one line per event.
     Tail(tail::TailArgs),
+    /// Where one event is: its entries, each group's state for them, its dead letters, its row.
+    Trace(trace::TraceArgs),
+    /// Dead letters (`<stream>:dlq`): list, show, redrive into their stream, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Move a consumer group back to its checkpoint, an entry id or a time: the entries after it
+    /// are delivered to the group again.
+    Replay(replay::ReplayArgs),
+    /// Compare a stream range with PostgreSQL: strict events missing on either side (exit 1 if
+    /// any), the check an auditor runs after an incident.
+    Reconcile(reconcile::ReconcileArgs),
+    /// Publish v1 events (or any entries, from JSON lines) onto a stream.
+    Publish(Box<publish::PublishArgs>),
+    /// Consumer groups: create the streams and groups a deployment needs before its workers start.
+    #[command(subcommand)]
+    Groups(groups::GroupsCommand),
+    /// Apply the embedded SQL migrations to FLEET_DATABASE_URL.
+    Migrate,
 }
 
 #[tokio::main]
