@@ -684,3 +684,185 @@ async fn the_notifier_runs_under_its_shipped_acl_user_and_nothing_more() {
         assert_eq!(refused.code(), Some("NOPERM"), "{cmd:?}: {refused}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_runs_under_the_shipped_operator_user() {
+    let prefix = unique("lpo");
+    let server = PrivateRedis::start_with(&["--aclfile".into(), acl_file(&prefix)]);
+    let stream = format!("{{{prefix}}}:events");
+    let mut admin = redis_at(&server.url()).await;
+    // A stream with a group whose consumer holds entries, and one dead letter of that group.
+    let ids: Vec<String> = (0..5).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(&[
+                ("v", "1"),
+                ("id", id),
+                ("type", "user.updated"),
+                ("channel", "user.1.profile"),
+                ("source", "tests"),
+                ("time", "2026-11-26T10:00:00Z"),
+                ("data", if i == 0 { "{\"a\":1}" } else { "{}" }),
+            ])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    create_group(&mut admin, &stream, "g").await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("c1")
+        .arg("COUNT")
+        .arg(3)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{stream}:dlq"))
+        .arg("*")
+        .arg(&[
+            ("v", "1"),
+            ("id", &uuid::Uuid::now_v7().to_string()),
+            ("type", "user.updated"),
+            ("channel", "user.2.profile"),
+            ("source", "tests"),
+            ("time", "2026-11-26T10:00:00Z"),
+            ("data", "{}"),
+            ("dlq_reason", "handler_error"),
+            ("dlq_error", "rejected"),
+            ("dlq_stream", &stream),
+            ("dlq_entry_id", "1-1"),
+            ("dlq_group", "g"),
+            ("dlq_deliveries", "1"),
+            ("dlq_at", "2026-11-26T10:00:01Z"),
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let operator = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "operator"));
+    let glob = format!("{{{prefix}}}:*");
+    for args in [
+        vec!["status", "--streams", &stream],
+        vec!["lag", "--streams", &glob],
+        vec!["pending", "--streams", &stream],
+        vec!["checkpoints", "--streams", &stream],
+        vec!["tail", "--stream", &stream, "--from", "-", "--count", "2"],
+        vec!["trace", &ids[0], "--streams", &stream],
+        vec!["dlq", "list", "--stream", &stream],
+        vec!["dlq", "redrive", "--stream", &stream, "--all"],
+        vec![
+            "replay", "--stream", &stream, "--group", "g", "--to-id", "0-0", "--force",
+        ],
+        vec![
+            "publish",
+            "--stream",
+            &stream,
+            "--type",
+            "user.x",
+            "--channel",
+            "user.3",
+        ],
+        vec!["dlq", "purge", "--stream", &stream, "--all"],
+    ] {
+        let (status, stderr) = operator.run_to_end_with_args("fleetctl", &args).await;
+        assert!(
+            status.success() && !stderr.contains("NOPERM"),
+            "fleetctl {args:?} as `operator`: {stderr}"
+        );
+    }
+    // A user who may add to the stream but not delete dead letters redrives nothing (a script
+    // stopped half-way would keep its XADD).
+    let dead = |conn: &mut redis::aio::MultiplexedConnection, key: String| {
+        let mut c = redis::cmd("XLEN");
+        c.arg(key);
+        let mut conn = conn.clone();
+        async move { c.query_async::<u64>(&mut conn).await.unwrap() }
+    };
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{stream}:dlq"))
+        .arg("*")
+        .arg(&[
+            ("v", "1"),
+            ("dlq_stream", stream.as_str()),
+            ("dlq_group", "g"),
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let acl_line = std::fs::read_to_string(acl_file(&prefix)).unwrap();
+    let operator_rules = acl_line
+        .lines()
+        .find(|l| l.starts_with("user operator "))
+        .unwrap()
+        .replace("user operator ", "")
+        .replace(" +xdel", "");
+    let mut setuser = redis::cmd("ACL");
+    setuser.arg("SETUSER").arg("no_xdel");
+    for rule in operator_rules.split_whitespace() {
+        setuser.arg(rule.replace(">pw-operator", ">pw-no_xdel"));
+    }
+    let () = setuser.query_async(&mut admin).await.unwrap();
+    let before = (
+        dead(&mut admin, format!("{stream}:dlq")).await,
+        dead(&mut admin, stream.clone()).await,
+    );
+    let (status, stderr) = operator
+        .clone()
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "no_xdel"))
+        .run_to_end_with_args(
+            "fleetctl",
+            &["dlq", "redrive", "--stream", &stream, "--all"],
+        )
+        .await;
+    assert!(
+        !status.success() && stderr.contains("nothing redriven"),
+        "{stderr}"
+    );
+    let after = (
+        dead(&mut admin, format!("{stream}:dlq")).await,
+        dead(&mut admin, stream.clone()).await,
+    );
+    assert_eq!(before, after, "nothing moved, nothing doubled");
+
+    // What it may not do.
+    let operator_conn = redis_at(&url_as(&server.url(), "operator")).await;
+    for cmd in [
+        redis::cmd("FLUSHALL"),
+        {
+            let mut c = redis::cmd("XGROUP");
+            c.arg("DESTROY").arg(&stream).arg("g");
+            c
+        },
+        {
+            let mut c = redis::cmd("XREADGROUP");
+            c.arg("GROUP")
+                .arg("g")
+                .arg("c2")
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(">");
+            c
+        },
+        {
+            let mut c = redis::cmd("DEL");
+            c.arg(&stream);
+            c
+        },
+    ] {
+        let refused: redis::RedisResult<redis::Value> =
+            cmd.query_async(&mut operator_conn.clone()).await;
+        assert!(
+            matches!(&refused, Err(e) if e.code() == Some("NOPERM")),
+            "{refused:?}"
+        );
+    }
+}

@@ -26,6 +26,8 @@ struct State {
     batches: BTreeMap<u64, BatchIds>,
     /// Entries that outlive their part, by stream.
     waiting: HashMap<Arc<str>, HashSet<String>>,
+    /// How many entries `waiting` holds.
+    waiting_len: usize,
     /// Entries of the batches plus waiting entries.
     len: usize,
 }
@@ -69,6 +71,7 @@ impl InFlight {
                 .insert(e.id.to_string())
             {
                 s.len += 1;
+                s.waiting_len += 1;
             }
         }
     }
@@ -86,24 +89,24 @@ impl InFlight {
             }
             if removed {
                 s.len -= 1;
+                s.waiting_len -= 1;
             }
         }
         drop(s);
         self.freed.notify_waiters();
     }
 
-    /// Entries read and not settled: parts in the stages and waiting entries.
-    pub fn len(&self) -> usize {
-        self.state.lock().expect("in-flight lock").len
-    }
-
-    /// Returns once `more` entries fit under `max` (or nothing is in flight at all).
+    /// Returns once `more` entries fit under `max` (or nothing is in flight at all). Parts
+    /// alone are bounded by the stages' queues (`lanes::queue_len`), as they always were: the
+    /// count is only waited for while entries wait for their channel, which nothing else bounds.
     pub async fn room_for(&self, more: usize, max: usize) {
         loop {
             let freed = self.freed.notified();
-            let len = self.len();
-            if len == 0 || len + more <= max {
-                return;
+            {
+                let s = self.state.lock().expect("in-flight lock");
+                if s.waiting_len == 0 || s.len == 0 || s.len + more <= max {
+                    return;
+                }
             }
             freed.await;
         }

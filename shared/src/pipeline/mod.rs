@@ -156,9 +156,9 @@ impl<H: Handler> Pipeline<H> {
     }
 }
 
-/// The reader stage: batches in, split into one part per lane, until the drain starts. It reads
-/// only while a batch fits under `max_in_flight` with what is in flight (parts and the events
-/// waiting for their channel).
+/// The reader stage: batches in, split into one part per lane, until the drain starts. While
+/// events wait for their channel, it reads only while a batch fits under `max_in_flight` with
+/// what is in flight (the parts, bounded by the lanes' queues, and the waiting events).
 async fn read(
     mut source: Source,
     (batch_size, max_in_flight): (usize, usize),

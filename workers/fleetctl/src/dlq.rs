@@ -359,7 +359,12 @@ async fn show(
 /// atomic step: the original fields (ours removed, a producer's `dlq_*` field restored from
 /// `orig_dlq_*`) plus `redrive_group` are added to the stream, and the dead letter is deleted.
 /// Returns per id the new entry id, or why it was not moved.
+/// A script stopped by a refused command keeps what it did before: both grants are checked first,
+/// so that a user who may `XADD` but not `XDEL` doubles nothing.
 const REDRIVE_SCRIPT: &str = r#"
+if not (redis.acl_check_cmd('XADD', KEYS[2], '*', 'f', 'v') and redis.acl_check_cmd('XDEL', KEYS[1], '0-1')) then
+  return redis.error_reply('NOPERM the user may not XADD to ' .. KEYS[2] .. ' and XDEL from ' .. KEYS[1] .. ': nothing redriven')
+end
 local ours = {dlq_reason = 1, dlq_error = 1, dlq_stream = 1, dlq_entry_id = 1, dlq_group = 1,
   dlq_deliveries = 1, dlq_at = 1, dlq_size = 1, dlq_truncated = 1}
 local out = {}
