@@ -63,6 +63,7 @@ async fn persister_over_tls_with_acl_user_and_verified_postgres_tls() {
             "fleetctl",
             &[
                 "publish",
+                "--no-validate",
                 "--stream",
                 &stream,
                 "--file",

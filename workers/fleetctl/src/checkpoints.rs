@@ -33,10 +33,7 @@ pub async fn run(
     args: CheckpointsArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn = crate::redis_read::connect(&client).await?;
     let found = streams::resolve(&mut conn, &args.select.streams).await?;
     let snap = snapshot::take(&mut conn, &found, args.select.group.as_deref(), false).await?;
     let mut table = Table::new(&[

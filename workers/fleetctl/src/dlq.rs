@@ -265,16 +265,9 @@ impl Selection {
 /// Dead letters read per `XRANGE`, and moved per script call.
 const PAGE: usize = 200;
 
-async fn connect(client: &redis::Client) -> anyhow::Result<MultiplexedConnection> {
-    client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")
-}
-
 /// Runs one `dlq` command.
 pub async fn run(client: redis::Client, command: DlqCommand, output: Output) -> anyhow::Result<()> {
-    let mut conn = connect(&client).await?;
+    let mut conn = crate::redis_read::connect(&client).await?;
     match command {
         DlqCommand::List(args) => list(&mut conn, args, output).await,
         DlqCommand::Show(args) => show(&mut conn, args, output).await,
@@ -404,11 +397,23 @@ end
 return out
 "#;
 
-/// What an action did, per dead letter.
+/// What an action did, per dead letter, and how many it selected of each group.
 #[derive(Default)]
 struct Tally {
     moved: Vec<(String, String)>,
     refused: Vec<(String, String)>,
+    by_group: HashMap<String, usize>,
+}
+
+impl Tally {
+    fn selected(&mut self, page: &[DeadLetter]) {
+        for d in page {
+            *self
+                .by_group
+                .entry(d.get("dlq_group").unwrap_or("").to_owned())
+                .or_default() += 1;
+        }
+    }
 }
 
 async fn redrive(
@@ -420,15 +425,10 @@ async fn redrive(
     let key = dlq_key(&stream);
     let script = redis::Script::new(REDRIVE_SCRIPT);
     let mut tally = Tally::default();
-    let mut by_group: HashMap<String, usize> = HashMap::new();
     let mut progress = Progress::new("redrive", None);
     args.select
         .scan(conn, async |conn, page| {
-            for d in &page {
-                *by_group
-                    .entry(d.get("dlq_group").unwrap_or("").to_owned())
-                    .or_default() += 1;
-            }
+            tally.selected(&page);
             if args.dry_run {
                 tally
                     .moved
@@ -455,7 +455,7 @@ async fn redrive(
         })
         .await?;
     progress.finish();
-    report("redrive", &stream, &args, &tally, &by_group, output);
+    report("redrive", &stream, &args, &tally, output);
     if !tally.refused.is_empty() {
         anyhow::bail!(
             "{} dead letter(s) not redriven (listed above); they stay in {key}",
@@ -473,15 +473,10 @@ async fn purge(
     let stream = args.select.stream.clone();
     let key = dlq_key(&stream);
     let mut tally = Tally::default();
-    let mut by_group: HashMap<String, usize> = HashMap::new();
     let mut progress = Progress::new("purge", None);
     args.select
         .scan(conn, async |conn, page| {
-            for d in &page {
-                *by_group
-                    .entry(d.get("dlq_group").unwrap_or("").to_owned())
-                    .or_default() += 1;
-            }
+            tally.selected(&page);
             if !args.dry_run {
                 let ids: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
                 let _: Value = redis::cmd("XDEL")
@@ -499,20 +494,13 @@ async fn purge(
         })
         .await?;
     progress.finish();
-    report("purge", &stream, &args, &tally, &by_group, output);
+    report("purge", &stream, &args, &tally, output);
     Ok(())
 }
 
 /// Prints what a redrive or purge did (or would do).
-fn report(
-    verb: &str,
-    stream: &str,
-    args: &ActArgs,
-    tally: &Tally,
-    by_group: &HashMap<String, usize>,
-    output: Output,
-) {
-    let mut groups: Vec<(&String, &usize)> = by_group.iter().collect();
+fn report(verb: &str, stream: &str, args: &ActArgs, tally: &Tally, output: Output) {
+    let mut groups: Vec<(&String, &usize)> = tally.by_group.iter().collect();
     groups.sort();
     let json = json!({
         "stream": stream,

@@ -104,10 +104,7 @@ pub async fn create(
     store: Option<EventStore>,
     args: CreateArgs,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis")?;
+    let mut conn = crate::redis_read::connect(&client).await?;
     let default = match args.start_from.as_str() {
         "newest" => StartFrom::Newest,
         _ => StartFrom::Oldest,

@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use serde_json::{json, Value as Json};
 
@@ -67,10 +66,7 @@ pub async fn run(
     view: View,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn = crate::redis_read::connect(&client).await?;
     let found = streams::resolve(&mut conn, &args.select.streams).await?;
     let snap = snapshot::take(&mut conn, &found, args.select.group.as_deref(), false).await?;
     let dead_after_ms = args.dead_after.as_millis() as u64;

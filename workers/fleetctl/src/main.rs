@@ -13,6 +13,7 @@ mod progress;
 mod publish;
 mod rebuild;
 mod reconcile;
+mod redis_read;
 mod replay;
 mod snapshot;
 mod status;

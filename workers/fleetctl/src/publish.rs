@@ -283,6 +283,27 @@ async fn flush(
     Ok(ids)
 }
 
+/// Publishes checked entries, `CHUNK` per round trip, showing progress.
+async fn publish_all(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    count: u64,
+    entries: impl Iterator<Item = anyhow::Result<Fields>>,
+) -> anyhow::Result<()> {
+    let mut progress = Progress::new("publish", Some(count));
+    let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
+    for fields in entries {
+        batch.push(fields?);
+        if batch.len() == CHUNK {
+            progress.add(CHUNK as u64);
+            flush(conn, stream, &mut batch).await?;
+        }
+    }
+    flush(conn, stream, &mut batch).await?;
+    progress.finish();
+    Ok(())
+}
+
 /// Publishes what `prepare` checked, and prints what was published.
 pub async fn run(
     client: redis::Client,
@@ -328,38 +349,21 @@ pub async fn run(
             n
         }
         Prepared::Lines(lines) => {
-            let mut progress = Progress::new("publish", Some(lines.len() as u64));
             let n = lines.len() as u64;
-            for fields in lines {
-                batch.push(fields);
-                if batch.len() == CHUNK {
-                    progress.add(CHUNK as u64);
-                    flush(&mut conn, &args.stream, &mut batch).await?;
-                }
-            }
-            flush(&mut conn, &args.stream, &mut batch).await?;
-            progress.finish();
+            publish_all(&mut conn, &args.stream, n, lines.into_iter().map(Ok)).await?;
             n
         }
         Prepared::File { path, count } => {
-            let mut progress = Progress::new("publish", Some(count));
             let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
-            for line in std::io::BufReader::new(file).lines() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let fields = parse_line(&line)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("{} changed while publishing", path.display()))?;
-                batch.push(fields);
-                if batch.len() == CHUNK {
-                    progress.add(CHUNK as u64);
-                    flush(&mut conn, &args.stream, &mut batch).await?;
-                }
-            }
-            flush(&mut conn, &args.stream, &mut batch).await?;
-            progress.finish();
+            let lines = std::io::BufReader::new(file)
+                .lines()
+                .filter(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+                .map(|line| {
+                    parse_line(&line?)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("{} changed while publishing", path.display()))
+                });
+            publish_all(&mut conn, &args.stream, count, lines).await?;
             count
         }
     };

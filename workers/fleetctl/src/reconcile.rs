@@ -14,8 +14,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::groups_info::groups;
 use crate::output::{print, Output, Table};
 use crate::progress::Progress;
+use crate::redis_read::{connect, pages};
 use streamfleet::event::{decode, Limits};
 use streamfleet::runtime::config::FileConfig;
 use streamfleet::store::EventStore;
@@ -90,48 +92,42 @@ async fn scan_stream(
         max_data_bytes: config.tuning.max_data_bytes,
     };
     let mut side = StreamSide::default();
-    let mut start = args.from.map_or("-".to_owned(), |f| f.to_string());
+    let start = args.from.map_or("-".to_owned(), |f| f.to_string());
     let end = args.to.map_or("+".to_owned(), |t| t.to_string());
     let mut progress = Progress::new("reading the stream", None);
-    loop {
-        let page: Vec<RawEntry> = redis::cmd("XRANGE")
-            .arg(&args.stream)
-            .arg(&start)
-            .arg(&end)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("XRANGE {}", args.stream))?;
-        let Some((last, _)) = page.last() else { break };
-        start = format!("({last}");
-        let full = page.len() == 1000;
-        side.entries += page.len() as u64;
-        progress.add(page.len() as u64);
-        for (id, pairs) in page {
-            let Ok(entry_id) = id.parse::<EntryId>() else {
-                continue;
-            };
-            let fields: streamfleet::Fields = pairs.into_iter().collect();
-            let Ok(event) = decode(&args.stream, entry_id, &fields, &limits) else {
-                continue; // malformed: a dead letter, never a row
-            };
-            side.all.insert(event.id);
-            let other_group = fields
-                .get(REDRIVE_GROUP_FIELD.as_bytes())
-                .is_some_and(|g| g != args.group.as_bytes());
-            let strict = config
-                .routes
-                .lookup(&event.channel)
-                .is_some_and(|(_, route)| route.strict);
-            if strict && !other_group {
-                side.strict.entry(event.id).or_insert(entry_id);
+    pages(
+        conn,
+        &args.stream,
+        &start,
+        &end,
+        1000,
+        |page: Vec<RawEntry>| {
+            side.entries += page.len() as u64;
+            progress.add(page.len() as u64);
+            for (id, pairs) in page {
+                let Ok(entry_id) = id.parse::<EntryId>() else {
+                    continue;
+                };
+                let fields: streamfleet::Fields = pairs.into_iter().collect();
+                let Ok(event) = decode(&args.stream, entry_id, &fields, &limits) else {
+                    continue; // malformed: a dead letter, never a row
+                };
+                side.all.insert(event.id);
+                let other_group = fields
+                    .get(REDRIVE_GROUP_FIELD.as_bytes())
+                    .is_some_and(|g| g != args.group.as_bytes());
+                let strict = config
+                    .routes
+                    .lookup(&event.channel)
+                    .is_some_and(|(_, route)| route.strict);
+                if strict && !other_group {
+                    side.strict.entry(event.id).or_insert(entry_id);
+                }
             }
-        }
-        if !full {
-            break;
-        }
-    }
+            true
+        },
+    )
+    .await?;
     progress.finish();
     Ok(side)
 }
@@ -151,23 +147,13 @@ async fn in_flight(
         .query_async(conn)
         .await
         .unwrap_or_default();
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
+    // No group (yet): nothing delivered, so every entry is in flight, not missing.
+    let last_delivered = groups(conn, stream)
         .await
-        .unwrap_or_default();
-    let last_delivered = groups
-        .iter()
-        .find(|g| {
-            g.get("name")
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .as_deref()
-                == Some(group)
-        })
-        .and_then(|g| g.get("last-delivered-id"))
-        .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-        .and_then(|s| s.parse().ok());
+        .unwrap_or_default()
+        .into_iter()
+        .find(|g| g.name == group)
+        .map(|g| g.last_delivered);
     Ok((
         pending
             .iter()
@@ -185,31 +171,24 @@ async fn dead_lettered(
 ) -> anyhow::Result<HashSet<EntryId>> {
     let mut out = HashSet::new();
     let key = format!("{stream}{}", streamfleet::DLQ_SUFFIX);
-    let mut start = "-".to_owned();
-    loop {
-        let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("XRANGE {key}"))?;
-        let Some((last, _)) = page.last() else { break };
-        start = format!("({last}");
-        let full = page.len() == 1000;
-        for (_, fields) in page {
-            if fields.get("dlq_group").map(String::as_str) == Some(group) {
-                if let Some(id) = fields.get("dlq_entry_id").and_then(|i| i.parse().ok()) {
-                    out.insert(id);
+    pages(
+        conn,
+        &key,
+        "-",
+        "+",
+        1000,
+        |page: Vec<(String, HashMap<String, String>)>| {
+            for (_, fields) in page {
+                if fields.get("dlq_group").map(String::as_str) == Some(group) {
+                    if let Some(id) = fields.get("dlq_entry_id").and_then(|i| i.parse().ok()) {
+                        out.insert(id);
+                    }
                 }
             }
-        }
-        if !full {
-            break;
-        }
-    }
+            true
+        },
+    )
+    .await?;
     Ok(out)
 }
 
@@ -220,10 +199,7 @@ pub async fn run(
     config: FileConfig,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn = connect(&client).await?;
     let side = scan_stream(&mut conn, &args, &config).await?;
     let (pending, last_delivered) = in_flight(&mut conn, &args.stream, &args.group).await?;
     let dead = dead_lettered(&mut conn, &args.stream, &args.group).await?;

@@ -93,27 +93,23 @@ async fn count_between(
     after: EntryId,
     upto: EntryId,
 ) -> anyhow::Result<u64> {
-    const PAGE: usize = 10_000;
     let mut count = 0;
-    let mut start = format!("({after}");
     let mut progress = Progress::new("counting", None);
-    loop {
-        let ids: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg(upto.to_string())
-            .arg("COUNT")
-            .arg(PAGE)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("XRANGE {stream}"))?;
-        count += ids.len() as u64;
-        progress.add(ids.len() as u64);
-        match ids.last() {
-            Some((last, _)) if ids.len() == PAGE => start = format!("({last}"),
-            _ => break,
-        }
-    }
+    let start = format!("({after}");
+    // Only the ids are needed: each entry's fields are read as an opaque value.
+    crate::redis_read::pages(
+        conn,
+        stream,
+        &start,
+        &upto.to_string(),
+        10_000,
+        |page: Vec<(String, redis::Value)>| {
+            count += page.len() as u64;
+            progress.add(page.len() as u64);
+            true
+        },
+    )
+    .await?;
     progress.finish();
     Ok(count)
 }
@@ -137,10 +133,7 @@ pub async fn run(
     args: ReplayArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn = crate::redis_read::connect(&client).await?;
     if args.from_postgres {
         let store = store.expect("validated: a database URL");
         return crate::rebuild::run(

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
@@ -135,10 +134,7 @@ pub async fn run(
     args: StatusArgs,
     output: Output,
 ) -> anyhow::Result<bool> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn = crate::redis_read::connect(&client).await?;
     let found = streams::resolve(&mut conn, &args.select.streams).await?;
     let snap = snapshot::take(&mut conn, &found, args.select.group.as_deref(), true).await?;
     let pairs: u64 = snap.streams.iter().map(|s| s.groups.len() as u64).sum();

@@ -16,8 +16,10 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+use crate::groups_info::{groups, GroupInfo};
 use crate::output::{print, Output, Table};
 use crate::progress::Progress;
+use crate::redis_read::{connect, pages};
 use streamfleet::store::EventStore;
 use streamfleet::{EntryId, REDRIVE_GROUP_FIELD};
 
@@ -52,65 +54,32 @@ async fn find(
     (start, end): (String, String),
 ) -> anyhow::Result<Vec<Found>> {
     let mut out = Vec::new();
-    let mut start = start;
     let mut progress = Progress::new("searching", None);
-    loop {
-        let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg(&end)
-            .arg("COUNT")
-            .arg(PAGE)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("XRANGE {stream}"))?;
-        let Some((last, _)) = page.last() else { break };
-        start = format!("({last}");
-        let full = page.len() == PAGE;
-        progress.add(page.len() as u64);
-        for (id, fields) in page {
-            if fields.get("id").map(String::as_str) == Some(event_id) {
-                if let Ok(id) = id.parse() {
-                    out.push(Found {
-                        stream: stream.to_owned(),
-                        id,
-                        fields,
-                    });
+    pages(
+        conn,
+        stream,
+        &start,
+        &end,
+        PAGE,
+        |page: Vec<(String, HashMap<String, String>)>| {
+            progress.add(page.len() as u64);
+            for (id, fields) in page {
+                if fields.get("id").map(String::as_str) == Some(event_id) {
+                    if let Ok(id) = id.parse() {
+                        out.push(Found {
+                            stream: stream.to_owned(),
+                            id,
+                            fields,
+                        });
+                    }
                 }
             }
-        }
-        if !full {
-            break;
-        }
-    }
+            true
+        },
+    )
+    .await?;
     progress.finish();
     Ok(out)
-}
-
-/// The groups of `stream`: (name, last delivered id).
-async fn groups(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-) -> anyhow::Result<Vec<(String, Option<EntryId>)>> {
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .unwrap_or_default();
-    Ok(groups
-        .iter()
-        .filter_map(|g| {
-            let text = |k: &str| {
-                g.get(k)
-                    .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-            };
-            Some((
-                text("name")?,
-                text("last-delivered-id").and_then(|s| s.parse().ok()),
-            ))
-        })
-        .collect())
 }
 
 /// The dead letters of `stream` for entries `ids` (written after the oldest of them).
@@ -125,28 +94,22 @@ async fn dead_letters(
     let wanted: Vec<String> = ids.iter().map(EntryId::to_string).collect();
     let key = format!("{stream}{}", streamfleet::DLQ_SUFFIX);
     let mut out = Vec::new();
-    let mut start = format!("{}-0", oldest.ms);
-    loop {
-        let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(PAGE)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("XRANGE {key}"))?;
-        let Some((last, _)) = page.last() else { break };
-        start = format!("({last}");
-        let full = page.len() == PAGE;
-        out.extend(page.into_iter().filter(|(_, f)| {
-            f.get("dlq_entry_id").is_some_and(|e| wanted.contains(e))
-                && f.get("dlq_stream").map(String::as_str) == Some(stream)
-        }));
-        if !full {
-            break;
-        }
-    }
+    let start = format!("{}-0", oldest.ms);
+    pages(
+        conn,
+        &key,
+        &start,
+        "+",
+        PAGE,
+        |page: Vec<(String, HashMap<String, String>)>| {
+            out.extend(page.into_iter().filter(|(_, f)| {
+                f.get("dlq_entry_id").is_some_and(|e| wanted.contains(e))
+                    && f.get("dlq_stream").map(String::as_str) == Some(stream)
+            }));
+            true
+        },
+    )
+    .await?;
     Ok(out)
 }
 
@@ -154,37 +117,36 @@ async fn dead_letters(
 async fn state(
     conn: &mut MultiplexedConnection,
     found: &Found,
-    (group, last_delivered): &(String, Option<EntryId>),
+    group: &GroupInfo,
     dead: &[(String, HashMap<String, String>)],
 ) -> anyhow::Result<Value> {
-    let id = found.id.to_string();
+    let (id, name) = (found.id.to_string(), group.name.as_str());
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(&found.stream)
-        .arg(group)
+        .arg(name)
         .arg(&id)
         .arg(&id)
         .arg(1)
         .query_async(conn)
         .await
-        .with_context(|| format!("XPENDING {} {group}", found.stream))?;
+        .with_context(|| format!("XPENDING {} {name}", found.stream))?;
     if let Some((_, consumer, idle_ms, deliveries)) = pending.into_iter().next() {
         return Ok(
             json!({"state": "pending", "consumer": consumer, "idle_ms": idle_ms, "deliveries": deliveries}),
         );
     }
-    if last_delivered.is_none_or(|l| found.id > l) {
+    if found.id > group.last_delivered {
         return Ok(json!({"state": "not_delivered"}));
     }
-    if let Some((dlq_id, f)) = dead
-        .iter()
-        .find(|(_, f)| f.get("dlq_entry_id") == Some(&id) && f.get("dlq_group") == Some(group))
-    {
+    if let Some((dlq_id, f)) = dead.iter().find(|(_, f)| {
+        f.get("dlq_entry_id") == Some(&id) && f.get("dlq_group").map(String::as_str) == Some(name)
+    }) {
         return Ok(
             json!({"state": "dead_lettered", "dead_letter": dlq_id, "reason": f.get("dlq_reason")}),
         );
     }
     if let Some(for_group) = found.fields.get(REDRIVE_GROUP_FIELD) {
-        if for_group != group {
+        if for_group != name {
             return Ok(
                 json!({"state": "skipped", "why": format!("redriven for group {for_group}")}),
             );
@@ -221,10 +183,7 @@ pub async fn run(
     args: TraceArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn = connect(&client).await?;
     let event_id = args.event_id.to_string();
     let row = match &store {
         Some(store) => store
@@ -269,7 +228,8 @@ pub async fn run(
         }
         let ids: Vec<EntryId> = here.iter().map(|f| f.id).collect();
         let dead = dead_letters(&mut conn, stream, &ids).await?;
-        let groups = groups(&mut conn, stream).await?;
+        // A stream without groups answers XINFO GROUPS with an empty list; a missing one is an error.
+        let groups = groups(&mut conn, stream).await.unwrap_or_default();
         for f in here {
             let mut states = Vec::new();
             for g in &groups {
@@ -277,10 +237,10 @@ pub async fn run(
                 table.row(vec![
                     stream.clone(),
                     f.id.to_string(),
-                    g.0.clone(),
+                    g.name.clone(),
                     describe(&s),
                 ]);
-                states.push(json!({"group": g.0, "state": s}));
+                states.push(json!({"group": g.name, "state": s}));
             }
             if groups.is_empty() {
                 table.row(vec![
