@@ -267,18 +267,9 @@ impl BackpressureStage {
             let lossy = !r.route.strict;
             let rule = self.rules.lookup(channel);
             let behind = room.queues.contains_key(key);
-            let mut wait = Waiting {
-                entry: Entry {
-                    stream: r.stream.clone(),
-                    id: r.entry_id,
-                    fields: None,
-                    deliveries: 0,
-                },
-                channel: channel.to_owned(),
-                not_before: now,
-                limit: None,
-                coalesce: None,
-            };
+            // The decision, allocating nothing for an event that goes now.
+            let mut not_before = now;
+            let (mut limit, mut coalesce): (Option<&str>, Option<&str>) = (None, None);
             match rule {
                 None | Some((_, Backpressure::Block)) => {}
                 Some((pattern, Backpressure::Drop { max_age_ms })) => {
@@ -290,16 +281,15 @@ impl BackpressureStage {
                 }
                 Some((pattern, Backpressure::Coalesce { window_ms })) => {
                     if lossy {
-                        wait.not_before = now + Duration::from_millis(*window_ms);
-                        wait.coalesce = Some(pattern.as_str().to_owned());
+                        not_before = now + Duration::from_millis(*window_ms);
+                        coalesce = Some(pattern.as_str());
                     }
                 }
                 Some((pattern, Backpressure::RateLimit { over_limit, .. })) => {
                     let over_limit = if lossy { *over_limit } else { OverLimit::Block };
-                    let rule = || Some(pattern.as_str().to_owned());
                     if behind && over_limit != OverLimit::Drop {
                         // Its budget is spent when it reaches the front.
-                        wait.limit = rule();
+                        limit = Some(pattern.as_str());
                     } else if let Err(until) =
                         self.spend(pattern.as_str(), channel, over_limit != OverLimit::Drop)
                     {
@@ -308,19 +298,25 @@ impl BackpressureStage {
                             out.shed += 1;
                             continue;
                         }
-                        wait.not_before = now + until;
-                        wait.limit = rule();
+                        not_before = now + until;
+                        limit = Some(pattern.as_str());
                     }
-                    if wait.limit.is_some() && over_limit == OverLimit::Coalesce {
-                        wait.coalesce = rule();
+                    if limit.is_some() && over_limit == OverLimit::Coalesce {
+                        coalesce = limit;
                     }
                 }
             }
-            if !behind && wait.coalesce.is_none() && wait.limit.is_none() {
+            if !behind && coalesce.is_none() && limit.is_none() {
                 out.now.push(r);
                 continue;
             }
-            wait.entry = entries[index].detached();
+            let wait = Waiting {
+                entry: entries[index].detached(),
+                channel: channel.to_owned(),
+                not_before,
+                limit: limit.map(str::to_owned),
+                coalesce: coalesce.map(str::to_owned),
+            };
             if room.enqueue(key, wait) {
                 if let Some((pattern, _)) = rule {
                     count(pattern.as_str(), "coalesced");
