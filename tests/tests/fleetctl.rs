@@ -306,33 +306,9 @@ async fn read_stream_of_ten(conn: &mut MultiplexedConnection) -> String {
 
 /// Reads what the group `g` has not been delivered yet (as `c1`), acknowledges it, returns ids.
 async fn read_new(conn: &mut MultiplexedConnection, stream: &str) -> Vec<String> {
-    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("g")
-        .arg("c1")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let ids: Vec<String> = reply
-        .keys
-        .into_iter()
-        .flat_map(|k| k.ids)
-        .map(|e| e.id)
-        .collect();
+    let ids = deliver(conn, stream, "g", "c1", 100).await;
     if !ids.is_empty() {
-        let () = redis::cmd("XACK")
-            .arg(stream)
-            .arg("g")
-            .arg(&ids)
-            .query_async(conn)
-            .await
-            .map(|_: u64| ())
-            .unwrap();
+        ack(conn, stream, "g", &ids).await;
     }
     ids
 }
