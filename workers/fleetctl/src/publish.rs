@@ -36,7 +36,8 @@ pub struct PublishArgs {
     #[arg(long, value_name = "N", conflicts_with = "event_type")]
     generate: Option<u64>,
 
-    /// With --generate: publish at this many events per second (steady load) instead of at once.
+    /// With --generate: publish at this many events per second, a slice every millisecond (a
+    /// steady load), instead of at once.
     #[arg(long, value_name = "EVENTS_PER_SECOND", requires = "generate")]
     rate: Option<u64>,
 
@@ -329,8 +330,8 @@ pub async fn run(
         Prepared::Generate => {
             let n = args.generate.unwrap_or(0);
             let mut progress = Progress::new("publish", Some(n));
-            // Paced: one slice every 10 ms, each event timestamped as it is sent.
-            let slice = args.rate.map(|r| (r / 100).max(1) as usize);
+            // Paced: one slice every millisecond, each event timestamped as it is sent.
+            let slice = args.rate.map(|r| (r / 1000).max(1) as usize);
             let started = tokio::time::Instant::now();
             for i in 0..n {
                 batch.push(generated(i, args.user_share, &args.source));
