@@ -257,6 +257,17 @@ impl PrivateRedis {
         }
         self.spawn();
     }
+
+    /// A crash: SIGKILL, then start again on the same data. With `appendfsync always` every
+    /// reply was preceded by its write to the AOF; a transaction cut short at its end is dropped
+    /// when the AOF loads.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
 }
 
 impl Drop for PrivateRedis {

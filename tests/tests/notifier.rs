@@ -139,6 +139,72 @@ async fn kill_9_mid_load_publishes_every_event_at_least_once_with_its_entry_id()
     worker.stop_cleanly().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_load_the_notifier_resumes_and_publishes_what_follows() {
+    // Pub/Sub keeps nothing for a subscriber that is not connected: what the notifier published
+    // while the subscribers were away is theirs to catch up on (the projector's history). What
+    // it owes: every entry acknowledged once published, and everything after the restart
+    // published with its entry id.
+    let mut server = streamfleet_tests::servers::PrivateRedis::start();
+    let stream = unique("notify-restart:");
+    let before = subscriber_at(&server.url(), &format!("{stream}:*")).await;
+    let (lines, ids) = flow_events(20_000, 50);
+    let (first, second) = lines.split_at(10_000);
+    publish_lines_to(&server.url(), &stream, first).await;
+    let mut worker = notifier(&stream)
+        // 50 a second per channel, waiting (`block`): ~2 500 a second over the 50 channels, so
+        // the restart comes mid-load, with events waiting for their channel.
+        .set(
+            "FLEET_CONFIG",
+            &config(
+                "batch_size = 100\n[[route]]\npattern = \"flow.*.progress\"\npublish = \"{stream}:{channel}\"\n\
+                 [[backpressure]]\npattern = \"flow.*.progress\"\nmode = \"rate_limit\"\n\
+                 per_second = 50\nburst = 50\nover_limit = \"block\"",
+            ),
+        )
+        .set("FLEET_REDIS_URL", &server.url())
+        .start("notifier")
+        .await;
+    wait_until(
+        Duration::from_secs(60),
+        "messages before the restart",
+        || {
+            let before = before.clone();
+            async move { before.lock().unwrap().len() >= 1_000 }
+        },
+    )
+    .await;
+    server.restart();
+    let after = subscriber_at(&server.url(), &format!("{stream}:*")).await;
+    publish_lines_to(&server.url(), &stream, second).await;
+    let conn = redis_at(&server.url()).await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let by_id = every_id_received(&after, &ids[10_000..]).await;
+    for (id, copies) in &by_id {
+        let entry_ids: std::collections::HashSet<&str> = copies
+            .iter()
+            .map(|m| m["entry_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(entry_ids.len(), 1, "{id}: duplicates carry one entry id");
+    }
+    let seen_before = before.lock().unwrap().len();
+    assert!(
+        seen_before < 10_000,
+        "the restart came mid-load ({seen_before} received before it)"
+    );
+    let dlq: usize = redis::cmd("XLEN")
+        .arg(format!("{stream}:dlq"))
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(dlq, 0, "waiting is never a failure");
+    assert!(
+        worker.metric("fleet_reconnects_total", "redis").await >= 1.0,
+        "reconnected after the restart"
+    );
+    worker.stop_cleanly().await;
+}
+
 /// A message received, with when (this machine's clock, as the event's `time` at publishing).
 type Timed = std::sync::Arc<std::sync::Mutex<Vec<(Value, time::OffsetDateTime)>>>;
 

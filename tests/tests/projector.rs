@@ -244,6 +244,56 @@ async fn kill_9_five_times_during_a_load_of_50000_applies_every_effect_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_then_killed_mid_load_applies_every_effect_once() {
+    // A script's effects and its acknowledgements reach the AOF as one transaction: after a
+    // clean restart, and after a SIGKILL of redis-server itself (`appendfsync always`), an entry
+    // is either applied and acknowledged or neither.
+    let mut server = streamfleet_tests::servers::PrivateRedis::start();
+    let stream = unique("proj-restart:");
+    // No producer retries and no dedup window: the acknowledgement in the script alone keeps it
+    // exact.
+    let (lines, ids) = load(30_000, 30, 0);
+    let (first, rest) = lines.split_at(lines.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    publish_lines_to(&server.url(), &stream, first).await;
+    let mut worker = projector(&stream, &effects_config(
+        "batch_size = 100\ndedup_window_s = 0\nhandler_timeout_ms = 2000\nclaim_idle_ms = 3000\nclaim_interval_ms = 500",
+    ))
+        .set("FLEET_REDIS_URL", &server.url())
+        .start("projector")
+        .await;
+    // The server keeps its port across the restart and the crash.
+    let (url, key) = (server.url(), format!("{stream}:count:all:2026-11-26T12:00"));
+    let counted = |at_least: i64| {
+        let (url, key) = (url.clone(), key.clone());
+        async move { get_int(&mut redis_at(&url).await, &key).await >= at_least }
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "effects before the restart",
+        || counted(500),
+    )
+    .await;
+    server.restart();
+    publish_lines_to(&server.url(), &stream, second).await;
+    wait_until(Duration::from_secs(60), "effects after the restart", || {
+        counted(first.len() as i64 + 500)
+    })
+    .await;
+    server.crash();
+    publish_lines_to(&server.url(), &stream, third).await;
+    let mut conn = redis_at(&server.url()).await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_exactly_once(&mut conn, &stream, &ids).await;
+    assert!(dead_letters(&mut conn, &stream).await.is_empty());
+    assert!(
+        worker.metric("fleet_reconnects_total", "redis").await >= 2.0,
+        "reconnected after the restart and the crash"
+    );
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_frozen_mid_batch_while_another_reclaims_its_entries_doubles_nothing() {
     let stream = unique("proj-frozen:");
     let (lines, ids) = load(30_000, 20, 0);
@@ -340,6 +390,70 @@ async fn a_replay_within_the_dedup_window_applies_nothing_again_and_without_it_c
         }
         worker.stop_cleanly().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_by_glob_in_batches_of_3000_apply_every_effect_once_and_invalidate_caches() {
+    // Two streams matched by one glob, each its own script call and checkpoint; batches beyond
+    // the script's chunks of 1 000 (entries acknowledged with no effect, the dedup window's
+    // lookups and adds); and `invalidate`, which deletes each flow's cache key.
+    let prefix = unique("proj-glob:");
+    let cfg = effects_config("batch_size = 3000\nmax_in_flight = 12000\nhandler_concurrency = 1");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&cfg)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\n[[route]]\npattern = \"user.#\"\n"))
+        .unwrap();
+    let mut conn = redis().await;
+    let mut expected = Vec::new();
+    for name in ["a", "b"] {
+        let stream = format!("{prefix}:{name}");
+        let (flows, ids) = load(4_000, 40, 0);
+        let mut lines = Vec::new();
+        for (i, line) in flows.into_iter().enumerate() {
+            lines.push(line);
+            if i % 4 != 3 {
+                lines.push(streamfleet_tests::corpus::valid_line(
+                    Uuid::now_v7(),
+                    true,
+                    i,
+                ));
+            }
+        }
+        publish_lines(&stream, &lines).await;
+        for flow in ids.keys() {
+            let _: () = redis::cmd("SET")
+                .arg(format!("{stream}:cache:{flow}"))
+                .arg("stale")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        expected.push((stream, ids));
+    }
+    let mut worker = projector(&format!("{prefix}:*"), &cfg)
+        .start("projector")
+        .await;
+    for (stream, ids) in &expected {
+        wait_settled(&conn, stream, GROUP).await;
+        assert_exactly_once(&mut conn, stream, ids).await;
+        wait_checkpointed_in_redis(&conn, stream, GROUP).await;
+        for flow in ids.keys() {
+            let cached: bool = redis::cmd("EXISTS")
+                .arg(format!("{stream}:cache:{flow}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(!cached, "{stream}:cache:{flow} invalidated");
+        }
+        assert!(dead_letters(&mut conn, stream).await.is_empty());
+    }
+    assert_eq!(
+        worker.metric("fleet_events_acknowledged_total", "").await,
+        2.0 * 7_000.0,
+        "every entry acknowledged once"
+    );
+    worker.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
