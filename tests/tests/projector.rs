@@ -446,6 +446,21 @@ async fn streams_by_glob_in_batches_of_3000_apply_every_effect_once_and_invalida
                 .unwrap();
             assert!(!cached, "{stream}:cache:{flow} invalidated");
         }
+        // TTLs: a counter's (ttl_s = 600; a day by default) set when it is created, a history's
+        // refreshed (a day, plus the refresh interval of an hour).
+        let flow = ids.keys().next().unwrap();
+        for (key, low, high) in [
+            (format!("{stream}:count:all:2026-11-26T12:00"), 1, 600),
+            (format!("{stream}:count:{flow}"), 86_000, 86_400),
+            (format!("{stream}:history:{flow}"), 89_000, 90_000),
+        ] {
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!((low..=high).contains(&ttl), "{key}: TTL {ttl}");
+        }
         assert!(dead_letters(&mut conn, stream).await.is_empty());
     }
     assert_eq!(

@@ -8,16 +8,18 @@
 --
 -- KEYS[1] the stream, KEYS[2] its checkpoints hash, KEYS[3..] the keys the effects write.
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] checkpoint ('' for none), ARGV[4] dedup TTL (s),
--- ARGV[5] the number M of entries with no effect, ARGV[6..5+M] their ids; then per entry with
--- effects: entry id, dedup set (a KEYS index, 0 for none), event id, the event's JSON, number of
--- op arguments, op arguments, each op one of
---   L key version        latest: {event, stream, entry_id, version}, if above the stored version
---   I key                invalidate: delete the key
---   C key ttl            count: +1 (TTL set when the counter is created)
---   H key maxlen ttl     history: XADD MAXLEN ~ {event, stream, entry_id}, TTL refreshed
--- (key: a KEYS index). Returns {applied, duplicates, skipped, entry number, error, ...} with the
--- entries it rejects (numbered from 1 among those with effects; left pending, for a dead letter),
--- or {-1, error} when the group is gone.
+-- ARGV[5] the number M of entries with no effect, ARGV[6..5+M] their ids; then the number of
+-- shapes and each shape: its op letters (one per op, in order), then one constant per op:
+--   L   latest: {event, stream, entry_id, version}, if above the stored version (constant 0)
+--   I   invalidate: delete the key (constant 0)
+--   C   count: +1, the constant the TTL set when the counter is created
+--   H   history: XADD MAXLEN ~ constant {event, stream, entry_id}
+-- then the number of history TTLs this call refreshes and as many pairs (key, TTL); then per
+-- entry with effects: entry id, dedup set (a KEYS index, 0 for none), event id, the event's
+-- JSON, its shape's number, and per op its key (a KEYS index), for L followed by the version.
+-- Returns {applied, duplicates, skipped, entry number, error, ...} with the entries it rejects
+-- (numbered from 1 among those with effects; left pending, for a dead letter), or {-1, error}
+-- when the group is gone.
 --
 -- Nothing may fail once an entry is acknowledged: the types of its latest keys (read with their
 -- stored version) and counters are checked before its XACK, once per key per call; its history
@@ -62,11 +64,35 @@ if plain > 0 then
   result[2] = plain - acked
 end
 
--- Where each entry with effects has its arguments.
-local starts, i, last = {}, 6 + plain, #ARGV
+-- The shapes: per op its letter and constant; `width`, the arguments an entry has for them.
+local i = 6 + plain
+local shapes = {}
+for n = 1, tonumber(ARGV[i]) do
+  local letters = ARGV[i + 1]
+  local shape = {width = 0}
+  for o = 1, #letters do
+    local op = string.sub(letters, o, o)
+    shape[o] = {op, ARGV[i + 1 + o]}
+    shape.width = shape.width + (op == 'L' and 2 or 1)
+  end
+  shapes[n] = shape
+  i = i + 1 + #letters
+end
+i = i + 1
+local expire = {}
+for _ = 1, tonumber(ARGV[i]) do
+  expire[tonumber(ARGV[i + 1])] = tonumber(ARGV[i + 2])
+  i = i + 2
+end
+i = i + 1
+
+-- Where each entry with effects has its arguments, and its shape.
+local starts, shape_of, last = {}, {}, #ARGV
 while i <= last do
-  starts[#starts + 1] = i
-  i = i + 5 + tonumber(ARGV[i + 4])
+  local n = #starts + 1
+  starts[n] = i
+  shape_of[n] = shapes[tonumber(ARGV[i + 4])]
+  i = i + 5 + shape_of[n].width
 end
 
 -- Key types as the writes will find them ('integer': a string a counter can add to), and the
@@ -115,16 +141,16 @@ for d, ns in pairs(asked) do
   end
 end
 
-local STEP = {L = 3, I = 2, C = 3, H = 4}
 local WANT = {L = 'hash', C = 'integer', H = 'stream'}
-local settled, latest, counts, count_ttl, dels, history_ttl, adds = {}, {}, {}, {}, {}, {}, {}
+local settled, counts, count_ttl, dels, appended, adds = {}, {}, {}, {}, {}, {}
+-- Per latest key, the newest version of the call: its argument, and its entry's start.
+local latest, latest_entry = {}, {}
 local function reject(n, why)
   result[#result + 1] = n
   result[#result + 1] = why
 end
 for n, s in ipairs(starts) do
-  local id = ARGV[s]
-  local from, to = s + 5, s + 4 + tonumber(ARGV[s + 4])
+  local id, shape = ARGV[s], shape_of[n]
   local d = tonumber(ARGV[s + 1])
   local why
   if seen[n] then
@@ -137,9 +163,10 @@ for n, s in ipairs(starts) do
     end
     -- The types its effects need, against what the keys hold or what earlier entries of the call
     -- made of them (a key two kinds of effect write fails the later ones).
-    local j = from
-    while not why and j <= to do
-      local op, k = ARGV[j], tonumber(ARGV[j + 1])
+    local j = s + 5
+    for o = 1, #shape do
+      if why then break end
+      local op, k = shape[o][1], tonumber(ARGV[j])
       local want = WANT[op]
       if want then
         local t = types[k]
@@ -154,7 +181,7 @@ for n, s in ipairs(starts) do
           types[k] = want
         end
       end
-      j = j + STEP[op]
+      j = j + (op == 'L' and 2 or 1)
     end
     if why then
       reject(n, why)
@@ -163,41 +190,51 @@ for n, s in ipairs(starts) do
       result[2] = result[2] + 1
     else
       -- Acknowledged: its history appends, then its gathered effects.
-      local written
-      j = from
-      while not why and j <= to do
-        if ARGV[j] == 'H' then
-          local k = tonumber(ARGV[j + 1])
-          local r = try('XADD', KEYS[k], 'MAXLEN', '~', ARGV[j + 2], '*', 'event', ARGV[s + 3],
+      j = s + 5
+      for o = 1, #shape do
+        local op = shape[o][1]
+        if op == 'H' then
+          local k = tonumber(ARGV[j])
+          local r = try('XADD', KEYS[k], 'MAXLEN', '~', shape[o][2], '*', 'event', ARGV[s + 3],
             'stream', stream, 'entry_id', id)
           if type(r) == 'table' and r.err then
             why = KEYS[k] .. ' holds a ' .. call('TYPE', KEYS[k]).ok .. ', not a stream (H)'
-            if written then why = why .. '; appended before it: ' .. written end
-          else
-            written = (written and written .. ', ' or '') .. KEYS[k]
-            history_ttl[k] = tonumber(ARGV[j + 3])
+            -- The appends before it (an entry's ops stop at the first failure).
+            local written, w = {}, s + 5
+            for p = 1, o - 1 do
+              if shape[p][1] == 'H' then written[#written + 1] = KEYS[tonumber(ARGV[w])] end
+              w = w + (shape[p][1] == 'L' and 2 or 1)
+            end
+            if #written > 0 then why = why .. '; appended before it: ' .. table.concat(written, ', ') end
+            break
           end
+          appended[k] = true
         end
-        j = j + STEP[ARGV[j]]
+        j = j + (op == 'L' and 2 or 1)
       end
       if why then
         call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
         reject(n, why)
       else
         result[1] = result[1] + 1
-        j = from
-        while j <= to do
-          local op, k = ARGV[j], tonumber(ARGV[j + 1])
+        j = s + 5
+        for o = 1, #shape do
+          local op, k = shape[o][1], tonumber(ARGV[j])
           if op == 'L' then
             local c = latest[k]
-            if not c or ARGV[j + 2] > ARGV[c + 2] then latest[k] = j end
-          elseif op == 'I' then
-            dels[KEYS[k]] = true
-          elseif op == 'C' then
-            counts[k] = (counts[k] or 0) + 1
-            count_ttl[k] = tonumber(ARGV[j + 2])
+            if not c or ARGV[j + 1] > ARGV[c] then
+              latest[k], latest_entry[k] = j + 1, s
+            end
+            j = j + 2
+          else
+            if op == 'I' then
+              dels[KEYS[k]] = true
+            elseif op == 'C' then
+              counts[k] = (counts[k] or 0) + 1
+              count_ttl[k] = tonumber(shape[o][2])
+            end
+            j = j + 1
           end
-          j = j + STEP[op]
         end
         if d > 0 then
           adds[d] = adds[d] or {}
@@ -208,20 +245,16 @@ for n, s in ipairs(starts) do
   end
 end
 
--- The gathered writes, once per key. A latest op's entry is the nearest start before it.
+-- The gathered writes, once per key.
 local deleted = {}
 for key in pairs(dels) do deleted[#deleted + 1] = key end
 if #deleted > 0 then must('DEL', {}, deleted) end
-local owner = {}
-for _, s in ipairs(starts) do owner[s] = true end
-for k, j in pairs(latest) do
-  local was = stored[k]
+for k, at in pairs(latest) do
+  local was, version, s = stored[k], ARGV[at], latest_entry[k]
   if dels[KEYS[k]] then was = false end
-  if not was or ARGV[j + 2] > was then
-    local s = j
-    while not owner[s] do s = s - 1 end
+  if not was or version > was then
     call('HSET', KEYS[k], 'event', ARGV[s + 3], 'stream', stream, 'entry_id', ARGV[s],
-      'version', ARGV[j + 2])
+      'version', version)
   end
 end
 for k, c in pairs(counts) do
@@ -229,8 +262,8 @@ for k, c in pairs(counts) do
     call('EXPIRE', KEYS[k], count_ttl[k])
   end
 end
-for k, ttl in pairs(history_ttl) do
-  if ttl > 0 then call('EXPIRE', KEYS[k], ttl) end
+for k in pairs(appended) do
+  if expire[k] then call('EXPIRE', KEYS[k], expire[k]) end
 end
 for d, ids in pairs(adds) do
   must('SADD', {KEYS[d]}, ids)
