@@ -12,8 +12,8 @@
 -- shapes and each shape: its op letters (one per op, in order), then one constant per op:
 --   L   latest: {event, stream, entry_id, version}, if above the stored version (constant 0)
 --   I   invalidate: delete the key (constant 0)
---   C   count: +1, the constant the TTL set when the counter is created
---   H   history: XADD MAXLEN ~ constant {event, stream, entry_id}
+--   C   count: +1 (constant: the TTL set when the counter is created)
+--   H   history: XADD MAXLEN ~ <constant> {event, stream, entry_id}
 -- then the number of history TTLs this call refreshes and as many pairs (key, TTL); then per
 -- entry with effects: entry id, dedup set (a KEYS index, 0 for none), event id, the event's
 -- JSON, its shape's number, and per op its key (a KEYS index), for L followed by the version.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use streamfleet::event::template::{Scope, Template};
-use streamfleet::runtime::config::{Action, VersionBy};
+use streamfleet::runtime::config::{Action, Route, VersionBy};
 use streamfleet::runtime::scripts::Lua;
 use streamfleet::{EntryId, Routed};
 
@@ -21,11 +21,14 @@ pub struct Call {
     /// `KEYS[3..]`.
     keys: Vec<String>,
     index: HashMap<String, usize>,
-    /// The shapes of the call's entries (their actions' letters and constants), each sent once,
-    /// so that an entry carries only its keys and versions: every argument costs redis-server
-    /// time to parse and to turn into a Lua string (~1 µs/event less, measured).
+    /// The shapes of the call's entries (their actions' letters and constants), one per route,
+    /// each sent once, so that an entry carries only its keys and versions: every argument costs
+    /// redis-server time to parse and to turn into a Lua string (9 arguments per entry of the
+    /// bench instead of 15: 1.0–1.5 µs of its CPU per event less in a micro-benchmark, ~3 % on
+    /// the drain, inside its noise; docs/performance.md).
     shapes: Vec<Vec<u8>>,
-    shape_index: HashMap<String, usize>,
+    /// The shape number of each route (by address: routes live as long as the configuration).
+    shape_of: HashMap<usize, usize>,
     /// History streams whose TTL this call refreshes: (KEYS index, TTL).
     expire: HashMap<usize, u64>,
     /// The arguments of the entries with effects.
@@ -117,7 +120,7 @@ impl Call {
             keys: Vec::new(),
             index: HashMap::new(),
             shapes: Vec::new(),
-            shape_index: HashMap::new(),
+            shape_of: HashMap::new(),
             expire: HashMap::new(),
             args: Vec::new(),
             sent: Vec::new(),
@@ -135,21 +138,21 @@ impl Call {
         })
     }
 
-    /// The number of the shape of `ops` in this call (from 1), added on first use.
-    fn shape(&mut self, ops: &[(u8, String, [u64; 2], String)]) -> usize {
-        let letters: Vec<u8> = ops.iter().map(|(op, ..)| *op).collect();
-        let constants: Vec<u64> = ops
-            .iter()
-            .map(|(op, _, [a, _], _)| if matches!(op, b'C' | b'H') { *a } else { 0 })
-            .collect();
-        let name = format!("{}{constants:?}", String::from_utf8_lossy(&letters));
-        let next = self.shape_index.len() + 1;
-        *self.shape_index.entry(name).or_insert_with(|| {
-            self.shapes.push(letters);
-            self.shapes
-                .extend(constants.iter().map(|c| c.to_string().into_bytes()));
-            next
-        })
+    /// The number of the shape of `route`'s `ops` in this call (from 1), added on first use: the
+    /// ops' letters, then each op's constant (a counter's TTL, a history's cap, else 0).
+    fn shape(&mut self, route: &Route, ops: &[(u8, String, [u64; 2], String)]) -> usize {
+        let next = self.shape_of.len() + 1;
+        *self
+            .shape_of
+            .entry(std::ptr::from_ref(route) as usize)
+            .or_insert_with(|| {
+                self.shapes.push(ops.iter().map(|(op, ..)| *op).collect());
+                self.shapes.extend(ops.iter().map(|(op, _, [a, _], _)| {
+                    let constant = if matches!(op, b'C' | b'H') { *a } else { 0 };
+                    constant.to_string().into_bytes()
+                }));
+                next
+            })
     }
 
     /// Adds one event with its route's actions; an event a template cannot be rendered for is
@@ -209,7 +212,7 @@ impl Call {
         } else {
             0
         };
-        let shape = self.shape(&ops);
+        let shape = self.shape(r.route, &ops);
         self.args.push(r.entry_id.to_string().into_bytes());
         self.args.push(dedup_index.to_string().into_bytes());
         self.args.push(e.id.as_bytes().to_vec());
@@ -247,7 +250,7 @@ impl Call {
         for id in &self.plain {
             cmd.arg(id.to_string());
         }
-        cmd.arg(self.shape_index.len());
+        cmd.arg(self.shape_of.len());
         for a in &self.shapes {
             cmd.arg(&a[..]);
         }
