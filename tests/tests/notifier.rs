@@ -192,12 +192,11 @@ async fn redis_restarted_mid_load_the_notifier_resumes_and_publishes_what_follow
         seen_before < 10_000,
         "the restart came mid-load ({seen_before} received before it)"
     );
-    let dlq: usize = redis::cmd("XLEN")
-        .arg(format!("{stream}:dlq"))
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    assert_eq!(dlq, 0, "waiting is never a failure");
+    assert_eq!(
+        dead_letters_at(&server.url(), &stream).await,
+        0,
+        "waiting is never a failure"
+    );
     assert!(
         worker.metric("fleet_reconnects_total", "redis").await >= 1.0,
         "reconnected after the restart"
@@ -522,7 +521,12 @@ async fn a_flood_beyond_max_in_flight_under_block_pauses_reading_and_loses_nothi
 
 /// Entries in `<stream>:dlq`.
 async fn dead_letters(stream: &str) -> usize {
-    let mut conn = redis().await;
+    dead_letters_at(&redis_url(), stream).await
+}
+
+/// The length of `stream`'s dead letter stream on the Redis at `url`.
+async fn dead_letters_at(url: &str, stream: &str) -> usize {
+    let mut conn = redis_at(url).await;
     redis::cmd("XLEN")
         .arg(format!("{stream}:dlq"))
         .query_async::<usize>(&mut conn)
