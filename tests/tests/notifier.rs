@@ -72,6 +72,17 @@ async fn every_id_received(received: &Received, ids: &[String]) -> HashMap<Strin
     by_id
 }
 
+/// A message published again (after a crash, a restart) carries the entry id of its first copy.
+fn assert_one_entry_id_each(by_id: &HashMap<String, Vec<Value>>) {
+    for (id, copies) in by_id {
+        let entry_ids: std::collections::HashSet<&str> = copies
+            .iter()
+            .map(|m| m["entry_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(entry_ids.len(), 1, "{id}: duplicates carry one entry id");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_sees_every_event_of_an_unlimited_channel_in_stream_order_per_key() {
     let stream = unique("notify:");
@@ -124,13 +135,7 @@ async fn kill_9_mid_load_publishes_every_event_at_least_once_with_its_entry_id()
     let conn = redis().await;
     wait_settled(&conn, &stream, GROUP).await;
     let by_id = every_id_received(&received, &ids).await;
-    for (id, copies) in &by_id {
-        let entry_ids: std::collections::HashSet<&str> = copies
-            .iter()
-            .map(|m| m["entry_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(entry_ids.len(), 1, "{id}: duplicates carry one entry id");
-    }
+    assert_one_entry_id_each(&by_id);
     let duplicates: usize = by_id.values().map(|c| c.len() - 1).sum();
     eprintln!(
         "kill -9 x3: {} events, {duplicates} published again",
@@ -180,13 +185,7 @@ async fn redis_restarted_mid_load_the_notifier_resumes_and_publishes_what_follow
     let conn = redis_at(&server.url()).await;
     wait_settled(&conn, &stream, GROUP).await;
     let by_id = every_id_received(&after, &ids[10_000..]).await;
-    for (id, copies) in &by_id {
-        let entry_ids: std::collections::HashSet<&str> = copies
-            .iter()
-            .map(|m| m["entry_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(entry_ids.len(), 1, "{id}: duplicates carry one entry id");
-    }
+    assert_one_entry_id_each(&by_id);
     let seen_before = before.lock().unwrap().len();
     assert!(
         seen_before < 10_000,
