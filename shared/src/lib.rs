@@ -28,4 +28,5 @@ pub use pipeline::dlq::{DLQ_SUFFIX, REDRIVE_GROUP_FIELD};
 pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Rejected, Routed};
 pub use runtime::config::{Route, StartFrom};
 pub use source::entry::{EntryId, Fields};
+pub use source::scan_streams_page;
 pub use worker::Worker;

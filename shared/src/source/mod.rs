@@ -192,6 +192,26 @@ pub struct Source {
 /// byte read is held a few times over while in flight: read buffer, batch, statement; measured,
 /// 1 MiB keeps a backlog of 1 MB entries under the 64 MiB target).
 pub(crate) const READ_BUDGET: usize = 1024 * 1024;
+
+/// One `SCAN` page of the stream keys matching `glob` (`TYPE stream`: keys of other types never
+/// come back), as raw bytes: the next cursor (0 at the end) and the keys. Workers' discovery and
+/// fleetctl share it, so both see the same streams.
+pub async fn scan_streams_page<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    cursor: u64,
+    glob: &str,
+) -> redis::RedisResult<(u64, Vec<Vec<u8>>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(glob)
+        .arg("COUNT")
+        .arg(1000)
+        .arg("TYPE")
+        .arg("stream")
+        .query_async(conn)
+        .await
+}
 /// Entries the first read may take, before their size is known.
 const FIRST_READ: usize = 1;
 
@@ -316,16 +336,7 @@ impl Source {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(glob)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("TYPE")
-                .arg("stream")
-                .query_async(&mut self.conn)
-                .await?;
+            let (next, keys) = scan_streams_page(&mut self.conn, cursor, glob).await?;
             for key in keys {
                 match String::from_utf8(key) {
                     Ok(key) => out.push(key),

@@ -89,15 +89,7 @@ pub async fn scan(
     let mut out = Vec::new();
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(glob)
-            .arg("COUNT")
-            .arg(1000)
-            .arg("TYPE")
-            .arg("stream")
-            .query_async(conn)
+        let (next, keys) = streamfleet::scan_streams_page(conn, cursor, glob)
             .await
             .with_context(|| format!("SCAN MATCH {glob} TYPE stream"))?;
         let before = out.len();
