@@ -521,7 +521,19 @@ pub async fn abandon_entries(
         .query_async(conn)
         .await
         .unwrap();
-    let _: Value = redis::cmd("XREADGROUP")
+    deliver(conn, stream, group, consumer, count).await;
+    assert_eq!(pending(conn, stream, group).await, count as u64);
+}
+
+/// Delivers up to `count` new entries of `stream` to `consumer` of `group`, unacknowledged.
+pub async fn deliver(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(group)
         .arg(consumer)
@@ -533,5 +545,10 @@ pub async fn abandon_entries(
         .query_async(conn)
         .await
         .unwrap();
-    assert_eq!(pending(conn, stream, group).await, count as u64);
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .map(|e| e.id)
+        .collect()
 }

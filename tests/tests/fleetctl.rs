@@ -329,29 +329,17 @@ async fn a_replay_to_the_checkpoint_delivers_again_exactly_the_entries_after_it(
         .await
         .map(|_: u64| ())
         .unwrap();
-    let replay = |extra: &'static [&'static str]| {
-        let stream = stream.clone();
-        async move {
-            let mut args = vec![
-                "replay",
-                "--stream",
-                &stream,
-                "--group",
-                "g",
-                "--to-checkpoint",
-            ];
-            args.extend(extra);
-            fleetctl(&args, None).await
-        }
-    };
+    let to_checkpoint =
+        |flags: &[&'static str]| [&["--group", "g", "--to-checkpoint"], flags].concat();
     // c1 just read: an active consumer.
-    let (status, _, err) = replay(&[]).await;
+    let (status, _, err) = replay(&stream, &to_checkpoint(&[])).await;
     assert!(!status.success());
     assert!(
         err.contains("active consumers: c1") && err.contains("--force"),
         "{err}"
     );
-    let (status, out, err) = replay(&["--force", "--dry-run", "--output", "json"]).await;
+    let dry_run = to_checkpoint(&["--force", "--dry-run", "--output", "json"]);
+    let (status, out, err) = replay(&stream, &dry_run).await;
     assert!(status.success(), "{err}");
     let plan: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -366,7 +354,7 @@ async fn a_replay_to_the_checkpoint_delivers_again_exactly_the_entries_after_it(
         read_new(&mut conn, &stream).await.is_empty(),
         "a dry run changes nothing"
     );
-    let (status, out, err) = replay(&["--force"]).await;
+    let (status, out, err) = replay(&stream, &to_checkpoint(&["--force"])).await;
     assert!(status.success(), "{err}");
     assert!(out.contains("delivers 6 entries again"), "{out}");
     assert_eq!(
@@ -377,47 +365,36 @@ async fn a_replay_to_the_checkpoint_delivers_again_exactly_the_entries_after_it(
     assert_eq!(read_new(&mut conn, &stream).await, thousands(5..=10));
 
     // To a time: from the first entry at or after it.
-    let (status, _, err) = fleetctl(
+    let (status, _, err) = replay(
+        &stream,
         &[
-            "replay",
-            "--stream",
-            &stream,
             "--group",
             "g",
             "--to-time",
             "1970-01-01T00:00:06.500Z",
             "--force",
         ],
-        None,
     )
     .await;
     assert!(status.success(), "{err}");
     assert_eq!(read_new(&mut conn, &stream).await, thousands(7..=10));
-    let (status, _, err) = fleetctl(
+    let (status, _, err) = replay(
+        &stream,
         &[
-            "replay",
-            "--stream",
-            &stream,
             "--group",
             "g",
             "--to-time",
             "1970-01-01T00:00:03Z",
             "--force",
         ],
-        None,
     )
     .await;
     assert!(status.success(), "{err}");
     assert_eq!(read_new(&mut conn, &stream).await, thousands(3..=10));
 
     // Forward skips entries: refused without --force; an unknown group is named.
-    let (status, _, err) = fleetctl(
-        &[
-            "replay", "--stream", &stream, "--group", "g", "--to-id", "20000-0", "--force",
-        ],
-        None,
-    )
-    .await;
+    let (status, _, err) =
+        replay(&stream, &["--group", "g", "--to-id", "20000-0", "--force"]).await;
     assert!(status.success(), "{err}");
     let () = redis::cmd("XGROUP")
         .arg("SETID")
@@ -436,33 +413,20 @@ async fn a_replay_to_the_checkpoint_delivers_again_exactly_the_entries_after_it(
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (status, _, err) = fleetctl(
-        &[
-            "replay", "--stream", &stream, "--group", "g", "--to-id", "9000-0",
-        ],
-        None,
-    )
-    .await;
+    let (status, _, err) = replay(&stream, &["--group", "g", "--to-id", "9000-0"]).await;
     assert!(
         !status.success() && err.contains("skips 4 entries"),
         "{err}"
     );
-    let (status, _, err) = fleetctl(
-        &[
-            "replay", "--stream", &stream, "--group", "nope", "--to-id", "1-0",
-        ],
-        None,
-    )
-    .await;
+    let (status, _, err) = replay(&stream, &["--group", "nope", "--to-id", "1-0"]).await;
     assert!(!status.success() && err.contains("no group nope"), "{err}");
-    let (status, _, err) = fleetctl(
-        &[
-            "replay", "--stream", &stream, "--group", "g", "--to-id", "soon",
-        ],
-        None,
-    )
-    .await;
+    let (status, _, err) = replay(&stream, &["--group", "g", "--to-id", "soon"]).await;
     assert_eq!(status.code(), Some(2), "{err}");
+}
+
+/// `fleetctl replay --stream <stream> <args>`.
+async fn replay(stream: &str, args: &[&str]) -> (ExitStatus, String, String) {
+    fleetctl(&[&["replay", "--stream", stream], args].concat(), None).await
 }
 
 /// Runs fleetctl with `input` on its standard input.
@@ -783,34 +747,6 @@ async fn add_ids(conn: &mut MultiplexedConnection, stream: &str, ids: &[&str]) {
             .map(|_: String| ())
             .unwrap();
     }
-}
-
-/// Delivers up to `count` new entries of `stream` to `consumer` of `group`, unacknowledged.
-async fn deliver(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    count: usize,
-) -> Vec<String> {
-    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(conn)
-        .await
-        .unwrap();
-    reply
-        .keys
-        .into_iter()
-        .flat_map(|k| k.ids)
-        .map(|e| e.id)
-        .collect()
 }
 
 async fn ack(conn: &mut MultiplexedConnection, stream: &str, group: &str, ids: &[String]) {
