@@ -27,6 +27,8 @@ mod worker;
 pub use pipeline::dlq::{DLQ_SUFFIX, REDRIVE_GROUP_FIELD};
 pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Rejected, Routed};
 pub use runtime::config::{Route, StartFrom};
+#[doc(hidden)]
+pub use runtime::shutdown::hold_stop_signals;
 pub use source::entry::{EntryId, Fields};
 pub use source::scan_streams_page;
 pub use worker::Worker;

@@ -4,6 +4,7 @@
 
 pub mod corpus;
 pub mod outcome;
+pub mod projector;
 pub mod scenario;
 pub mod servers;
 
@@ -266,6 +267,11 @@ impl WorkerEnv {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         worker
+    }
+
+    /// Starts `binary` and returns at once, whatever state it is in.
+    pub async fn spawn_only(&self, binary: &str) -> Worker {
+        self.spawn(binary).await
     }
 
     async fn spawn(&self, binary: &str) -> Worker {

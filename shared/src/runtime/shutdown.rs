@@ -1,5 +1,10 @@
 //! Graceful stop, as one small type every task shares: SIGTERM/SIGINT stop reading; the batch in
 //! flight is finished and acknowledged; the process then exits 0.
+//!
+//! A stop may come at any moment, the first milliseconds included (a pod deleted as it starts):
+//! a worker holds SIGTERM and SIGINT blocked from before `main` ([`hold_stop_signals_from_start`])
+//! until [`Shutdown::on_signals`] has its handlers in place, so a signal sent meanwhile waits
+//! for them instead of killing the process; it then drains what little it has and exits 0.
 
 use std::time::Duration;
 
@@ -18,8 +23,10 @@ impl Shutdown {
     pub fn on_signals(grace: Duration) -> Self {
         let shutdown = Shutdown::default();
         let trigger = shutdown.clone();
+        let first = stop_signals();
+        release_stop_signals();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            first.await;
             tracing::info!(
                 grace_ms = grace.as_millis() as u64,
                 "stop requested: draining"
@@ -59,11 +66,64 @@ impl Shutdown {
 }
 
 async fn wait_for_signal() {
+    stop_signals().await
+}
+
+/// Completes on the next SIGTERM or SIGINT; the handlers are in place when this returns (a
+/// signal arriving before the future is first polled is not missed).
+fn stop_signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
+}
+
+/// SIGTERM and SIGINT.
+fn stop_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset and sigaddset only write the set they are given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and the threads it starts later): a signal
+/// sent now stays pending instead of killing the process. Run before `main` by
+/// [`hold_stop_signals_from_start`]; async-signal-safe, allocates nothing.
+pub extern "C" fn hold_stop_signals() {
+    let set = stop_set();
+    // SAFETY: changes this thread's signal mask only; no memory is shared.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Unblocks them once their handlers are in place: a signal held meanwhile is delivered now.
+fn release_stop_signals() {
+    let set = stop_set();
+    // SAFETY: as in `hold_stop_signals`.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Holds SIGTERM and SIGINT from the process's start (an `.init_array` constructor, run by the
+/// loader before `main` and before any thread exists) until the runtime's handlers are in place.
+/// A worker binary invokes it once, at its crate root; a binary that never installs the handlers
+/// (fleetctl) must not, or a stop signal would never reach it.
+#[macro_export]
+macro_rules! hold_stop_signals_from_start {
+    () => {
+        #[used]
+        #[link_section = ".init_array"]
+        static HOLD_STOP_SIGNALS: extern "C" fn() = $crate::hold_stop_signals;
+    };
 }

@@ -11,6 +11,9 @@ use streamfleet::runtime::cli::{self, WorkerArgs};
 use streamfleet::store::EventStore;
 use streamfleet::Worker;
 
+// A SIGTERM in the first milliseconds still drains and exits 0 (see the macro).
+streamfleet::hold_stop_signals_from_start!();
+
 /// mimalloc: the pipeline allocates and frees many small buffers per entry (Redis replies);
 /// glibc's allocator spent a quarter of the CPU on them in profiles.
 #[global_allocator]

@@ -13,6 +13,9 @@ use streamfleet::runtime::cli::{self, WorkerArgs};
 use streamfleet::runtime::config::ConfigError;
 use streamfleet::Worker;
 
+// A SIGTERM in the first milliseconds still drains and exits 0 (see the macro).
+streamfleet::hold_stop_signals_from_start!();
+
 /// See the persister: many small buffers per entry.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
