@@ -10,67 +10,9 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use uuid::Uuid;
 
+use streamfleet_tests::projector::*;
 use streamfleet_tests::scenario::{config, wait_checkpointed_in_redis, wait_settled};
 use streamfleet_tests::*;
-
-const GROUP: &str = "projector";
-
-/// A projector on `stream` with the configuration file `config` (no PostgreSQL).
-fn projector(stream: &str, config: &str) -> WorkerEnv {
-    WorkerEnv::new(stream, "")
-        .unset("FLEET_DATABASE_URL")
-        .set("FLEET_CONFIG", config)
-}
-
-/// A `flow.<flow>.progress` event with `data`.
-fn flow_event(id: Uuid, flow: &str, time: &str, data: serde_json::Value) -> String {
-    json!({"v": 1, "id": id.to_string(), "type": "flow.progress",
-        "channel": format!("flow.{flow}.progress"), "source": "tests", "time": time, "data": data})
-    .to_string()
-}
-
-async fn hgetall(conn: &mut MultiplexedConnection, key: &str) -> HashMap<String, String> {
-    redis::cmd("HGETALL")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .unwrap()
-}
-
-async fn get_int(conn: &mut MultiplexedConnection, key: &str) -> i64 {
-    let v: Option<i64> = redis::cmd("GET").arg(key).query_async(conn).await.unwrap();
-    v.unwrap_or(0)
-}
-
-/// The event ids in a history stream, in order (each entry: the event's JSON and where it was
-/// read).
-async fn history_ids(conn: &mut MultiplexedConnection, key: &str) -> Vec<String> {
-    read_stream(conn, key)
-        .await
-        .into_iter()
-        .map(|(_, f)| {
-            assert!(
-                f.contains_key("stream") && f.contains_key("entry_id"),
-                "{f:?}"
-            );
-            event_of(&f)["id"].as_str().unwrap().to_owned()
-        })
-        .collect()
-}
-
-/// The event a latest hash or a history entry holds.
-fn event_of(fields: &HashMap<String, String>) -> serde_json::Value {
-    serde_json::from_str(&fields["event"]).unwrap()
-}
-
-/// Dead letters of `stream`: (reason, error) per entry.
-async fn dead_letters(conn: &mut MultiplexedConnection, stream: &str) -> Vec<(String, String)> {
-    read_stream(conn, &format!("{stream}:dlq"))
-        .await
-        .into_iter()
-        .map(|(_, f)| (f["dlq_reason"].clone(), f["dlq_error"].clone()))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_keeps_version_3_after_versions_3_1_2_by_time() {
@@ -696,6 +638,15 @@ async fn redis_at_maxmemory_refuses_whole_batches_and_nothing_is_lost_or_doubled
         get_int(&mut conn, &format!("{stream}:count:all:2026-11-26T12:00")).await,
         0
     );
+    // Named as what it is: a fault (Redis answers, but refuses writes), not an unreachable sink.
+    let (_, body) = worker.readyz().await;
+    assert!(body.contains("redis_out_of_memory"), "{body}");
+    assert_eq!(
+        worker
+            .metric("fleet_fault", "fault=\"redis_out_of_memory\"")
+            .await,
+        1.0
+    );
     assert!(
         worker.log_text().contains("out of memory"),
         "{}",
@@ -705,6 +656,12 @@ async fn redis_at_maxmemory_refuses_whole_batches_and_nothing_is_lost_or_doubled
     wait_settled(&conn, &stream, GROUP).await;
     assert_exactly_once(&mut conn, &stream, &ids).await;
     worker.wait_ready().await;
+    assert_eq!(
+        worker
+            .metric("fleet_fault", "fault=\"redis_out_of_memory\"")
+            .await,
+        0.0
+    );
     worker.stop_cleanly().await;
 }
 
@@ -737,4 +694,123 @@ async fn a_user_refused_a_command_of_the_script_stops_the_projector_at_start() {
         last.starts_with("projector: error: FLEET_REDIS_URL: the user may not run INCRBY"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_by_time_keeps_the_newer_event_in_any_year_the_contract_accepts() {
+    let stream = unique("latest-years:");
+    let cfg = config(
+        "[[route]]\npattern = \"flow.*.progress\"\nactions = [{ latest = \"{stream}:state:{channel[1]}\", version = \"time\" }]",
+    );
+    // Per flow, the newer event first, then the older one.
+    let pairs = [
+        ("f1600", "1600-01-01T00:00:00Z", "1500-01-01T00:00:00Z"),
+        ("f9000", "9000-01-01T00:00:00Z", "5000-01-01T00:00:00Z"),
+        ("f0001", "0001-01-02T00:00:00Z", "0001-01-01T00:00:00Z"),
+        ("f0000", "0000-01-01T00:00:00Z", "0000-01-01T00:00:00+01:00"),
+        ("f9999", "9999-12-31T23:59:59Z", "9999-12-31T23:59:58Z"),
+        (
+            "fnano",
+            "2026-12-07T12:00:00.000000002Z",
+            "2026-12-07T12:00:00.000000001Z",
+        ),
+    ];
+    let mut lines = Vec::new();
+    for (flow, newer, older) in pairs {
+        for (label, time) in [("newer", newer), ("older", older)] {
+            lines.push(flow_event(
+                Uuid::now_v7(),
+                flow,
+                time,
+                json!({ "is": label }),
+            ));
+        }
+    }
+    publish_lines(&stream, &lines).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    let mut conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    for (flow, newer, _) in pairs {
+        let state = hgetall(&mut conn, &format!("{stream}:state:{flow}")).await;
+        let event = event_of(&state);
+        assert_eq!(event["data"]["is"], "newer", "{flow}: {state:?}");
+        assert_eq!(event["time"], newer);
+    }
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_version_mode_lets_the_next_event_replace_the_state_then_orders_by_the_new_mode()
+{
+    let stream = unique("latest-mode:");
+    let route = |mode: &str| {
+        config(&format!(
+            "[[route]]\npattern = \"flow.*.progress\"\nactions = [{{ latest = \"{{stream}}:state:{{channel[1]}}\", version = \"{mode}\" }}]"
+        ))
+    };
+    let mut conn = redis().await;
+    let state = |conn: &MultiplexedConnection, flow: &str| {
+        let (mut conn, key) = (conn.clone(), format!("{stream}:state:{flow}"));
+        async move { event_of(&hgetall(&mut conn, &key).await)["data"]["step"].clone() }
+    };
+    let publish = |steps: &[(i64, &str)]| {
+        let lines: Vec<String> = steps
+            .iter()
+            .map(|(step, time)| flow_event(Uuid::now_v7(), "f", time, json!({ "step": step })))
+            .collect();
+        let stream = stream.clone();
+        async move { publish_lines(&stream, &lines).await }
+    };
+    // By time: step 1 has the latest time.
+    publish(&[(1, "2030-01-01T00:00:00Z")]).await;
+    let mut worker = projector(&stream, &route("time")).start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    worker.stop_cleanly().await;
+    // The route now orders by entry id: the next event wins although its time is older, and
+    // the mode then orders (a later entry wins whatever its time).
+    publish(&[(2, "2020-01-01T00:00:00Z")]).await;
+    let mut worker = projector(&stream, &route("entry_id"))
+        .start("projector")
+        .await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(
+        state(&conn, "f").await,
+        2,
+        "the first event after the change"
+    );
+    publish(&[(3, "2010-01-01T00:00:00Z")]).await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(state(&conn, "f").await, 3, "entry id order");
+    worker.stop_cleanly().await;
+    // And back to time: the next event wins, then time orders (an older time loses).
+    publish(&[(4, "2001-01-01T00:00:00Z")]).await;
+    let mut worker = projector(&stream, &route("time")).start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(
+        state(&conn, "f").await,
+        4,
+        "the first event after the change back"
+    );
+    publish(&[(5, "2000-01-01T00:00:00Z"), (6, "2002-01-01T00:00:00Z")]).await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(state(&conn, "f").await, 6, "time order: 5 is older than 4");
+    // A release before this one wrote time versions in another format (61 bytes): not
+    // comparable either, so replaced by the next event.
+    let old_format = format!("t{:020}{:020}{:020}", 1u128 << 64, 0, 0);
+    assert_eq!(old_format.len(), 61);
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{stream}:state:f"))
+        .arg("version")
+        .arg(&old_format)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    publish(&[(7, "2001-06-01T00:00:00Z")]).await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(
+        state(&conn, "f").await,
+        7,
+        "an old-format version is replaced"
+    );
+    worker.stop_cleanly().await;
 }

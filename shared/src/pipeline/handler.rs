@@ -83,6 +83,11 @@ pub enum HandlerError {
     /// waits, with nothing counted against its events, and the worker is not ready meanwhile.
     #[error("{0}")]
     Unavailable(String),
+    /// The sink's Redis is at `maxmemory` and cannot evict: it answers, but refuses writes. The
+    /// batch waits whole, as for `Unavailable`, and the worker reports the `redis_out_of_memory`
+    /// fault (an operator must free memory or raise the limit) until a batch goes through.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// The sink answers but refuses the worker's statements (a missing privilege or table): only
     /// an operator can fix it. At start the worker exits 2; while running, batches wait whole, as
     /// for `Unavailable`, and the fault is reported as an error.
@@ -118,7 +123,7 @@ impl HandlerError {
             return HandlerError::Unavailable(format!("redis: {text}"));
         }
         match e.code() {
-            Some("OOM") => HandlerError::Unavailable(
+            Some("OOM") => HandlerError::OutOfMemory(
                 "Redis out of memory (maxmemory reached): effects wait, their entries stay pending"
                     .into(),
             ),

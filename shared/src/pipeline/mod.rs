@@ -95,6 +95,7 @@ impl<H: Handler> Pipeline<H> {
                 handler,
                 health: health.clone(),
                 timeout: Duration::from_millis(config.tuning.handler_timeout_ms),
+                out_of_memory: false,
             },
             health: health.clone(),
             in_flight: in_flight.clone(),

@@ -75,6 +75,8 @@ pub struct Applier<H> {
     pub health: Arc<Health>,
     /// Longest one attempt may take.
     pub timeout: Duration,
+    /// Whether this lane reported the sink's Redis out of memory: its next success clears it.
+    pub out_of_memory: bool,
 }
 
 impl<H: Handler> Applier<H> {
@@ -127,6 +129,9 @@ impl<H: Handler> Applier<H> {
         } else {
             self.health.up(Dependency::Sink);
             self.health.clear(Fault::SinkMisconfigured);
+            if std::mem::take(&mut self.out_of_memory) {
+                self.health.clear(Fault::RedisOutOfMemory);
+            }
         }
         Some(outcome)
     }
@@ -140,6 +145,12 @@ impl<H: Handler> Applier<H> {
             HandlerError::Permanent(e) => Verdict::BlameEvents(e),
             HandlerError::Unavailable(e) => {
                 self.health.down(Dependency::Sink, &e);
+                Verdict::Wait
+            }
+            HandlerError::OutOfMemory(e) => {
+                self.health.up(Dependency::Sink);
+                self.health.raise(Fault::RedisOutOfMemory, &e);
+                self.out_of_memory = true;
                 Verdict::Wait
             }
             HandlerError::Misconfigured(e) | HandlerError::Fatal(e) => {
@@ -445,6 +456,7 @@ mod tests {
             handler: fake.clone(),
             health: health.clone(),
             timeout: Duration::from_secs(5),
+            out_of_memory: false,
         };
         let out = applier.confirm(&batch, &fake.shutdown).await;
         (out, ids, fake, health)
@@ -584,6 +596,7 @@ mod tests {
             },
             health: Arc::new(health),
             timeout: Duration::from_secs(5),
+            out_of_memory: false,
         };
         let verdict = applier
             .judge(
@@ -665,6 +678,7 @@ mod tests {
             handler: fake.clone(),
             health: health.clone(),
             timeout: Duration::from_secs(5),
+            out_of_memory: false,
         };
         health.down(Dependency::Sink, &"gone");
         assert!(applier.confirm(&batch, &shutdown).await.is_none());

@@ -190,7 +190,7 @@ mod tests {
             |code: &'static str| match classify(sqlx::Error::Database(Box::new(Sqlstate(code)))) {
                 HandlerError::Permanent(_) => "permanent",
                 HandlerError::Misconfigured(_) => "misconfigured",
-                HandlerError::Unavailable(_) => "unavailable",
+                HandlerError::Unavailable(_) | HandlerError::OutOfMemory(_) => "unavailable",
                 HandlerError::Transient(_) => "transient",
                 HandlerError::Fatal(_) => "fatal",
             };

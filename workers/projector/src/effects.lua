@@ -1,4 +1,4 @@
-#!lua
+-- (Sent as `#!lua`, then counter.lua, then this file: plan.rs.)
 -- The projector's batch for one stream: each entry's effects and its XACK in one atomic step.
 -- XACK answers 1 only for an entry still pending in the group, so the script applies the
 -- effects of exactly the entries it acknowledges: an entry delivered again (after a crash, or
@@ -17,19 +17,31 @@
 -- then the number of history TTLs this call refreshes and as many pairs (key, TTL); then per
 -- entry with effects: entry id, dedup set (a KEYS index, 0 for none), event id, the event's
 -- JSON, its shape's number, and per op its key (a KEYS index), for L followed by the version.
--- Returns {applied, duplicates, skipped, entry number, error, ...} with the entries it rejects
--- (numbered from 1 among those with effects; left pending, for a dead letter), or {-1, error}
--- when the group is gone.
+-- Returns {applied, duplicates, skipped, checkpoint, entry number, error, ...} with the entries
+-- it rejects (numbered from 1 among those with effects; left pending, for a dead letter), where
+-- checkpoint is 1 when written (or already further), 0 when none was asked, -1 when the
+-- checkpoints key holds another type than a hash; or {-1, error} when the group is gone.
 --
--- Nothing may fail once an entry is acknowledged: the types of its latest keys (read with their
--- stored version) and counters are checked before its XACK, once per key per call; its history
--- appends come right after the XACK, each its own type check (`pcall`): one that fails puts the
--- entry back in the pending list (`XCLAIM ... FORCE`) and rejects it. Counters, latest states and
--- deletions are gathered over the call and written once per key, after every entry.
+-- Nothing that can fail runs after an entry's XACK. Before it, the entry's effects are judged
+-- the way Redis will judge them, without writing anything: the type of every key it writes (read
+-- once per key per call, latest keys with their stored version), a counter's value as `INCRBY`
+-- parses it and whether the call's increments overflow it (counter.lua), the dedup set's type.
+-- An entry that fails a check is rejected whole (nothing written, left pending for a dead letter
+-- naming the key and the reason). After its XACK come only writes that cannot fail on keys of the
+-- checked types: its history appends, then, once per key after every entry, the gathered
+-- counters, latest states and deletions. One append can still fail: `XADD *` on a stream whose
+-- last id is the largest possible one has no id left. That entry is then put back whole: its
+-- earlier appends deleted (`XDEL`) and the entry pending again (`XCLAIM ... FORCE`), neither of
+-- which can fail on a stream and a group that exist, and rejected.
+--
+-- Versions (`latest`) compare as strings of one format: a mode letter and fixed-width digits
+-- (plan.rs). A stored version of another mode or format (the route's `version` changed, or an
+-- older release wrote it) is not comparable: the next event replaces it, and the new mode orders
+-- from then on.
 local call, try = redis.call, redis.pcall
 local tonumber, ARGV, KEYS = tonumber, ARGV, KEYS
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-local result = {0, 0, 0}
+local result = {0, 0, 0, 0}
 
 -- `command head... items` in chunks (Lua's unpack has a stack limit): the sum of the replies, or
 -- nil and the error.
@@ -95,16 +107,20 @@ while i <= last do
   i = i + 5 + shape_of[n].width
 end
 
--- Key types as the writes will find them ('integer': a string a counter can add to), and the
+-- Key types as the writes will find them ('integer': a string INCRBY can add to), the values of
+-- other strings (for the reason given), what each counter can still take (counter.lua), and the
 -- versions stored under latest keys.
-local types, stored = {}, {}
+local types, strings, room, stored = {}, {}, {}, {}
 local function type_of(k)
   local t = types[k]
   if t then return t end
   t = call('TYPE', KEYS[k]).ok
   if t == 'string' then
     local v = call('GET', KEYS[k])
-    if string.match(v, '^-?%d+$') and #v < 19 then t = 'integer' end
+    room[k] = headroom(v)
+    if room[k] then t = 'integer' else strings[k] = v end
+  elseif t == 'none' then
+    room[k] = HEADROOM_CAP
   end
   types[k] = t
   return t
@@ -115,6 +131,12 @@ local function latest_type(k)
   stored[k] = v
   types[k] = 'hash'
   return 'hash'
+end
+
+-- Whether version `v` replaces `than`: by their order within one format, else always.
+local function newer(v, than)
+  if #v ~= #than or string.byte(v) ~= string.byte(than) then return true end
+  return v > than
 end
 
 -- Event ids the dedup window has seen (a producer's retry at a new entry), asked once per set.
@@ -142,6 +164,7 @@ for d, ns in pairs(asked) do
 end
 
 local WANT = {L = 'hash', C = 'integer', H = 'stream'}
+local NAME = {L = 'latest', C = 'count', H = 'history', I = 'invalidate'}
 local settled, counts, count_ttl, dels, appended, adds = {}, {}, {}, {}, {}, {}
 -- Per latest key, the newest version of the call: its argument, and its entry's start.
 local latest, latest_entry = {}, {}
@@ -149,80 +172,103 @@ local function reject(n, why)
   result[#result + 1] = n
   result[#result + 1] = why
 end
+
+-- Why the entry starting at `s` cannot be applied, or nil and the types its new keys take (nil
+-- when it creates none). Writes nothing.
+local function check(s, shape)
+  local d = tonumber(ARGV[s + 1])
+  if d > 0 and types[d] ~= 'set' then
+    return KEYS[d] .. ' holds a ' .. type_of(d) .. ', not the dedup set'
+  end
+  local created
+  local j = s + 5
+  for o = 1, #shape do
+    local op, k = shape[o][1], tonumber(ARGV[j])
+    local want = WANT[op]
+    if want then
+      local t = (created and created[k]) or types[k]
+      if not t then t = op == 'L' and latest_type(k) or type_of(k) end
+      if t == 'none' then
+        created = created or {}
+        created[k] = want
+      elseif t ~= want then
+        if strings[k] and op == 'C' then
+          local v = strings[k]
+          if #v > 40 then v = string.sub(v, 1, 40) .. '...' end
+          return KEYS[k] .. " holds '" .. v .. "', which INCRBY refuses (not an integer) (count)"
+        end
+        return KEYS[k] .. ' holds a ' .. (t == 'integer' and 'string' or t) .. ', not a '
+          .. (want == 'integer' and 'counter' or want) .. ' (' .. NAME[op] .. ')'
+      end
+      if op == 'C' then
+        -- This entry's increments of the key (one per count action naming it), on top of the call's.
+        local add, w = 1, s + 5
+        for p = 1, o - 1 do
+          if shape[p][1] == 'C' and ARGV[w] == ARGV[j] then add = add + 1 end
+          w = w + (shape[p][1] == 'L' and 2 or 1)
+        end
+        if (counts[k] or 0) + add > room[k] then
+          return KEYS[k] .. ' holds ' .. call('GET', KEYS[k]) .. ': adding '
+            .. ((counts[k] or 0) + add) .. ' would overflow a 64-bit integer (count)'
+        end
+      end
+    end
+    j = j + (op == 'L' and 2 or 1)
+  end
+  return nil, created
+end
+
+-- Its history appends; on a failure, what it appended is deleted: nil and the reason.
+local function append(s, shape, id)
+  local j, written = s + 5, nil
+  for o = 1, #shape do
+    local op = shape[o][1]
+    if op == 'H' then
+      local k = tonumber(ARGV[j])
+      local r = try('XADD', KEYS[k], 'MAXLEN', '~', shape[o][2], '*', 'event', ARGV[s + 3],
+        'stream', stream, 'entry_id', id)
+      if type(r) == 'table' and r.err then
+        for _, w in ipairs(written or {}) do call('XDEL', w[1], w[2]) end
+        return nil, KEYS[k] .. ': ' .. r.err .. ' (history)'
+      end
+      written = written or {}
+      written[#written + 1] = {KEYS[k], r}
+    end
+    j = j + (op == 'L' and 2 or 1)
+  end
+  return true
+end
+
 for n, s in ipairs(starts) do
   local id, shape = ARGV[s], shape_of[n]
   local d = tonumber(ARGV[s + 1])
-  local why
   if seen[n] then
     -- A retry of an event applied within the window: settled with no effect.
     settled[#settled + 1] = id
     result[2] = result[2] + 1
   else
-    if d > 0 and types[d] ~= 'set' then
-      why = KEYS[d] .. ' holds a ' .. type_of(d) .. ', not the dedup set'
-    end
-    -- The types its effects need, against what the keys hold or what earlier entries of the call
-    -- made of them (a key two kinds of effect write fails the later ones).
-    local j = s + 5
-    for o = 1, #shape do
-      if why then break end
-      local op, k = shape[o][1], tonumber(ARGV[j])
-      local want = WANT[op]
-      if want then
-        local t = types[k]
-        if not t then
-          if op == 'L' then t = latest_type(k)
-          elseif op == 'C' then t = type_of(k)
-          else t = 'none' end -- a history key: its append checks it
-        end
-        if t ~= 'none' and t ~= want then
-          why = KEYS[k] .. ' holds a ' .. t .. ', not a ' .. want .. ' (' .. op .. ')'
-        else
-          types[k] = want
-        end
-      end
-      j = j + (op == 'L' and 2 or 1)
-    end
+    local why, created = check(s, shape)
     if why then
       reject(n, why)
     elseif call('XACK', stream, group, id) == 0 then
       -- Not pending: applied already (or another consumer's, settled).
       result[2] = result[2] + 1
     else
-      -- Acknowledged: its history appends, then its gathered effects.
-      j = s + 5
-      for o = 1, #shape do
-        local op = shape[o][1]
-        if op == 'H' then
-          local k = tonumber(ARGV[j])
-          local r = try('XADD', KEYS[k], 'MAXLEN', '~', shape[o][2], '*', 'event', ARGV[s + 3],
-            'stream', stream, 'entry_id', id)
-          if type(r) == 'table' and r.err then
-            why = KEYS[k] .. ' holds a ' .. call('TYPE', KEYS[k]).ok .. ', not a stream (H)'
-            -- The appends before it (an entry's ops stop at the first failure).
-            local written, w = {}, s + 5
-            for p = 1, o - 1 do
-              if shape[p][1] == 'H' then written[#written + 1] = KEYS[tonumber(ARGV[w])] end
-              w = w + (shape[p][1] == 'L' and 2 or 1)
-            end
-            if #written > 0 then why = why .. '; appended before it: ' .. table.concat(written, ', ') end
-            break
-          end
-          appended[k] = true
-        end
-        j = j + (op == 'L' and 2 or 1)
-      end
-      if why then
+      local ok, failed = append(s, shape, id)
+      if not ok then
         call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
-        reject(n, why)
+        reject(n, failed)
       else
         result[1] = result[1] + 1
-        j = s + 5
+        if created then
+          for k, t in pairs(created) do types[k] = t end
+        end
+        local j = s + 5
         for o = 1, #shape do
           local op, k = shape[o][1], tonumber(ARGV[j])
           if op == 'L' then
             local c = latest[k]
-            if not c or ARGV[j + 1] > ARGV[c] then
+            if not c or newer(ARGV[j + 1], ARGV[c]) then
               latest[k], latest_entry[k] = j + 1, s
             end
             j = j + 2
@@ -232,6 +278,8 @@ for n, s in ipairs(starts) do
             elseif op == 'C' then
               counts[k] = (counts[k] or 0) + 1
               count_ttl[k] = tonumber(shape[o][2])
+            elseif op == 'H' then
+              appended[k] = true
             end
             j = j + 1
           end
@@ -252,7 +300,7 @@ if #deleted > 0 then must('DEL', {}, deleted) end
 for k, at in pairs(latest) do
   local was, version, s = stored[k], ARGV[at], latest_entry[k]
   if dels[KEYS[k]] then was = false end
-  if not was or version > was then
+  if not was or newer(version, was) then
     call('HSET', KEYS[k], 'event', ARGV[s + 3], 'stream', stream, 'entry_id', ARGV[s],
       'version', version)
   end
@@ -271,18 +319,24 @@ for d, ids in pairs(adds) do
 end
 if #settled > 0 then must('XACK', {stream, group}, settled) end
 
--- The checkpoint moves forward only.
+-- The checkpoint moves forward only, into a hash (a key of another type is left alone, and said).
 if ARGV[3] ~= '' then
-  local function parse(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms), tonumber(seq)
-  end
-  local at = call('HGET', KEYS[2], group)
-  local ms, seq = parse(ARGV[3])
-  local sms, sseq = 0, -1
-  if at then sms, sseq = parse(at) end
-  if not sms or ms > sms or (ms == sms and seq > sseq) then
-    call('HSET', KEYS[2], group, ARGV[3])
+  local t = call('TYPE', KEYS[2]).ok
+  if t ~= 'hash' and t ~= 'none' then
+    result[4] = -1
+  else
+    result[4] = 1
+    local function parse(id)
+      local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+      return tonumber(ms), tonumber(seq)
+    end
+    local at = call('HGET', KEYS[2], group)
+    local ms, seq = parse(ARGV[3])
+    local sms, sseq = 0, -1
+    if at then sms, sseq = parse(at) end
+    if not sms or ms > sms or (ms == sms and seq > sseq) then
+      call('HSET', KEYS[2], group, ARGV[3])
+    end
   end
 end
 return result

@@ -11,9 +11,16 @@ use streamfleet::runtime::config::{Action, Route, VersionBy};
 use streamfleet::runtime::scripts::Lua;
 use streamfleet::{EntryId, Routed};
 
-/// The script, loaded once and called by SHA.
-pub static EFFECTS: std::sync::LazyLock<Lua> =
-    std::sync::LazyLock::new(|| Lua::new(include_str!("effects.lua")));
+/// The script, loaded once and called by SHA: `#!lua` (no `allow-oom`: refused whole at
+/// `maxmemory`), the counters' check (`counter.lua`, apart so that a test can hold it against
+/// `INCRBY`), then `effects.lua`.
+pub static EFFECTS: std::sync::LazyLock<Lua> = std::sync::LazyLock::new(|| {
+    Lua::new(concat!(
+        "#!lua\n",
+        include_str!("counter.lua"),
+        include_str!("effects.lua")
+    ))
+});
 
 /// One script call: the entries of one stream in a batch.
 pub struct Call {
@@ -265,20 +272,34 @@ impl Call {
     }
 }
 
-/// The version `latest` compares, as a string whose order is the version order (fixed-width
-/// digits): the entry id, or the event time then the entry id.
+/// The version `latest` compares, as a string whose order is the version order: a mode letter
+/// and fixed-width digits, so that versions of one mode compare as strings (effects.lua treats a
+/// version of another mode or length as not comparable: the next event replaces it).
+/// `e`: the entry id (41 bytes). `t`: the event time, as seconds since a day before 0000-01-01
+/// (12 digits: every time the contract accepts, years 0000 to 9999 with any offset) and
+/// nanoseconds (9), then the entry id for equal times (62 bytes). Releases before this one wrote
+/// `t` with 20 digits of nanoseconds since 1970 shifted by 10^19 (61 bytes), which ordered only
+/// from 1653 to 2286.
 fn version_of(by: VersionBy, r: &Routed<'_>) -> String {
     let id = r.entry_id;
     match by {
         VersionBy::EntryId => format!("e{:020}{:020}", id.ms, id.seq),
         VersionBy::Time => {
-            // Nanoseconds since 1970, shifted to be positive for any time after 1653.
-            let ns =
-                (r.event.time.unix_timestamp_nanos() + 10i128.pow(19)).clamp(0, 10i128.pow(20) - 1);
-            format!("t{ns:020}{:020}{:020}", id.ms, id.seq)
+            let t = r.event.time;
+            let secs = (t.unix_timestamp() + TIME_VERSION_OFFSET_S).clamp(0, 999_999_999_999);
+            format!(
+                "t{secs:012}{:09}{:020}{:020}",
+                t.nanosecond(),
+                id.ms,
+                id.seq
+            )
         }
     }
 }
+
+/// Seconds from a day before 0000-01-01T00:00Z to 1970-01-01T00:00Z: the earliest time an RFC 3339
+/// timestamp of year 0000 names (with an offset of up to a day) counts from 0.
+const TIME_VERSION_OFFSET_S: i64 = 62_167_219_200 + 86_400;
 
 #[cfg(test)]
 mod tests {
@@ -343,6 +364,54 @@ pattern = "user.#""#,
         let (_, old) = at(time::macros::datetime!(1960-01-01 00:00 UTC), 1, 0);
         assert!(old < time_c);
         assert_eq!(id_a.len(), id_b.len());
+    }
+
+    #[test]
+    fn time_versions_order_over_every_year_the_contract_accepts() {
+        use time::macros::datetime;
+        let c = config();
+        let (_, route) = c.routes.lookup("flow.a.progress").unwrap();
+        let stream: Arc<str> = "s".into();
+        // Later entries carry the older times: only the time may decide.
+        let version = |t: time::OffsetDateTime, seq| {
+            let e = Box::leak(Box::new(event(t, "{}")));
+            version_of(
+                VersionBy::Time,
+                &Routed {
+                    event: e,
+                    route,
+                    stream: Box::leak(Box::new(stream.clone())),
+                    entry_id: EntryId { ms: 1, seq },
+                },
+            )
+        };
+        let times = [
+            datetime!(0000-01-01 00:00 +23:59),
+            datetime!(0000-01-01 00:00 UTC),
+            datetime!(0001-01-01 00:00 UTC),
+            datetime!(0001-01-02 00:00 UTC),
+            datetime!(1500-01-01 00:00 UTC),
+            datetime!(1600-01-01 00:00 UTC),
+            datetime!(1969-12-31 23:59:59.999999999 UTC),
+            datetime!(1970-01-01 00:00 UTC),
+            datetime!(2026-12-07 12:00 UTC),
+            datetime!(2286-11-20 17:46:40 UTC),
+            datetime!(5000-01-01 00:00 UTC),
+            datetime!(9000-01-01 00:00 UTC),
+            datetime!(9999-12-31 23:59:58 UTC),
+            datetime!(9999-12-31 23:59:59 UTC),
+            datetime!(9999-12-31 23:59:59.999999999 UTC),
+            datetime!(9999-12-31 23:59:59.999999999 -23:59),
+        ];
+        let versions: Vec<String> = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| version(*t, (times.len() - i) as u64))
+            .collect();
+        for pair in versions.windows(2) {
+            assert!(pair[0] < pair[1], "{} !< {}", pair[0], pair[1]);
+            assert_eq!(pair[0].len(), 62);
+        }
     }
 
     #[test]

@@ -62,6 +62,7 @@ const SCRIPT_COMMANDS: &[&[&str]] = &[
     &["SADD", PROBE_KEY, "m"],
     &["EXPIRE", PROBE_KEY, "1"],
     &["XADD", PROBE_KEY, "*", "f", "v"],
+    &["XDEL", PROBE_KEY, "0-1"],
     &["XCLAIM", PROBE_KEY, "g", "c", "0", "0-1", "FORCE", "JUSTID"],
     &["DEL", PROBE_KEY],
     &["INCRBY", PROBE_KEY, "0"],
@@ -155,11 +156,7 @@ impl Handler for RedisSink {
                 refused.join(", ")
             )));
         }
-        let loaded: Result<String, RedisError> = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(include_str!("effects.lua"))
-            .query_async(&mut conn)
-            .await;
+        let loaded: Result<String, RedisError> = EFFECTS.load().query_async(&mut conn).await;
         loaded.map(drop).map_err(|e| classify(&e))
     }
 
@@ -226,7 +223,8 @@ impl Handler for RedisSink {
     }
 }
 
-/// Adds what one call did: `{applied, duplicates, skipped, entry number, error, ...}`, or
+/// Adds what one call did: `{applied, duplicates, skipped, checkpoint, entry number, error,
+/// ...}`, or
 /// `{-1, error}` when the group is gone (its entries with it: nothing was applied, the group
 /// created again delivers them from its checkpoint).
 fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), HandlerError> {
@@ -243,16 +241,19 @@ fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), Ha
         Value::Int(n) => Some(*n),
         _ => None,
     };
-    let head: Vec<i64> = items.iter().take(3).map_while(int).collect();
+    let head: Vec<i64> = items.iter().take(4).map_while(int).collect();
     if head.first() == Some(&-1) {
         tracing::warn!(stream = %call.stream, entries = call.sent.len() + call.plain.len(), "consumer group gone while applying: left to the group created again");
         applied.duplicates += call.sent.len() + call.plain.len();
         return Ok(());
     }
-    let &[done, duplicates, skipped] = &head[..] else {
+    let &[done, duplicates, skipped, checkpoint] = &head[..] else {
         return Err(bad());
     };
-    for pair in items[3..].chunks(2) {
+    if checkpoint < 0 {
+        tracing::warn!(stream = %call.stream, key = %streamfleet::store::redis_checkpoints::key(&call.stream), "the checkpoints key holds another type than a hash: the checkpoint is not written");
+    }
+    for pair in items[4..].chunks(2) {
         let (Some(n), Some(Value::BulkString(why))) = (pair.first().and_then(int), pair.get(1))
         else {
             return Err(bad());
@@ -262,7 +263,7 @@ fn read_reply(call: &Call, reply: Value, applied: &mut Applied) -> Result<(), Ha
             .get((n as usize).wrapping_sub(1))
             .ok_or_else(bad)?;
         let error = String::from_utf8_lossy(why).into_owned();
-        tracing::warn!(stream = %call.stream, %entry_id, %error, "dead-lettering an event whose key holds another type");
+        tracing::warn!(stream = %call.stream, %entry_id, %error, "dead-lettering an event whose effect Redis would refuse");
         applied.rejected.push(Rejected {
             stream: call.stream.clone(),
             entry_id,
