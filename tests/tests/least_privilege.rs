@@ -375,7 +375,7 @@ actions = [
     worker.stop_cleanly().await;
 
     // Inside its ACL: every command its scripts can run, also on paths this load did not take
-    // (a history append refused: XCLAIM ... FORCE; a key's type read: TYPE, GET).
+    // (a history append refused: XDEL, XCLAIM ... FORCE; a key's type read: TYPE, GET).
     let (dlq, trials, checkpoints) = (
         format!("{stream}:dlq"),
         format!("{stream}:trials"),
@@ -393,6 +393,7 @@ actions = [
         vec!["SADD", &dedup, "a"],
         vec!["EXPIRE", &dedup, "300"],
         vec!["XADD", &history, "MAXLEN", "~", "10", "*", "event", "{}"],
+        vec!["XDEL", &history, "1-0"],
         vec![
             "XCLAIM",
             &stream,
@@ -660,7 +661,6 @@ async fn the_notifier_runs_under_its_shipped_acl_user_and_nothing_more() {
             .arg("{other}:fleet:flow.x.progress")
             .arg("{}")
             .clone(),
-        redis::cmd("GET").arg(format!("{{{prefix}}}:x")).clone(),
         redis::cmd("INCRBY")
             .arg(format!("{{{prefix}}}:x"))
             .arg(1)

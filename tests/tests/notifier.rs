@@ -259,14 +259,23 @@ async fn publish_steadily(stream: String, channels: Vec<(String, usize)>, ticks:
     }
 }
 
-/// A notifier on `stream` with backpressure `rules` (and `tuning` lines).
+/// A notifier on `stream` with backpressure `rules` (and `tuning` lines), in a group of its
+/// own (`limited_group`): rate-limit budgets are the group's, and tests run at once.
 fn limited_notifier(stream: &str, tuning: &str, rules: &str) -> WorkerEnv {
-    WorkerEnv::new(stream, "").unset("FLEET_DATABASE_URL").set(
-        "FLEET_CONFIG",
-        &config(&format!(
-            "{tuning}\n[[route]]\npattern = \"flow.*.progress\"\npublish = \"{{stream}}:{{channel}}\"\n{rules}"
-        )),
-    )
+    WorkerEnv::new(stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_GROUP", &limited_group(stream))
+        .set(
+            "FLEET_CONFIG",
+            &config(&format!(
+                "{tuning}\n[[route]]\npattern = \"flow.*.progress\"\npublish = \"{{stream}}:{{channel}}\"\n{rules}"
+            )),
+        )
+}
+
+/// The group of `limited_notifier(stream, ..)`.
+fn limited_group(stream: &str) -> String {
+    format!("notifier:{stream}")
 }
 
 /// The messages of `channel`, in arrival order.
@@ -320,7 +329,7 @@ async fn a_coalesced_channel_delivers_the_newest_state_of_every_key_in_far_fewer
     publish_steadily(stream.clone(), channels.clone(), 200).await;
     let windows = started.elapsed().as_millis() as usize / 200 + 2;
     let conn = redis().await;
-    wait_settled(&conn, &stream, GROUP).await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
     let total = received.lock().unwrap().len();
     for (channel, _) in &channels {
         let got = of_channel(&received, channel);
@@ -385,7 +394,7 @@ async fn a_rate_limited_channel_stays_within_its_rate_and_a_quiet_channel_flows(
     )
     .await;
     let conn = redis().await;
-    wait_settled(&conn, &stream, GROUP).await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
     let elapsed = (time::OffsetDateTime::now_utc() - started).as_seconds_f64();
     let hot = of_channel(&received, "flow.hot.progress");
     // At most the burst plus 50/s over the time the load lasted.
@@ -436,7 +445,7 @@ async fn block_publishes_every_waiting_event_later_while_a_quiet_channel_flows()
     )
     .await;
     let conn = redis().await;
-    wait_settled(&conn, &stream, GROUP).await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
     let took = started.elapsed();
     let hot = of_channel(&received, "flow.hot.progress");
     let order: Vec<u64> = hot
@@ -493,7 +502,7 @@ async fn a_flood_beyond_max_in_flight_under_block_pauses_reading_and_loses_nothi
     let mut killed = false;
     for round in 0..60 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        most = most.max(pending(&mut conn, &stream, GROUP).await);
+        most = most.max(pending(&mut conn, &stream, &limited_group(&stream)).await);
         if round == 15 && !killed {
             // kill -9 while events wait: they are delivered again after the restart.
             worker.signal("KILL").await;
@@ -506,7 +515,7 @@ async fn a_flood_beyond_max_in_flight_under_block_pauses_reading_and_loses_nothi
         most <= 250,
         "{most} pending at most (max_in_flight 200, batch 50)"
     );
-    wait_settled(&conn, &stream, GROUP).await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
     let mut seen: Vec<u64> = of_channel(&received, "flow.hot.progress")
         .iter()
         .map(|(m, _)| m["data"]["i"].as_u64().unwrap())
@@ -604,4 +613,225 @@ async fn a_channel_outside_the_acl_dead_letters_its_events_and_publishes_the_oth
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+/// The most messages received within any `window` (arrival times at the subscriber).
+fn most_within(messages: &[(Value, time::OffsetDateTime)], window: Duration) -> usize {
+    let mut at: Vec<time::OffsetDateTime> = messages.iter().map(|(_, t)| *t).collect();
+    at.sort();
+    let mut most = 0;
+    let mut first = 0;
+    for last in 0..at.len() {
+        while at[last] - at[first] > window {
+            first += 1;
+        }
+        most = most.max(last - first + 1);
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_channel_keeps_its_rate_through_restarts_and_waiting_is_not_a_delivery() {
+    // Events waiting for their channel's budget are no crashing events: five kill -9 while they
+    // wait neither make them suspects (applied alone, past the limit) nor dead letters, and the
+    // channel never goes faster than its limit, restarts or not.
+    let stream = unique("notify-restarts:");
+    let received = timed_subscriber(&format!("{stream}:*")).await;
+    let env = limited_notifier(
+        &stream,
+        "max_deliveries = 3\nhandler_timeout_ms = 1000\nclaim_idle_ms = 2000",
+        "[[backpressure]]\npattern = \"flow.hot.*\"\nmode = \"rate_limit\"\nper_second = 4\nburst = 1\nover_limit = \"block\"",
+    );
+    let lines: Vec<String> = (0..40)
+        .map(|i| timed_line("flow.hot.progress", i))
+        .collect();
+    publish_lines(&stream, &lines).await;
+    let mut conn = redis().await;
+    let group = limited_group(&stream);
+    let mut logs = String::new();
+    let mut most_deliveries = 0;
+    for _ in 0..5 {
+        let mut worker = env.start("notifier").await;
+        tokio::time::sleep(Duration::from_millis(random_between(500, 900))).await;
+        let deliveries: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg(&group)
+            .arg("-")
+            .arg("+")
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        most_deliveries = deliveries
+            .iter()
+            .map(|d| d.3)
+            .max()
+            .unwrap_or(0)
+            .max(most_deliveries);
+        worker.signal("KILL").await;
+        worker.wait(Duration::from_secs(10)).await;
+        logs.push_str(&worker.log_text());
+    }
+    let mut worker = env.start("notifier").await;
+    wait_settled(&conn, &stream, &group).await;
+    logs.push_str(&worker.log_text());
+    let hot = of_channel(&received, "flow.hot.progress");
+    let mut seen: Vec<u64> = hot
+        .iter()
+        .map(|(m, _)| m["data"]["i"].as_u64().unwrap())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        (0..40).collect::<Vec<u64>>(),
+        "every event, none lost"
+    );
+    assert_eq!(dead_letters(&stream).await, 0);
+    assert!(
+        !logs.contains("past max_deliveries"),
+        "a waiting event was taken for a suspect:\n{logs}"
+    );
+    assert!(
+        most_deliveries <= 2,
+        "a waiting event's deliveries reached {most_deliveries}"
+    );
+    // 4/s with a burst of 1: at most 5 in any second (one more for the subscriber's jitter).
+    let most = most_within(&hot, Duration::from_secs(1));
+    assert!(
+        most <= 6,
+        "{most} messages within one second (limit 4/s, burst 1)"
+    );
+    worker.stop_cleanly().await;
+}
+
+/// Publishes `per_tick` hot events every 10 ms for `ticks` ticks.
+async fn publish_hot(stream: String, per_tick: usize, ticks: usize) {
+    publish_steadily(
+        stream,
+        vec![("flow.hot.progress".to_owned(), 1); per_tick],
+        ticks,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_for_the_group_across_replicas_unless_a_rule_keeps_it_per_replica() {
+    // Two replicas of one group on a channel at 400 events/s for 4 s, limited to 20/s (burst 5,
+    // drop): the subscriber sees the group's limit, not twice it. With `scope = "replica"`, each
+    // replica allows the full rate, as asked.
+    let rule = |scope: &str| {
+        format!("[[backpressure]]\npattern = \"flow.hot.*\"\nmode = \"rate_limit\"\nper_second = 20\nburst = 5\nover_limit = \"drop\"\n{scope}")
+    };
+    for scope in ["", "scope = \"replica\""] {
+        let stream = unique("notify-fleet:");
+        let received = timed_subscriber(&format!("{stream}:*")).await;
+        let env = limited_notifier(&stream, "", &rule(scope));
+        let mut a = env
+            .clone()
+            .set("FLEET_CONSUMER", "a")
+            .start("notifier")
+            .await;
+        let mut b = env.set("FLEET_CONSUMER", "b").start("notifier").await;
+        let started = std::time::Instant::now();
+        publish_hot(stream.clone(), 4, 400).await;
+        let conn = redis().await;
+        wait_settled(&conn, &stream, &limited_group(&stream)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let got = of_channel(&received, "flow.hot.progress").len() as f64;
+        let limit = 5.0 + 20.0 * elapsed;
+        if scope.is_empty() {
+            assert!(
+                got <= limit * 1.1 && got >= 20.0 * (elapsed - 1.0),
+                "fleet scope: {got} messages in {elapsed:.1} s with 2 replicas (limit {limit:.0})"
+            );
+        } else {
+            assert!(
+                got > 1.5 * limit,
+                "replica scope: {got} messages in {elapsed:.1} s with 2 replicas (each allows 20/s)"
+            );
+        }
+        a.stop_cleanly().await;
+        b.stop_cleanly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_a_drop_rule_that_waited_behind_its_key_is_dropped_once_too_old() {
+    // `drop`'s max_age_ms holds for an event that waited in the room (here behind a rate-limited
+    // event of its key): it is checked again as it leaves, not only as it is read.
+    let stream = unique("notify-age:");
+    let received = timed_subscriber(&format!("{stream}:*")).await;
+    let mut worker = limited_notifier(
+        &stream,
+        "",
+        "[[backpressure]]\npattern = \"flow.hot.*\"\nmode = \"rate_limit\"\nper_second = 2\nburst = 1\nover_limit = \"block\"\n[[backpressure]]\npattern = \"flow.fresh.*\"\nmode = \"drop\"\nmax_age_ms = 300",
+    )
+    .start("notifier")
+    .await;
+    // One key for all: the fresh event waits behind two hot ones (~500 ms for the second).
+    let line = |channel: &str, i: usize| {
+        let mut v: Value = serde_json::from_str(&timed_line(channel, i)).unwrap();
+        v["key"] = json!("k");
+        v.to_string()
+    };
+    publish_lines(
+        &stream,
+        &[
+            line("flow.hot.progress", 0),
+            line("flow.hot.progress", 1),
+            line("flow.fresh.progress", 2),
+        ],
+    )
+    .await;
+    let conn = redis().await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
+    assert_eq!(of_channel(&received, "flow.hot.progress").len(), 2);
+    assert!(
+        of_channel(&received, "flow.fresh.progress").is_empty(),
+        "published after waiting past its max_age_ms"
+    );
+    assert_eq!(
+        worker
+            .metric("fleet_backpressure_actions_total", "action=\"dropped\"")
+            .await,
+        1.0
+    );
+    worker.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_refused_what_the_rate_limits_need_stops_the_notifier_at_start() {
+    // A refusal while running would leave rate-limited events waiting for ever: the grant is
+    // checked before anything is read.
+    let server = streamfleet_tests::servers::PrivateRedis::start();
+    let mut conn = redis_at(&server.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("limited")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-set")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = server.url().replacen("redis://", "redis://limited:pw@", 1);
+    let (status, stderr) = limited_notifier(
+        "{app}:events",
+        "",
+        "[[backpressure]]\npattern = \"flow.*.progress\"\nmode = \"rate_limit\"\nper_second = 5",
+    )
+    .set("FLEET_REDIS_URL", &url)
+    .set("FLEET_HTTP_ADDR", &free_addr())
+    .run_to_end("notifier")
+    .await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("notifier: error: FLEET_REDIS_URL: the user may not run SET"),
+        "{stderr}"
+    );
 }

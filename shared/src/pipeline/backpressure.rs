@@ -8,7 +8,11 @@
 //! the other channels; it is released in a later part of its own once its time comes. Events of
 //! a key with an event waiting wait behind it, whatever their channel: order per key holds (a
 //! lane has every event of its keys). Waiting entries count towards `max_in_flight`: when the
-//! room fills it, reading pauses, and everything is delayed.
+//! room fills it, reading pauses, and everything is delayed. An event whose own rule is `drop`
+//! is checked against its `max_age_ms` again when it leaves the room.
+//!
+//! Rate limits spend budgets (`budget`): the group's, in Redis, asked once per part for all its
+//! channels (and once per release for the events due), unless a rule keeps them per replica.
 //!
 //! Lossy decisions (drop, coalesce) never apply to events on strict routes: a user event is never
 //! discarded to relieve pressure; over a rate limit it waits instead, and a coalescing rule lets
@@ -16,36 +20,31 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use redis::aio::ConnectionManager;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::event::pattern::PatternTable;
+use crate::pipeline::budget::{Budgets, Grants, Refusal};
 use crate::pipeline::handler::Routed;
 use crate::runtime::config::{Backpressure, OverLimit};
 use crate::runtime::metrics as m;
 use crate::source::entry::Entry;
 
-/// Applies the `[[backpressure]]` rules; holds one rate limiter per rate-limited rule, with a
-/// budget per channel: a hot channel spends its own, never a quiet one's.
+/// Applies the `[[backpressure]]` rules, with the budgets of the rate-limited ones (a budget per
+/// channel: a hot channel spends its own, never a quiet one's).
 pub struct BackpressureStage {
     rules: PatternTable<Backpressure>,
-    limiters: HashMap<String, DefaultKeyedRateLimiter<String>>,
+    budgets: Budgets,
 }
-
-/// Channels a limiter remembers before it forgets those whose budget is full again (their state
-/// is then the same as a new channel's): memory bounded by the channels recently busy.
-const CHANNELS_KEPT: usize = 10_000;
 
 /// What admission decided for the events of a part.
 #[derive(Debug, Default)]
 pub(crate) struct Admission<'a> {
-    /// For the handler now, in part order.
-    pub now: Vec<Routed<'a>>,
+    /// For the handler now, in part order, with their indices into the part's entries.
+    pub now: Vec<(usize, Routed<'a>)>,
     /// Acknowledged with no effect (dropped, or replaced by a newer event of their key).
     pub shed: usize,
     /// Indices (into the part's entries) of the events that wait in the room.
@@ -63,8 +62,15 @@ struct Waiting {
     not_before: Instant,
     /// The rate-limited rule whose budget it still has to spend when released.
     limit: Option<String>,
+    /// Whether it is dropped rather than kept waiting when that budget refuses it (`over_limit =
+    /// "drop"`, waiting only because the budget could not be read).
+    drop_over_limit: bool,
     /// The coalescing rule under which a newer event of its key replaces it while it waits.
     coalesce: Option<String>,
+    /// Its own rule is `drop`: past this time it is shed instead of released.
+    expires: Option<OffsetDateTime>,
+    /// The drop rule, for the count.
+    rule: Option<String>,
 }
 
 /// The events of one ordering key waiting, in stream order, and when the first is due.
@@ -83,8 +89,9 @@ pub(crate) struct Room {
     /// `wake` are stale and skipped).
     wakes: BinaryHeap<Reverse<(Instant, String)>>,
     len: usize,
-    /// Entries replaced by a newer event of their key: to be acknowledged as coalesced.
-    superseded: Vec<Entry>,
+    /// Entries shed while waiting (replaced by a newer event of their key, or dropped when they
+    /// left): to be acknowledged with no effect.
+    shed: Vec<Entry>,
 }
 
 impl Clone for Room {
@@ -92,6 +99,12 @@ impl Clone for Room {
     fn clone(&self) -> Self {
         Room::default()
     }
+}
+
+/// Queues due for release, with the budget units their heads ask for: (rule, channel, units).
+pub(crate) struct Due {
+    keys: Vec<String>,
+    asks: Vec<(String, String, u32)>,
 }
 
 impl Room {
@@ -110,9 +123,9 @@ impl Room {
         self.wakes.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// The entries replaced since last asked, to be acknowledged as coalesced.
-    pub fn take_superseded(&mut self) -> Vec<Entry> {
-        std::mem::take(&mut self.superseded)
+    /// The entries shed since last asked, to be acknowledged with no effect.
+    pub fn take_shed(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.shed)
     }
 
     /// Every entry waiting (the drain leaves them pending).
@@ -142,7 +155,7 @@ impl Room {
             if last.coalesce.as_ref() == Some(rule) {
                 let old = std::mem::replace(&mut last.entry, w.entry);
                 last.channel = w.channel;
-                self.superseded.push(old);
+                self.shed.push(old);
                 return true;
             }
         }
@@ -156,10 +169,16 @@ impl Room {
         false
     }
 
-    /// Takes the events due at `now`, spending their channels' budgets: per key in stream order,
-    /// stopping at the first one not due yet.
-    pub fn release(&mut self, now: Instant, stage: &BackpressureStage) -> Vec<Entry> {
-        let mut out = Vec::new();
+    /// The queues whose first event is due at `now`, and what their release asks of the budgets:
+    /// per queue, its leading due events that need no budget, then the run of due events after
+    /// them that spend one rule's budget on one channel (a queue goes no further in one round:
+    /// budget asked for events that then could not go, in key order, would be wasted).
+    pub fn due(&mut self, now: Instant) -> Due {
+        let mut due = Due {
+            keys: Vec::new(),
+            asks: Vec::new(),
+        };
+        let mut asks: HashMap<(&str, &str), u32> = HashMap::new();
         while let Some(Reverse((at, _))) = self.wakes.peek() {
             if *at > now {
                 break;
@@ -167,30 +186,74 @@ impl Room {
             let Some(Reverse((at, key))) = self.wakes.pop() else {
                 break;
             };
+            match self.queues.get_mut(&key) {
+                Some(queue) if queue.wake == Some(at) => queue.wake = None,
+                _ => continue,
+            }
+            due.keys.push(key);
+        }
+        for key in &due.keys {
+            let queue = &self.queues[key];
+            let mut run: Option<(&str, &str)> = None;
+            for w in queue.waiting.iter().take_while(|w| w.not_before <= now) {
+                match (&w.limit, run) {
+                    (None, None) => continue,
+                    (Some(rule), None) => run = Some((rule, &w.channel)),
+                    (Some(rule), Some(r)) if r == (rule.as_str(), w.channel.as_str()) => {}
+                    _ => break,
+                }
+                *asks.entry(run.expect("a run")).or_default() += 1;
+            }
+        }
+        due.asks = asks
+            .into_iter()
+            .map(|((rule, channel), n)| (rule.to_owned(), channel.to_owned(), n))
+            .collect();
+        due
+    }
+
+    /// Takes the events of the `due` queues that may go at `now` with `grants`: per key in stream
+    /// order, stopping at the first one not due yet, or refused its budget (it is then due again
+    /// when the budget is expected back). Events of a `drop` rule past their age are shed.
+    pub fn take(&mut self, now: Instant, due: Due, grants: &mut Grants) -> Vec<Entry> {
+        let wall = OffsetDateTime::now_utc();
+        let mut out = Vec::new();
+        for key in due.keys {
             let Some(queue) = self.queues.get_mut(&key) else {
                 continue;
             };
-            if queue.wake != Some(at) {
-                continue;
-            }
-            queue.wake = None;
             let mut next = None;
             while let Some(head) = queue.waiting.front_mut() {
                 if head.not_before > now {
                     next = Some(head.not_before);
                     break;
                 }
-                if let Some(rule) = &head.limit {
-                    if let Err(wait) = stage.spend(rule, &head.channel, true) {
-                        head.not_before = now + wait;
-                        next = Some(head.not_before);
-                        break;
+                let mut shed = head.expires.is_some_and(|at| wall > at);
+                if shed {
+                    if let Some(rule) = &head.rule {
+                        count(rule, "dropped");
                     }
-                    head.limit = None;
+                } else if let Some(rule) = &head.limit {
+                    match grants.spend(rule, &head.channel) {
+                        Ok(()) => head.limit = None,
+                        Err(Refusal::Spent(_)) if head.drop_over_limit => {
+                            count(rule, "dropped");
+                            shed = true;
+                        }
+                        Err(refusal) => {
+                            head.not_before = now + refusal.retry();
+                            next = Some(head.not_before);
+                            break;
+                        }
+                    }
                 }
-                let released = queue.waiting.pop_front().expect("a head");
-                out.push(released.entry);
+                let left = queue.waiting.pop_front().expect("a head");
                 self.len -= 1;
+                if shed {
+                    self.shed.push(left.entry);
+                } else {
+                    out.push(left.entry);
+                }
             }
             match next {
                 Some(at) => self.schedule(&key, at),
@@ -203,22 +266,35 @@ impl Room {
     }
 }
 
+/// Counts a backpressure decision under its rule.
+fn count(rule: &str, action: &'static str) {
+    metrics::counter!(m::BACKPRESSURE_ACTIONS, "rule" => rule.to_owned(), "action" => action)
+        .increment(1);
+}
+
 impl BackpressureStage {
-    /// Builds the stage and its limiters.
-    pub fn new(rules: PatternTable<Backpressure>) -> Self {
-        let mut limiters = HashMap::new();
-        for (pattern, rule) in rules.iter() {
-            if let Backpressure::RateLimit {
-                per_second, burst, ..
-            } = rule
-            {
-                let quota =
-                    Quota::per_second(NonZeroU32::new(*per_second).unwrap_or(NonZeroU32::MIN))
-                        .allow_burst(NonZeroU32::new(*burst).unwrap_or(NonZeroU32::MIN));
-                limiters.insert(pattern.as_str().to_owned(), RateLimiter::keyed(quota));
-            }
+    /// Builds the stage; the group's rate-limit budgets live under `budget_prefix`
+    /// (`budget::key_prefix`) on the Redis `conn` reaches.
+    pub fn new(
+        rules: PatternTable<Backpressure>,
+        budget_prefix: String,
+        conn: Option<ConnectionManager>,
+    ) -> Self {
+        let budgets = Budgets::new(&rules, budget_prefix, conn);
+        BackpressureStage { rules, budgets }
+    }
+
+    /// Whether the worker may run what its rate-limit budgets need: `Err` names what it may not.
+    pub async fn check_grants(&self) -> Result<(), String> {
+        match self.budgets.refused().await {
+            Ok(refused) if refused.is_empty() => Ok(()),
+            Ok(refused) => Err(format!(
+                "FLEET_REDIS_URL: the user may not run {} (the rate limits' budgets need them; see deploy/redis/users.acl)",
+                refused.join(", ")
+            )),
+            // Unreachable now: the budgets say so when they are asked.
+            Err(_) => Ok(()),
         }
-        BackpressureStage { rules, limiters }
     }
 
     /// Whether any rule exists (the stage costs nothing otherwise).
@@ -226,26 +302,31 @@ impl BackpressureStage {
         self.rules.is_empty()
     }
 
-    /// Spends one unit of `channel`'s budget under `rule`, or says how long until one is back
-    /// (`wait`: only asked when the event will wait; a dropped one needs no time).
-    fn spend(&self, rule: &str, channel: &str, wait: bool) -> Result<(), Duration> {
-        let Some(limiter) = self.limiters.get(rule) else {
-            return Ok(());
+    /// Takes the waiting events of `room` due at `now`, spending their budgets (one round trip
+    /// for the fleet's).
+    pub async fn release(&self, room: &mut Room, now: Instant) -> Vec<Entry> {
+        let due = room.due(now);
+        if due.keys.is_empty() {
+            return Vec::new();
+        }
+        let mut grants = if due.asks.is_empty() {
+            Grants::default()
+        } else {
+            let asks: Vec<(&str, &str, u32)> = due
+                .asks
+                .iter()
+                .map(|(rule, channel, n)| (rule.as_str(), channel.as_str(), *n))
+                .collect();
+            self.budgets.take(&asks).await
         };
-        // A String key per check: governor's keyed state owns its keys. The limiter's own clock
-        // tells the time: building one per refusal (it calibrates) cost ~25 µs per event here.
-        limiter.check_key(&channel.to_owned()).map_err(|not_until| {
-            if wait {
-                not_until.wait_time_from(limiter.clock().now())
-            } else {
-                Duration::ZERO
-            }
-        })
+        room.take(now, due, &mut grants)
     }
 
     /// Decides for each routed event (with its index in the part's `entries`): now, shed, or wait
-    /// in `room`. Events of a key already waiting wait behind it.
-    pub(crate) fn admit<'a>(
+    /// in `room`. Events of a key already waiting wait behind it. The part's rate-limited events
+    /// ask their budgets in one round: one unit each, but for those already behind a waiting
+    /// event of their key, which spend theirs when they reach the front.
+    pub(crate) async fn admit<'a>(
         &self,
         events: Vec<(usize, Routed<'a>)>,
         entries: &[Entry],
@@ -253,30 +334,59 @@ impl BackpressureStage {
     ) -> Admission<'a> {
         let mut out = Admission::default();
         if self.is_empty() && room.is_empty() {
-            out.now = events.into_iter().map(|(_, r)| r).collect();
+            out.now = events;
             return out;
         }
         let now = Instant::now();
         let wall = OffsetDateTime::now_utc();
-        let count = |pattern: &str, action: &'static str| {
-            metrics::counter!(m::BACKPRESSURE_ACTIONS, "rule" => pattern.to_owned(), "action" => action).increment(1);
+        let rules: Vec<_> = events
+            .iter()
+            .map(|(_, r)| self.rules.lookup(&r.event.channel))
+            .collect();
+        // Which events ask for a unit, and the round's asks.
+        let mut asked = vec![false; events.len()];
+        let mut asks: HashMap<(&str, &str), u32> = HashMap::new();
+        for (i, ((_, r), rule)) in events.iter().zip(&rules).enumerate() {
+            if let Some((pattern, Backpressure::RateLimit { over_limit, .. })) = rule {
+                let over = if r.route.strict {
+                    OverLimit::Block
+                } else {
+                    *over_limit
+                };
+                if over == OverLimit::Drop || !room.queues.contains_key(r.event.key()) {
+                    asked[i] = true;
+                    *asks
+                        .entry((pattern.as_str(), &r.event.channel))
+                        .or_default() += 1;
+                }
+            }
+        }
+        let mut grants = if asks.is_empty() {
+            Grants::default()
+        } else {
+            let asks: Vec<(&str, &str, u32)> =
+                asks.into_iter().map(|((r, c), n)| (r, c, n)).collect();
+            self.budgets.take(&asks).await
         };
-        for (index, r) in events {
+        for (((index, r), rule), asked) in events.into_iter().zip(rules).zip(asked) {
             let key = r.event.key();
             let channel = &*r.event.channel;
             let lossy = !r.route.strict;
-            let rule = self.rules.lookup(channel);
-            let behind = room.queues.contains_key(key);
             // The decision, allocating nothing for an event that goes now.
             let mut not_before = now;
             let (mut limit, mut coalesce): (Option<&str>, Option<&str>) = (None, None);
+            let (mut drop_over_limit, mut expires) = (false, None);
             match rule {
                 None | Some((_, Backpressure::Block)) => {}
                 Some((pattern, Backpressure::Drop { max_age_ms })) => {
-                    if lossy && wall - r.event.time > Duration::from_millis(*max_age_ms) {
+                    let max_age = Duration::from_millis(*max_age_ms);
+                    if lossy && wall - r.event.time > max_age {
                         count(pattern.as_str(), "dropped");
                         out.shed += 1;
                         continue;
+                    }
+                    if lossy {
+                        expires = Some(r.event.time + max_age);
                     }
                 }
                 Some((pattern, Backpressure::Coalesce { window_ms })) => {
@@ -287,27 +397,33 @@ impl BackpressureStage {
                 }
                 Some((pattern, Backpressure::RateLimit { over_limit, .. })) => {
                     let over_limit = if lossy { *over_limit } else { OverLimit::Block };
-                    if behind && over_limit != OverLimit::Drop {
-                        // Its budget is spent when it reaches the front.
+                    if !asked {
+                        // Behind a waiting event of its key: spends its unit at the front.
                         limit = Some(pattern.as_str());
-                    } else if let Err(until) =
-                        self.spend(pattern.as_str(), channel, over_limit != OverLimit::Drop)
-                    {
-                        if over_limit == OverLimit::Drop {
-                            count(pattern.as_str(), "dropped");
-                            out.shed += 1;
-                            continue;
+                    } else {
+                        match grants.spend(pattern.as_str(), channel) {
+                            // Paid: now, or behind its key's waiting events.
+                            Ok(()) => {}
+                            Err(Refusal::Spent(_)) if over_limit == OverLimit::Drop => {
+                                count(pattern.as_str(), "dropped");
+                                out.shed += 1;
+                                continue;
+                            }
+                            Err(refusal) => {
+                                not_before = now + refusal.retry();
+                                limit = Some(pattern.as_str());
+                                drop_over_limit = over_limit == OverLimit::Drop;
+                            }
                         }
-                        not_before = now + until;
-                        limit = Some(pattern.as_str());
                     }
                     if limit.is_some() && over_limit == OverLimit::Coalesce {
                         coalesce = limit;
                     }
                 }
             }
+            let behind = room.queues.contains_key(key);
             if !behind && coalesce.is_none() && limit.is_none() {
-                out.now.push(r);
+                out.now.push((index, r));
                 continue;
             }
             let wait = Waiting {
@@ -315,7 +431,10 @@ impl BackpressureStage {
                 channel: channel.to_owned(),
                 not_before,
                 limit: limit.map(str::to_owned),
+                drop_over_limit,
                 coalesce: coalesce.map(str::to_owned),
+                expires,
+                rule: expires.and(rule.map(|(p, _)| p.as_str().to_owned())),
             };
             if room.enqueue(key, wait) {
                 if let Some((pattern, _)) = rule {
@@ -325,12 +444,6 @@ impl BackpressureStage {
                 count(pattern.as_str(), "delayed");
             }
             out.deferred.push(index);
-        }
-        for limiter in self.limiters.values() {
-            if limiter.len() > CHANNELS_KEPT {
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
-            }
         }
         out
     }
@@ -352,7 +465,7 @@ mod tests {
             "test",
         )
         .unwrap();
-        let stage = BackpressureStage::new(config.backpressure.clone());
+        let stage = BackpressureStage::new(config.backpressure.clone(), "t:".into(), None);
         (config, stage)
     }
 
@@ -415,7 +528,7 @@ mod tests {
     #[tokio::test]
     async fn a_rate_limit_is_a_budget_per_channel() {
         let (config, stage) = stage(
-            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 1\nburst = 2\nover_limit = \"drop\"",
+            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nscope = \"replica\"\nper_second = 1\nburst = 2\nover_limit = \"drop\"",
         );
         let (entries, events) = events(&[
             ("flow.hot", None),
@@ -427,8 +540,14 @@ mod tests {
             ("flow.quiet", None),
         ]);
         let mut room = Room::default();
-        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
-        let channels: Vec<&str> = admitted.now.iter().map(|r| &*r.event.channel).collect();
+        let admitted = stage
+            .admit(routed(&config, &entries, &events), &entries, &mut room)
+            .await;
+        let channels: Vec<&str> = admitted
+            .now
+            .iter()
+            .map(|(_, r)| &*r.event.channel)
+            .collect();
         // The hot channel spent its burst of 2; the quiet one still has its own.
         assert_eq!(
             channels,
@@ -448,7 +567,7 @@ mod tests {
         let mut out = Vec::new();
         while !room.is_empty() && started.elapsed() < limit {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            out.extend(seqs(&room.release(Instant::now(), stage)));
+            out.extend(seqs(&stage.release(room, Instant::now()).await));
         }
         out
     }
@@ -456,7 +575,7 @@ mod tests {
     #[tokio::test]
     async fn block_defers_a_channel_over_its_budget_and_lets_the_others_through() {
         let (config, stage) = stage(
-            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 10\nburst = 1\nover_limit = \"block\"",
+            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nscope = \"replica\"\nper_second = 10\nburst = 1\nover_limit = \"block\"",
         );
         let (entries, events) = events(&[
             ("flow.hot", None),
@@ -465,13 +584,15 @@ mod tests {
             ("flow.quiet", None),
         ]);
         let mut room = Room::default();
-        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
-        let now: Vec<u64> = admitted.now.iter().map(|r| r.entry_id.seq).collect();
+        let admitted = stage
+            .admit(routed(&config, &entries, &events), &entries, &mut room)
+            .await;
+        let now: Vec<u64> = admitted.now.iter().map(|(_, r)| r.entry_id.seq).collect();
         assert_eq!(now, [0, 3], "the first hot event and the quiet one go now");
         assert_eq!(admitted.deferred, [1, 2]);
         assert_eq!(room.len(), 2);
         // Nothing is due before the budget is back (100 ms per event at 10/s).
-        assert!(room.release(Instant::now(), &stage).is_empty());
+        assert!(stage.release(&mut room, Instant::now()).await.is_empty());
         let started = Instant::now();
         let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
         assert_eq!(released, [1, 2], "released in stream order, none lost");
@@ -495,16 +616,18 @@ mod tests {
             ("user.1", None),
         ]);
         let mut room = Room::default();
-        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        let admitted = stage
+            .admit(routed(&config, &entries, &events), &entries, &mut room)
+            .await;
         // user.1 is strict: never coalesced, never delayed.
         assert_eq!(admitted.now.len(), 1);
         assert_eq!(admitted.deferred, [0, 1, 2, 3]);
-        assert_eq!(seqs(&room.take_superseded()), [0, 2]);
+        assert_eq!(seqs(&room.take_shed()), [0, 2]);
         assert_eq!(room.len(), 2);
         tokio::time::advance(Duration::from_millis(99)).await;
-        assert!(room.release(Instant::now(), &stage).is_empty());
+        assert!(stage.release(&mut room, Instant::now()).await.is_empty());
         tokio::time::advance(Duration::from_millis(1)).await;
-        let mut out = seqs(&room.release(Instant::now(), &stage));
+        let mut out = seqs(&stage.release(&mut room, Instant::now()).await);
         out.sort();
         assert_eq!(
             out,
@@ -517,7 +640,7 @@ mod tests {
     #[tokio::test]
     async fn events_of_a_waiting_key_wait_behind_it_whatever_their_channel() {
         let (config, stage) = stage(
-            "[[backpressure]]\npattern = \"flow.hot\"\nmode = \"rate_limit\"\nper_second = 10\nburst = 1\nover_limit = \"block\"",
+            "[[backpressure]]\npattern = \"flow.hot\"\nmode = \"rate_limit\"\nscope = \"replica\"\nper_second = 10\nburst = 1\nover_limit = \"block\"",
         );
         let (entries, events) = events(&[
             ("flow.hot", Some("k")),
@@ -526,8 +649,10 @@ mod tests {
             ("flow.other", None),
         ]);
         let mut room = Room::default();
-        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
-        let now: Vec<u64> = admitted.now.iter().map(|r| r.entry_id.seq).collect();
+        let admitted = stage
+            .admit(routed(&config, &entries, &events), &entries, &mut room)
+            .await;
+        let now: Vec<u64> = admitted.now.iter().map(|(_, r)| r.entry_id.seq).collect();
         assert_eq!(now, [0, 3]);
         assert_eq!(admitted.deferred, [1, 2]);
         let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
@@ -537,7 +662,7 @@ mod tests {
     #[tokio::test]
     async fn over_limit_coalesce_sends_the_newest_state_at_the_limited_rate() {
         let (config, stage) = stage(
-            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nper_second = 10\nburst = 1\nover_limit = \"coalesce\"",
+            "[[backpressure]]\npattern = \"flow.*\"\nmode = \"rate_limit\"\nscope = \"replica\"\nper_second = 10\nburst = 1\nover_limit = \"coalesce\"",
         );
         let (entries, events) = events(&[
             ("flow.a", None),
@@ -546,10 +671,38 @@ mod tests {
             ("flow.a", None),
         ]);
         let mut room = Room::default();
-        let admitted = stage.admit(routed(&config, &entries, &events), &entries, &mut room);
+        let admitted = stage
+            .admit(routed(&config, &entries, &events), &entries, &mut room)
+            .await;
         assert_eq!(admitted.now.len(), 1);
-        assert_eq!(seqs(&room.take_superseded()), [1, 2]);
+        assert_eq!(seqs(&room.take_shed()), [1, 2]);
         let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
         assert_eq!(released, [3]);
+    }
+
+    #[tokio::test]
+    async fn an_event_of_a_drop_rule_waiting_behind_its_key_is_shed_once_past_its_age() {
+        let (config, stage) = stage(
+            "[[backpressure]]\npattern = \"flow.hot\"\nmode = \"rate_limit\"\nscope = \"replica\"\nper_second = 5\nburst = 1\nover_limit = \"block\"\n[[backpressure]]\npattern = \"flow.fresh\"\nmode = \"drop\"\nmax_age_ms = 100",
+        );
+        let (entries, events) = events(&[
+            ("flow.hot", Some("k")),
+            ("flow.hot", Some("k")),
+            ("flow.fresh", Some("k")),
+        ]);
+        let mut room = Room::default();
+        let admitted = stage
+            .admit(routed(&config, &entries, &events), &entries, &mut room)
+            .await;
+        assert_eq!(admitted.now.len(), 1);
+        assert_eq!(
+            admitted.deferred,
+            [1, 2],
+            "fresh enough to wait behind its key"
+        );
+        // The second hot event waits 200 ms for its budget: by then the third is too old.
+        let released = release_within(&mut room, &stage, Duration::from_secs(2)).await;
+        assert_eq!(released, [1]);
+        assert_eq!(seqs(&room.take_shed()), [2], "dropped as it left the room");
     }
 }

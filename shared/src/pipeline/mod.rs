@@ -17,6 +17,7 @@
 
 pub(crate) mod ack;
 pub(crate) mod backpressure;
+pub(crate) mod budget;
 pub(crate) mod dlq;
 pub(crate) mod handler;
 pub(crate) mod inflight;
@@ -77,6 +78,8 @@ impl<H: Handler> Pipeline<H> {
             health,
         } = self;
         let consumer = source.consumer().to_owned();
+        let streams: Vec<&str> = source.specs().iter().map(|s| s.as_str()).collect();
+        let budget_prefix = crate::pipeline::budget::key_prefix(&streams, &group);
         let labels = source.labels();
         metrics::gauge!(crate::runtime::metrics::MAX_IN_FLIGHT)
             .set(config.tuning.max_in_flight as f64);
@@ -89,7 +92,11 @@ impl<H: Handler> Pipeline<H> {
             limits: Limits {
                 max_data_bytes: config.tuning.max_data_bytes,
             },
-            backpressure: Arc::new(BackpressureStage::new(config.backpressure.clone())),
+            backpressure: Arc::new(BackpressureStage::new(
+                config.backpressure.clone(),
+                budget_prefix,
+                Some(writer.clone()),
+            )),
             config: config.clone(),
             applier: Applier {
                 handler,
@@ -107,6 +114,11 @@ impl<H: Handler> Pipeline<H> {
             health.drain();
             return Ok(());
         }
+        processor
+            .backpressure
+            .check_grants()
+            .await
+            .map_err(HandlerError::Misconfigured)?;
         let (settle_tx, settle_rx) = mpsc::channel(1);
         let keeper = tokio::spawn(in_flight.clone().keep_alive(
             writer.clone(),

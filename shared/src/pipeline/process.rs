@@ -122,8 +122,8 @@ impl<H: Handler> Processor<H> {
     }
 
     /// Sends a part's settlement to the acker (or forgets the part, left pending), then the
-    /// settlement of the waiting entries a newer event of their key replaced (acknowledged as
-    /// coalesced). False once the acker is gone.
+    /// settlement of the waiting entries shed (a newer event of their key replaced them, or they
+    /// were dropped as they left): acknowledged with no effect. False once the acker is gone.
     async fn settle(
         &mut self,
         ticket: u64,
@@ -139,20 +139,26 @@ impl<H: Handler> Processor<H> {
             // Left pending: the keep-alive forgets it, the reclaimer brings it back.
             None => self.in_flight.release(ticket),
         }
+        self.settle_shed(settlements).await
+    }
+
+    /// Sends the settlement of the waiting entries shed since the last one, if any. False once
+    /// the acker is gone.
+    async fn settle_shed(&mut self, settlements: &mpsc::Sender<Settlement>) -> bool {
         self.report_waiting();
-        let superseded = self.room.take_superseded();
-        if superseded.is_empty() {
+        let shed = self.room.take_shed();
+        if shed.is_empty() {
             return true;
         }
-        let ticket = self.in_flight.register(&superseded);
-        self.in_flight.unwait(&superseded);
+        let ticket = self.in_flight.register(&shed);
+        self.in_flight.unwait(&shed);
         let settlement = Settlement {
             ticket,
             counts: Counts {
-                shed: superseded.len(),
+                shed: shed.len(),
                 ..Counts::default()
             },
-            entries: superseded,
+            entries: shed,
             dead: Vec::new(),
             held: Vec::new(),
             by_sink: Vec::new(),
@@ -179,18 +185,21 @@ impl<H: Handler> Processor<H> {
     }
 
     /// Processes the waiting events that are due, as a part of their own (their channels'
-    /// budgets already spent). False once the acker is gone.
+    /// budgets already spent), their deliveries counted again. False once the acker is gone.
     async fn release(
         &mut self,
         settlements: &mpsc::Sender<Settlement>,
         shutdown: &Shutdown,
     ) -> bool {
         let entries = self
-            .room
-            .release(tokio::time::Instant::now(), &self.backpressure);
+            .backpressure
+            .release(&mut self.room, tokio::time::Instant::now())
+            .await;
         if entries.is_empty() {
-            return true;
+            // Some may have been shed as they left.
+            return self.settle_shed(settlements).await;
         }
+        self.count_deliveries(&entries, 0).await;
         let ticket = self.in_flight.register(&entries);
         self.in_flight.unwait(&entries);
         let settled = self.process(ticket, entries, shutdown, true).await;
@@ -321,37 +330,42 @@ impl<H: Handler> Processor<H> {
         } = self.decode(&entries);
         counts.batch_duplicates = dedup(&mut events);
         let config = self.config.clone();
-        let (routed, suspects) = self.route(&config, &entries, &events, &mut counts);
+        let routed = self.route(&config, &entries, &events, &mut counts);
         let admission = if released {
             Admission {
-                now: routed.into_iter().map(|(_, r)| r).collect(),
+                now: routed,
                 ..Admission::default()
             }
         } else {
-            self.backpressure.admit(routed, &entries, &mut self.room)
+            self.backpressure
+                .admit(routed, &entries, &mut self.room)
+                .await
         };
         counts.shed = admission.shed;
         let deferred = admission.deferred;
         if !deferred.is_empty() {
             self.in_flight.wait(deferred.iter().map(|i| &entries[*i]));
+            // Waiting is not a delivery that may have crashed the worker: should it stop now,
+            // the redelivery must not count against the event.
+            let waiting: Vec<&Entry> = deferred.iter().map(|i| &entries[*i]).collect();
+            self.count_deliveries(waiting, 1).await;
         }
-        let routed = admission.now;
-        // A sink that acknowledges settles what it is given: the routed entries, a subsequence of
-        // the part's entries in their order.
+        // Suspects (delivered more than max_deliveries times) passed backpressure like any
+        // event; they are applied alone, after the batch.
+        let max = config.tuning.max_deliveries;
+        let (routed, suspects): (Vec<_>, Vec<_>) = admission
+            .now
+            .into_iter()
+            .partition(|(i, _)| entries[*i].deliveries <= max);
+        // A sink that acknowledges settles what it is given.
         let mut by_sink = Vec::new();
         if H::ACKNOWLEDGES {
             by_sink = vec![false; entries.len()];
-            let mut next = routed.iter().peekable();
-            for (i, e) in entries.iter().enumerate() {
-                if next
-                    .peek()
-                    .is_some_and(|r| r.entry_id == e.id && *r.stream == e.stream)
-                {
-                    by_sink[i] = true;
-                    next.next();
-                }
+            for (i, _) in &routed {
+                by_sink[*i] = true;
             }
         }
+        let routed: Vec<Routed<'_>> = routed.into_iter().map(|(_, r)| r).collect();
 
         let batch = Batch {
             group: &self.group,
@@ -458,17 +472,15 @@ impl<H: Handler> Processor<H> {
         out
     }
 
-    /// Routes the events: unrouted ones are counted, suspects (delivered more than
-    /// `max_deliveries` times) are set apart to be tried alone.
+    /// Routes the events: unrouted ones are counted.
     fn route<'a>(
         &self,
         config: &'a FileConfig,
         entries: &'a [Entry],
         events: &'a [(usize, Event<'a>)],
         counts: &mut Counts,
-    ) -> (Vec<Indexed<'a>>, Vec<Indexed<'a>>) {
+    ) -> Vec<Indexed<'a>> {
         let mut routed = Vec::with_capacity(events.len());
-        let mut suspects = Vec::new();
         for (index, event) in events {
             let entry = &entries[*index];
             let Some((_, route)) = config.routes.lookup(&event.channel) else {
@@ -481,13 +493,43 @@ impl<H: Handler> Processor<H> {
                 stream: &entry.stream,
                 entry_id: entry.id,
             };
-            if entry.deliveries > config.tuning.max_deliveries {
-                suspects.push((*index, r));
-            } else {
-                routed.push((*index, r));
+            routed.push((*index, r));
+        }
+        routed
+    }
+
+    /// Sets the delivery count of `entries`, in the pending list, to what they were delivered
+    /// with less `less`: 1 while they wait (a wait is not a delivery that could have crashed the
+    /// worker), 0 once released to the handler (a crash then counts). One round trip; a failure
+    /// only leaves a count one too high or too low, for one delivery.
+    async fn count_deliveries(&mut self, entries: impl IntoIterator<Item = &Entry>, less: u64) {
+        let mut runs: Vec<(&str, u64, Vec<String>)> = Vec::new();
+        for e in entries {
+            let count = e.deliveries.saturating_sub(less);
+            match runs
+                .iter_mut()
+                .find(|(s, c, _)| *s == &*e.stream && *c == count)
+            {
+                Some((_, _, ids)) => ids.push(e.id.to_string()),
+                None => runs.push((&e.stream, count, vec![e.id.to_string()])),
             }
         }
-        (routed, suspects)
+        let mut pipe = redis::pipe();
+        for (stream, count, ids) in &runs {
+            pipe.cmd("XCLAIM")
+                .arg(*stream)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(ids)
+                .arg("RETRYCOUNT")
+                .arg(*count)
+                .arg("JUSTID")
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut self.writer).await {
+            tracing::debug!(error = %e, "delivery counts of waiting events not set");
+        }
     }
 }
 

@@ -309,6 +309,18 @@ pub enum OverLimit {
     Coalesce,
 }
 
+/// Whose budget a rate limit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    /// The consumer group's, shared by every replica in Redis: the rate a subscriber sees,
+    /// however many replicas there are.
+    #[default]
+    Fleet,
+    /// Each replica's own, in memory: n replicas allow n times the rate.
+    Replica,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum ModeName {
@@ -329,6 +341,7 @@ struct RawBackpressure {
     per_second: Option<u32>,
     burst: Option<u32>,
     over_limit: Option<OverLimit>,
+    scope: Option<LimitScope>,
 }
 
 /// A per-channel backpressure mode.
@@ -341,11 +354,13 @@ pub enum Backpressure {
     /// Per key, hold an event for `window_ms` and publish only the newest one of the window at
     /// its end; the older ones are acknowledged as coalesced.
     Coalesce { window_ms: u64 },
-    /// At most `per_second` events (bursts of `burst`); beyond, wait or skip.
+    /// At most `per_second` events (bursts of `burst`) per channel, for the whole group by
+    /// default (`scope`); beyond, wait or skip.
     RateLimit {
         per_second: u32,
         burst: u32,
         over_limit: OverLimit,
+        scope: LimitScope,
     },
 }
 
@@ -503,12 +518,16 @@ fn validate_backpressure(i: usize, r: RawBackpressure) -> Result<Backpressure, S
         ("per_second", r.per_second.is_some()),
         ("burst", r.burst.is_some()),
         ("over_limit", r.over_limit.is_some()),
+        ("scope", r.scope.is_some()),
     ];
     let (mode, own): (&str, &[&str]) = match r.mode {
         ModeName::Block => ("block", &[]),
         ModeName::Drop => ("drop", &["max_age_ms"]),
         ModeName::Coalesce => ("coalesce", &["window_ms"]),
-        ModeName::RateLimit => ("rate_limit", &["per_second", "burst", "over_limit"]),
+        ModeName::RateLimit => (
+            "rate_limit",
+            &["per_second", "burst", "over_limit", "scope"],
+        ),
     };
     for (field, present) in given {
         forbid(present && !own.contains(&field), field, mode)?;
@@ -535,6 +554,7 @@ fn validate_backpressure(i: usize, r: RawBackpressure) -> Result<Backpressure, S
                 per_second,
                 burst: r.burst.unwrap_or(per_second).max(1),
                 over_limit: r.over_limit.unwrap_or(OverLimit::Block),
+                scope: r.scope.unwrap_or_default(),
             }
         }
     })
@@ -593,7 +613,8 @@ over_limit = "block"
             &Backpressure::RateLimit {
                 per_second: 200,
                 burst: 50,
-                over_limit: OverLimit::Block
+                over_limit: OverLimit::Block,
+                scope: LimitScope::Fleet,
             }
         );
     }
@@ -704,6 +725,29 @@ over_limit = "block"
                 }
             ))
         ));
+        let replica = FileConfig::parse(
+            "[[backpressure]]\npattern = \"a\"\nmode = \"rate_limit\"\nper_second = 5\nscope = \"replica\"",
+            "f.toml",
+        )
+        .unwrap();
+        assert!(matches!(
+            replica.backpressure.lookup("a"),
+            Some((
+                _,
+                Backpressure::RateLimit {
+                    scope: LimitScope::Replica,
+                    ..
+                }
+            ))
+        ));
+        assert!(err(
+            "[[backpressure]]\npattern = \"a\"\nmode = \"drop\"\nmax_age_ms = 5\nscope = \"fleet\""
+        )
+        .contains("backpressure[0].scope does not apply to mode drop"));
+        assert!(
+            err("[[backpressure]]\npattern = \"a\"\nmode = \"rate_limit\"\nper_second = 5\nscope = \"pod\"")
+                .contains("line 5: unknown variant `pod`, expected `fleet` or `replica`")
+        );
         for e in [
             err("[tuning]\nbatch_sise = 3"),
             err("[[route]]\nstrict = true"),

@@ -801,3 +801,9 @@ impl Source {
         Ok(())
     }
 }
+impl Source {
+    /// What `FLEET_STREAMS` names.
+    pub(crate) fn specs(&self) -> &[StreamSpec] {
+        &self.specs
+    }
+}
