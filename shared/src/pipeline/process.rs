@@ -199,7 +199,10 @@ impl<H: Handler> Processor<H> {
             // Some may have been shed as they left.
             return self.settle_shed(settlements).await;
         }
-        self.count_deliveries(&entries, 0).await;
+        let restore = self.delivery_counts(&entries, 0);
+        if let Err(e) = restore.query_async::<()>(&mut self.writer).await {
+            tracing::debug!(error = %e, "delivery counts of released events not restored");
+        }
         let ticket = self.in_flight.register(&entries);
         self.in_flight.unwait(&entries);
         let settled = self.process(ticket, entries, shutdown, true).await;
@@ -346,9 +349,15 @@ impl<H: Handler> Processor<H> {
         if !deferred.is_empty() {
             self.in_flight.wait(deferred.iter().map(|i| &entries[*i]));
             // Waiting is not a delivery that may have crashed the worker: should it stop now,
-            // the redelivery must not count against the event.
-            let waiting: Vec<&Entry> = deferred.iter().map(|i| &entries[*i]).collect();
-            self.count_deliveries(waiting, 1).await;
+            // the redelivery must not count against the event. Sent beside the batch, not
+            // before it (the events going now do not wait for it).
+            let waiting = self.delivery_counts(deferred.iter().map(|i| &entries[*i]), 1);
+            let mut conn = self.writer.clone();
+            tokio::spawn(async move {
+                if let Err(e) = waiting.query_async::<()>(&mut conn).await {
+                    tracing::debug!(error = %e, "delivery counts of waiting events not set");
+                }
+            });
         }
         // Suspects (delivered more than max_deliveries times) passed backpressure like any
         // event; they are applied alone, after the batch.
@@ -498,11 +507,15 @@ impl<H: Handler> Processor<H> {
         routed
     }
 
-    /// Sets the delivery count of `entries`, in the pending list, to what they were delivered
-    /// with less `less`: 1 while they wait (a wait is not a delivery that could have crashed the
-    /// worker), 0 once released to the handler (a crash then counts). One round trip; a failure
+    /// The commands that set the delivery count of `entries`, in the pending list, to what they
+    /// were delivered with less `less`: 1 while they wait (a wait is not a delivery that could
+    /// have crashed the worker), 0 once released to the handler (a crash then counts). A failure
     /// only leaves a count one too high or too low, for one delivery.
-    async fn count_deliveries(&mut self, entries: impl IntoIterator<Item = &Entry>, less: u64) {
+    fn delivery_counts<'e>(
+        &self,
+        entries: impl IntoIterator<Item = &'e Entry>,
+        less: u64,
+    ) -> redis::Pipeline {
         let mut runs: Vec<(&str, u64, Vec<String>)> = Vec::new();
         for e in entries {
             let count = e.deliveries.saturating_sub(less);
@@ -527,9 +540,7 @@ impl<H: Handler> Processor<H> {
                 .arg("JUSTID")
                 .ignore();
         }
-        if let Err(e) = pipe.query_async::<()>(&mut self.writer).await {
-            tracing::debug!(error = %e, "delivery counts of waiting events not set");
-        }
+        pipe
     }
 }
 
