@@ -1,6 +1,8 @@
 //! streamfleet: the pipeline every worker shares.
 //!
 //! The folders follow an event through a worker:
+//! - [`stream`]: the base: entry ids, fields, the names and hash slots of the keys kept beside a
+//!   stream;
 //! - [`event`]: the v1 contract, pure: decoding and validation, legacy upcasting, channels and
 //!   channel patterns;
 //! - `source`: consumer-group input: the reader connection and its reply parser, entries,
@@ -22,13 +24,15 @@ pub(crate) mod pipeline;
 pub mod runtime;
 pub(crate) mod source;
 pub mod store;
+pub mod stream;
 mod worker;
 
-pub use pipeline::dlq::{DLQ_SUFFIX, REDRIVE_GROUP_FIELD};
+pub use pipeline::dlq::REDRIVE_GROUP_FIELD;
 pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, Rejected, Routed};
 pub use runtime::config::{Route, StartFrom};
 #[doc(hidden)]
 pub use runtime::shutdown::hold_stop_signals;
-pub use source::entry::{EntryId, Fields};
 pub use source::scan_streams_page;
+pub use stream::keys::DLQ_SUFFIX;
+pub use stream::{EntryId, Fields};
 pub use worker::Worker;

@@ -63,7 +63,7 @@ impl Worker {
             return Err(ConfigError("FLEET_STREAMS: no stream given".into()));
         }
         if let Some(dlq) = specs.iter().find_map(|s| match s {
-            StreamSpec::Key(k) if crate::pipeline::dlq::is_dlq_stream(k) => Some(k),
+            StreamSpec::Key(k) if crate::stream::keys::is_dlq_stream(k) => Some(k),
             _ => None,
         }) {
             return Err(ConfigError(format!(

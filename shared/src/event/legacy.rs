@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::event::channel;
 use crate::event::{self, DecodeError, Event, Fields, Limits};
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 
 /// Namespace of the UUIDv5 ids given to legacy entries (fixed forever: changing it would break
 /// deduplication of replays).

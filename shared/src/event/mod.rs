@@ -16,7 +16,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 use channel::ChannelError;
 
 /// The only schema major version this build reads.
@@ -30,7 +30,7 @@ const MAX_SOURCE_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 256;
 const MAX_CORRELATION_LEN: usize = 128;
 
-pub use crate::source::entry::Fields;
+pub use crate::stream::Fields;
 
 /// A valid v1 event. Its text borrows from the entry it was decoded from (the batch's reply
 /// buffer), so decoding copies nothing; an upcast legacy event owns what it had to build.

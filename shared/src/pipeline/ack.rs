@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::event::DlqReason;
-use crate::pipeline::dlq::{dead_letter_fields, dead_letter_keys, dlq_stream, DEAD_LETTER_SCRIPT};
+use crate::pipeline::dlq::{dead_letter_fields, dead_letter_keys, DEAD_LETTER_SCRIPT};
 use crate::pipeline::handler::Applied;
 use crate::pipeline::inflight::{BatchIds, InFlight};
 use crate::pipeline::watermark::{sample_command, Watermarks, SAMPLE_SCRIPT};
@@ -26,8 +26,10 @@ use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::metrics as m;
 use crate::runtime::scripts::query_loading;
 use crate::runtime::shutdown::Shutdown;
-use crate::source::entry::{Entry, EntryId};
+use crate::source::entry::Entry;
 use crate::source::StreamLabels;
+use crate::stream::keys::dlq_stream;
+use crate::stream::EntryId;
 
 /// An entry that leaves through the dead letter stream.
 #[derive(Debug)]

@@ -457,7 +457,7 @@ mod tests {
 
     use crate::event::Event;
     use crate::runtime::config::FileConfig;
-    use crate::source::entry::{EntryId, Fields};
+    use crate::stream::{EntryId, Fields};
 
     fn stage(rules: &str) -> (FileConfig, BackpressureStage) {
         let config = FileConfig::parse(

@@ -25,6 +25,7 @@ use redis::Value;
 use crate::event::pattern::PatternTable;
 use crate::runtime::config::{Backpressure, LimitScope};
 use crate::runtime::scripts::{query_loading, Lua};
+use crate::stream::keys::hash_tag;
 
 /// Channels a replica's limiter remembers before it forgets those whose budget is full again
 /// (their state is then the same as a new channel's): memory bounded by the channels recently
@@ -334,14 +335,6 @@ pub(crate) fn key_prefix(streams: &[&str], group: &str) -> String {
         Some(Some(tag)) if tags.all(|t| t == Some(tag)) => format!("{{{tag}}}:rate:{group}:"),
         _ => format!("streamfleet:rate:{{{group}}}:"),
     }
-}
-
-/// A key's hash tag as Redis Cluster reads it: what is between its first `{` and the first `}`
-/// after it, if that is not empty.
-fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let len = key[open + 1..].find('}')?;
-    (len > 0).then(|| &key[open + 1..open + 1 + len])
 }
 
 /// A replica budget: up to `units` one by one, then the time until the next.

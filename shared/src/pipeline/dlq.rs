@@ -2,9 +2,8 @@
 //! `<stream>:dlq` with its original fields and a reason, so it never wedges the stream and is
 //! never lost.
 //!
-//! Every key written beside a stream is the stream's name plus a suffix, so it keeps the stream's
-//! Redis Cluster hash tag (`{orders}:events` → `{orders}:events:dlq`) and one script can touch
-//! both.
+//! The dead letter stream is the stream's name plus a suffix (`stream::keys`), so it keeps the
+//! stream's Redis Cluster hash tag and one script can touch both.
 
 use std::sync::LazyLock;
 
@@ -14,20 +13,14 @@ use time::OffsetDateTime;
 use crate::event::DlqReason;
 use crate::runtime::scripts::Lua;
 use crate::source::entry::Entry;
+use crate::stream::keys::{dlq_stream, trials_key};
 
-/// Suffix of a dead letter stream.
-pub const DLQ_SUFFIX: &str = ":dlq";
 /// The field a redriven entry carries (`fleetctl dlq redrive`): the one group it is for. A dead
 /// letter is one group's (`dlq_group`), while the stream it goes back to is read by every group:
 /// the other groups acknowledge the entry with no effect (`fleet_events_skipped_total{reason =
 /// "other_group"}`), as they already settled the original.
 pub const REDRIVE_GROUP_FIELD: &str = "redrive_group";
-/// Suffix of the hash that marks the entries being tried alone after `max_deliveries` (see
-/// `pipeline`): one field per entry under trial, removed when it is settled.
-pub const TRIALS_SUFFIX: &str = ":trials";
-/// In the dead letter of a `too_large` entry, each value longer than this keeps only its first
-/// bytes: an oversized entry must cost little, in the worker and in Redis.
-pub const TRUNCATED_VALUE_BYTES: usize = 4096;
+use crate::stream::fields::TRUNCATED_VALUE_BYTES;
 /// At most this many field/value pairs of an entry are copied into its dead letter (a script's
 /// arguments are bounded); the rest are counted in `dlq_truncated`.
 const MAX_PAIRS: usize = 1000;
@@ -37,26 +30,6 @@ const MAX_PAIRS: usize = 1000;
 /// script runs in one hash slot when stream names carry a tag (pinned by a test below).
 pub fn dead_letter_keys(stream: &str) -> [String; 3] {
     [stream.to_owned(), dlq_stream(stream), trials_key(stream)]
-}
-
-/// The dead letter stream of `stream`.
-pub fn dlq_stream(stream: &str) -> String {
-    format!("{stream}{DLQ_SUFFIX}")
-}
-
-/// The trial markers of `stream` (a hash; see `pipeline`).
-pub fn trials_key(stream: &str) -> String {
-    format!("{stream}{TRIALS_SUFFIX}")
-}
-
-/// The field of one entry's trial marker: entry ids contain no `:`, so the pair is unambiguous.
-pub fn trial_field(group: &str, entry_id: &str) -> String {
-    format!("{group}:{entry_id}")
-}
-
-/// Whether `key` is itself a dead letter stream (never consumed by a glob).
-pub fn is_dlq_stream(key: &str) -> bool {
-    key.ends_with(DLQ_SUFFIX)
 }
 
 /// Writes the dead letters of one stream and acknowledges their entries, in one script, so that:
@@ -204,7 +177,7 @@ mod tests {
             Slot::for_key(dlq_stream("{}orders"))
         );
     }
-    use crate::source::entry::{EntryId, Fields};
+    use crate::stream::{EntryId, Fields};
     use std::sync::Arc;
 
     fn entry(pairs: &[(&str, &str)]) -> Entry {
@@ -232,7 +205,10 @@ mod tests {
     fn names_beside_a_stream() {
         assert_eq!(dlq_stream("{orders}:events"), "{orders}:events:dlq");
         assert_eq!(trials_key("{orders}:events"), "{orders}:events:trials");
-        assert_eq!(trial_field("persister", "5-1"), "persister:5-1");
+        assert_eq!(
+            crate::stream::keys::trial_field("persister", "5-1"),
+            "persister:5-1"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::event::Event;
 use crate::runtime::config::Route;
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 
 /// A valid, routed event and where it came from.
 #[derive(Debug, Clone, Copy)]

@@ -62,7 +62,7 @@ pub(crate) fn split(entries: Vec<Entry>, lanes: usize) -> Vec<Vec<Entry>> {
 mod tests {
     use super::*;
     use crate::runtime::config::Tuning;
-    use crate::source::entry::{EntryId, Fields};
+    use crate::stream::{EntryId, Fields};
     use std::sync::Arc;
 
     fn entry(seq: u64, channel: &str, key: Option<&str>) -> Entry {

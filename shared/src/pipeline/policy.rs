@@ -25,7 +25,7 @@ use crate::pipeline::handler::{Applied, Batch, Handler, HandlerError};
 use crate::runtime::backoff::backoff;
 use crate::runtime::health::{Dependency, Fault, Health};
 use crate::runtime::shutdown::Shutdown;
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 
 /// Failed attempts, while the sink answers, before a batch is applied event by event (and before
 /// an event applied alone is held for redelivery).

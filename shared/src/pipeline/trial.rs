@@ -6,7 +6,6 @@
 //! one is the culprit, and goes to the dead letter stream without another try. So an entry that
 //! crashes the process is dead-lettered after `max_deliveries`, and the events read with it are not.
 
-use crate::pipeline::dlq::{trial_field, trials_key};
 use crate::pipeline::handler::{Applied, Batch, Handler, Routed};
 use crate::pipeline::policy::Alone;
 use crate::pipeline::process::Processor;
@@ -14,6 +13,7 @@ use crate::runtime::backoff::backoff;
 use crate::runtime::health::{Dependency, Fault};
 use crate::runtime::shutdown::Shutdown;
 use crate::source::entry::Entry;
+use crate::stream::keys::{trial_field, trials_key};
 
 /// How long a trial marker outlives its last use: a marker whose entry was settled by another
 /// consumer is not removed by this one, and must not stay for ever.

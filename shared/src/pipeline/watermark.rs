@@ -25,7 +25,7 @@ use redis::Value;
 
 use crate::pipeline::handler::Checkpoint;
 use crate::runtime::scripts::{query_loading, Lua};
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 
 /// How often a stream's watermark is sampled while its entries are being settled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);

@@ -37,7 +37,6 @@ use futures_util::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 
-use crate::pipeline::dlq::is_dlq_stream;
 use crate::runtime::config::Tuning;
 use crate::runtime::health::{Fault, Health};
 use crate::runtime::metrics as m;
@@ -46,6 +45,7 @@ use crate::source::entry::{
 };
 use crate::source::read_conn::{ReadConn, ReadError};
 use crate::source::reply::Frame;
+use crate::stream::keys::is_dlq_stream;
 
 /// A failure to read; the pipeline backs off and tries again.
 #[derive(Debug, thiserror::Error)]

@@ -79,7 +79,7 @@ pub struct ReadConn {
     /// `CLIENT SETNAME` at each connection, if set.
     name: Option<String>,
     response_timeout: Duration,
-    /// Values longer than this are cut to `dlq::TRUNCATED_VALUE_BYTES` as they arrive.
+    /// Values longer than this are cut to `stream::fields::TRUNCATED_VALUE_BYTES` as they arrive.
     value_limit: usize,
     socket: Option<Box<dyn Socket>>,
     /// Where the next reply is read.
@@ -265,7 +265,7 @@ impl ReadConn {
         let mut parser = ReplyParser::new(
             cmds.len(),
             self.value_limit,
-            crate::pipeline::dlq::TRUNCATED_VALUE_BYTES,
+            crate::stream::fields::TRUNCATED_VALUE_BYTES,
         );
         loop {
             if parser

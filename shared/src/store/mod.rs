@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::pipeline::handler::Checkpoint;
 use crate::runtime::config::ConfigError;
 use crate::runtime::connect::redact;
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 
 /// The SQL migrations under `schemas/migrations`, embedded at build time (no database needed to build).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../schemas/migrations");

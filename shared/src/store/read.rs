@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::source::entry::EntryId;
 use crate::store::EventStore;
+use crate::stream::EntryId;
 
 /// One row of `events`.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,11 +4,11 @@
 //! the effects. Same meaning as the `checkpoints` table: the group's low watermark, forward only,
 //! the safe resume point `fleetctl replay` starts from.
 
-use crate::source::entry::EntryId;
+use crate::stream::EntryId;
 
 /// The hash holding the checkpoints of every group of `stream`.
 pub fn key(stream: &str) -> String {
-    format!("{stream}:checkpoints")
+    crate::stream::keys::checkpoints_key(stream)
 }
 
 /// The checkpoint of `group` on `stream`, if one was written (an unreadable one is none).

@@ -215,7 +215,11 @@ impl Call {
                 .time
                 .unix_timestamp()
                 .div_euclid(settings.dedup_window_s as i64);
-            self.key(&format!("{}:dedup:{}:{bucket}", r.stream, settings.group))
+            self.key(&streamfleet::stream::keys::dedup_key(
+                r.stream,
+                settings.group,
+                bucket,
+            ))
         } else {
             0
         };
