@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -814,7 +815,7 @@ async fn a_user_refused_what_the_rate_limits_need_stops_the_notifier_at_start() 
         .arg("~*")
         .arg("&*")
         .arg("+@all")
-        .arg("-set")
+        .arg("-hscan")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -831,7 +832,78 @@ async fn a_user_refused_what_the_rate_limits_need_stops_the_notifier_at_start() 
     assert_eq!(status.code(), Some(2), "{stderr}");
     let last = stderr.trim().lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("notifier: error: FLEET_REDIS_URL: the user may not run SET"),
+        last.starts_with("notifier: error: FLEET_REDIS_URL: the user may not run HSCAN"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_budgets_in_redis_hold_the_channels_recently_busy_not_every_channel_seen() {
+    let stream = unique("notify-budgets:");
+    let _received = timed_subscriber(&format!("{stream}:*")).await;
+    let mut worker = limited_notifier(
+        &stream,
+        "",
+        "[[backpressure]]\npattern = \"flow.*.progress\"\nmode = \"rate_limit\"\nper_second = 5\nburst = 5\nover_limit = \"drop\"",
+    )
+    .start("notifier")
+    .await;
+    let budgets = format!(
+        "streamfleet:rate:{{{}}}:flow.*.progress",
+        limited_group(&stream)
+    );
+    let conn = redis().await;
+    let hlen = {
+        let budgets = budgets.clone();
+        move |conn: &MultiplexedConnection| {
+            let (mut conn, key) = (conn.clone(), budgets.clone());
+            async move {
+                redis::cmd("HLEN")
+                    .arg(key)
+                    .query_async::<usize>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        }
+    };
+    // 3 000 channels, 5 events each (their budget: spent for a second), then one channel only
+    // for a while: the fields of the others are forgotten as their budgets are full again.
+    let lines: Vec<String> = (0..15_000)
+        .map(|i| timed_line(&format!("flow.c{}.progress", i % 3000), i))
+        .collect();
+    let watch = {
+        let conn = conn.clone();
+        let hlen = hlen.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            for _ in 0..150 {
+                most = most.max(hlen(&conn).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            most
+        })
+    };
+    publish_lines(&stream, &lines).await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
+    let after_burst = watch.await.unwrap();
+    assert!(
+        after_burst >= 1000,
+        "{after_burst} channels' budgets in Redis at most"
+    );
+    publish_hot(stream.clone(), 1, 300).await;
+    wait_settled(&conn, &stream, &limited_group(&stream)).await;
+    let after_steady = hlen(&conn).await;
+    assert!(
+        after_steady < 100,
+        "{after_steady} channels remembered after 3 s of one channel ({after_burst} at most before)"
+    );
+    // Idle: the whole hash goes once every budget is full again (a second at 5/s, burst 5).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&budgets)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert!(!exists, "{budgets} outlived its budgets");
+    worker.stop_cleanly().await;
 }

@@ -5,12 +5,12 @@
 //! with `scope = "replica"` keeps its budgets in this process instead (governor), each replica
 //! then allowing the full rate.
 //!
-//! A budget key lives only while its bucket is not full again (its TTL is the time until it
-//! refills), so Redis holds one key per channel recently busy, never one per event. Its name
-//! (`key_prefix`) carries the hash tag the consumed streams share, `{app}:rate:<group>:…`, so that
-//! it sits in their slot and under the ACL key pattern of the deployment (`~{app}:*`); streams
-//! without one tag give `streamfleet:rate:{<group>}:…`. Either way a batch's budgets are one slot:
-//! one call, on Redis Cluster too.
+//! A rule's budgets are one hash, a field per channel recently busy (a channel whose budget is
+//! full again is forgotten), so Redis memory follows the channels, never the events. Its name
+//! (`key_prefix`, then the rule's pattern) carries the hash tag the consumed streams share,
+//! `{app}:rate:<group>:<pattern>`, so that it sits in their slot and under the ACL key pattern of
+//! the deployment (`~{app}:*`); streams without one tag give `streamfleet:rate:{<group>}:…`.
+//! Either way a batch's budgets are one slot: one call, on Redis Cluster too.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -36,37 +36,84 @@ const CHANNELS_KEPT: usize = 10_000;
 /// unreachable): they are neither sent nor dropped meanwhile.
 const UNKNOWN_RETRY: Duration = Duration::from_millis(250);
 
-/// One script call grants a whole batch's asks: per budget key, as many units as are free (up to
-/// what is asked), and the time until the next unit is back.
+/// One script call grants a whole batch's asks: per rule and channel, as many units as are free
+/// (up to what is asked), and the time until the next unit is back.
 ///
-/// GCRA: `tat`, the theoretical arrival time of the next unit, is stored in microseconds of the
+/// GCRA: `tat`, the theoretical arrival time of a channel's next unit, in microseconds of the
 /// server's clock (`TIME`: one clock for every replica); at `now` with interval `T` and burst
-/// `b`, `floor((now + b*T - max(tat, now)) / T)` units are free. The key expires when the bucket
-/// is full again. A key holding anything else is overwritten (`SET`), never an error.
+/// `b`, `floor((now + b*T - max(tat, now)) / T)` units are free. A rule's channels are fields of
+/// one hash, read with one HMGET and written with one HSET per call: a key per channel cost
+/// redis-server a SET and, when it expired, a DEL, each propagated to the AOF (~5 µs of its CPU
+/// per channel asked; docs/performance.md). A channel's field is useless once its bucket is full
+/// again (`tat <= now`): each call sweeps on (HSCAN, from the cursor kept in the `#sweep` field,
+/// which no channel can be named) over as many fields as it wrote (16 at least), and deletes those, so the hash
+/// holds about the channels recently busy; the hash itself expires when every bucket is full. A
+/// key holding another type fails the call (WRONGTYPE): the events wait, and the worker says so.
 ///
-/// KEYS: the budget keys. ARGV: per key, the interval (µs per unit), the burst, the units asked.
-/// Returns per key: units granted, µs until the next unit is free (0 when all were granted).
+/// KEYS: per rule asked, its hash. ARGV: per rule, the interval (µs per unit), the burst, the
+/// number n of its channels asked, then n pairs (channel, units asked). Returns per channel, in
+/// the order asked: units granted, µs until the next unit is free (0 when all were granted).
 static BUDGET_SCRIPT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"#!lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local out = {}
-for i, key in ipairs(KEYS) do
-  local interval, burst, asked = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  local stored = redis.pcall('GET', key)
-  local tat = (type(stored) == 'string' and tonumber(stored)) or now
-  if tat < now then tat = now end
-  local free = math.floor((now + burst * interval - tat) / interval)
-  local granted = math.max(0, math.min(asked, free))
-  tat = tat + granted * interval
-  if granted > 0 then
-    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+local SWEEP = '#sweep'
+-- `command key items...` in chunks of `per` (Lua's unpack has a stack limit), replies joined.
+local function chunked(command, key, items, per)
+  local replies = {}
+  for i = 1, #items, per do
+    local r = redis.call(command, key, unpack(items, i, math.min(i + per - 1, #items)))
+    if type(r) == 'table' then
+      for _, v in ipairs(r) do replies[#replies + 1] = v end
+    end
   end
-  local retry = 0
-  if granted < asked then retry = math.max(0, math.ceil(tat - (burst - 1) * interval - now)) end
-  out[#out + 1] = granted
-  out[#out + 1] = retry
+  return replies
+end
+local out = {}
+local a = 1
+for _, key in ipairs(KEYS) do
+  local interval, burst, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local fields = {}
+  for j = 1, n do fields[j] = ARGV[a + 2 * j - 2] end
+  fields[n + 1] = SWEEP
+  local stored = chunked('HMGET', key, fields, 1000)
+  local set, longest = {}, 0
+  for j = 1, n do
+    local asked = tonumber(ARGV[a + 2 * j - 1])
+    local tat = tonumber(stored[j]) or now
+    if tat < now then tat = now end
+    local free = math.floor((now + burst * interval - tat) / interval)
+    local granted = math.max(0, math.min(asked, free))
+    tat = tat + granted * interval
+    if granted > 0 then
+      set[#set + 1] = fields[j]
+      set[#set + 1] = string.format('%.0f', tat)
+      if tat - now > longest then longest = tat - now end
+    end
+    local retry = 0
+    if granted < asked then retry = math.max(0, math.ceil(tat - (burst - 1) * interval - now)) end
+    out[#out + 1] = granted
+    out[#out + 1] = retry
+  end
+  a = a + 2 * n
+  local swept = redis.call('HSCAN', key, stored[n + 1] or '0', 'COUNT', math.max(#set / 2, 16))
+  local stale = {}
+  for i = 1, #swept[2], 2 do
+    local f = swept[2][i]
+    if f ~= SWEEP and (tonumber(swept[2][i + 1]) or 0) <= now then stale[#stale + 1] = f end
+  end
+  if #stale > 0 then chunked('HDEL', key, stale, 1000) end
+  if #set > 0 or #stale > 0 then
+    set[#set + 1] = SWEEP
+    set[#set + 1] = swept[1]
+    chunked('HSET', key, set, 2000)
+  end
+  if longest > 0 then
+    local ms = math.floor(longest / 1000) + 1
+    if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  end
 end
 return out
 "#,
@@ -146,6 +193,8 @@ pub(crate) struct Budgets {
     prefix: String,
     /// For the fleet's budgets (`None` in unit tests with replica budgets only).
     conn: Option<ConnectionManager>,
+    /// When the last warning that they cannot be read was logged (seconds since 1970).
+    warned_at: std::sync::atomic::AtomicU64,
 }
 
 impl Budgets {
@@ -187,6 +236,7 @@ impl Budgets {
             limiters,
             prefix,
             conn,
+            warned_at: Default::default(),
         }
     }
 
@@ -206,9 +256,18 @@ impl Budgets {
             return Ok(Vec::new());
         }
         let probe = format!("{}acl-probe", self.prefix);
-        let checks: [(&str, redis::Cmd); 5] = [
-            ("GET", redis::cmd("GET").arg(&probe).clone()),
-            ("SET", redis::cmd("SET").arg(&probe).arg("0").clone()),
+        let on_probe = |name: &str, args: &[&str]| {
+            let mut cmd = redis::cmd(name);
+            cmd.arg(&probe).arg(args);
+            cmd
+        };
+        let checks: [(&str, redis::Cmd); 9] = [
+            ("HMGET", on_probe("HMGET", &["c"])),
+            ("HSET", on_probe("HSET", &["c", "0"])),
+            ("HSCAN", on_probe("HSCAN", &["0"])),
+            ("HDEL", on_probe("HDEL", &["c"])),
+            ("PTTL", on_probe("PTTL", &[])),
+            ("PEXPIRE", on_probe("PEXPIRE", &["1"])),
             ("TIME", redis::cmd("TIME")),
             ("EVALSHA", BUDGET_SCRIPT.call().arg(0).clone()),
             ("SCRIPT LOAD", BUDGET_SCRIPT.load()),
@@ -260,7 +319,7 @@ impl Budgets {
         }
         if !fleet.is_empty() {
             let granted = self.fleet_grants(&fleet).await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "rate-limit budgets not read: the events wait");
+                self.unread(&e);
                 vec![UNKNOWN; fleet.len()]
             });
             for ((rule, channel, ..), grant) in fleet.iter().zip(granted) {
@@ -278,7 +337,27 @@ impl Budgets {
         grants
     }
 
-    /// One script call for the fleet's budgets: (rule, channel, units, interval, burst) each.
+    /// Says why the fleet's budgets could not be read: an outage at debug level (the worker's
+    /// readiness says it), anything else (a budget key of another type) as a warning, at most
+    /// once a minute.
+    fn unread(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+            tracing::debug!(error = %e, "rate-limit budgets not read: the events wait");
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.warned_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 60 {
+            self.warned_at
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, prefix = %self.prefix, "rate-limit budgets cannot be read: rate-limited events wait");
+        }
+    }
+
+    /// One script call for the fleet's budgets: (rule, channel, units, interval, burst) each; the
+    /// grants in the same order.
     async fn fleet_grants(
         &self,
         asks: &[(&str, &str, u32, f64, u32)],
@@ -286,13 +365,24 @@ impl Budgets {
         let Some(conn) = &self.conn else {
             return Ok(vec![UNKNOWN; asks.len()]);
         };
-        let mut cmd = BUDGET_SCRIPT.call();
-        cmd.arg(asks.len());
-        for (rule, channel, ..) in asks {
-            cmd.arg(format!("{}{rule}:{channel}", self.prefix));
+        // Per rule, its channels: the script answers rule by rule.
+        let mut rules: Vec<(&str, f64, u32, Vec<usize>)> = Vec::new();
+        for (i, &(rule, _, _, interval_us, burst)) in asks.iter().enumerate() {
+            match rules.iter_mut().find(|r| r.0 == rule) {
+                Some(r) => r.3.push(i),
+                None => rules.push((rule, interval_us, burst, vec![i])),
+            }
         }
-        for (_, _, units, interval_us, burst) in asks {
-            cmd.arg(*interval_us).arg(*burst).arg(*units);
+        let mut cmd = BUDGET_SCRIPT.call();
+        cmd.arg(rules.len());
+        for (rule, ..) in &rules {
+            cmd.arg(format!("{}{rule}", self.prefix));
+        }
+        for (_, interval_us, burst, channels) in &rules {
+            cmd.arg(*interval_us).arg(*burst).arg(channels.len());
+            for &i in channels {
+                cmd.arg(asks[i].1).arg(asks[i].2);
+            }
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors().add_command(cmd);
@@ -308,14 +398,16 @@ impl Budgets {
                 "unexpected reply from the budget script",
             )));
         }
-        Ok(numbers
-            .chunks(2)
-            .map(|pair| Grant {
+        let mut grants = vec![UNKNOWN; asks.len()];
+        let order = rules.iter().flat_map(|r| r.3.iter().copied());
+        for (i, pair) in order.zip(numbers.chunks(2)) {
+            grants[i] = Grant {
                 units: pair[0] as u32,
                 retry: Duration::from_micros(pair[1]),
                 known: true,
-            })
-            .collect())
+            };
+        }
+        Ok(grants)
     }
 }
 
