@@ -442,3 +442,376 @@ impl Drop for PrivatePostgres {
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
+
+/// A Redis Cluster of one test's own: masters with one replica each, on free loopback ports, AOF
+/// on (fsync every second, as deployed) and `cluster-node-timeout` 2000 ms, so that a master's
+/// failover takes seconds. Every call waits for what it did to settle: a test never meets a
+/// replica still syncing (it refuses to take over) or a node with a stale slot map. Blocking
+/// calls, like the rest of this file. Killed, and its folder removed, on drop.
+pub struct PrivateCluster {
+    dir: PathBuf,
+    nodes: Vec<ClusterNode>,
+}
+
+/// One redis-server of a [`PrivateCluster`].
+struct ClusterNode {
+    port: u16,
+    /// Its cluster bus port, a free one too: the default, port + 10000, may be past 65535.
+    bus_port: u16,
+    child: Option<Child>,
+    /// The slots it served when [`PrivateCluster::kill_master`] killed it: whoever serves them
+    /// after the failover is its successor.
+    served: Vec<(u16, u16)>,
+}
+
+impl ClusterNode {
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A node as a line of CLUSTER NODES shows it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClusterMember {
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    pub id: String,
+    /// A replica's master (its node id); None for a master.
+    pub master: Option<String>,
+    /// A master's slot ranges, inclusive.
+    pub slots: Vec<(u16, u16)>,
+    /// Flagged `fail` or `fail?` by the node asked.
+    pub failed: bool,
+}
+
+/// One command to the node at `addr`; None when it does not answer as asked (killed, loading).
+fn ask<T: redis::FromRedisValue>(addr: &str, args: &[&str]) -> Option<T> {
+    let client = redis::Client::open(format!("redis://{addr}")).ok()?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    redis::cmd(args[0]).arg(&args[1..]).query(&mut conn).ok()
+}
+
+/// CLUSTER NODES: `<id> <ip:port@bus[,hostname]> <flags> <master> <ping> <pong> <epoch> <link>
+/// <slot>...`, a slot being `n`, `a-b`, or `[n->-id]` / `[n-<-id]` while it migrates.
+fn parse_cluster_nodes(text: &str) -> Vec<ClusterMember> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let flags: Vec<&str> = f.get(2)?.split(',').collect();
+            let slots = f
+                .iter()
+                .skip(8)
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| {
+                    let (a, b) = s.split_once('-').unwrap_or((s, s));
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                })
+                .collect();
+            Some(ClusterMember {
+                addr: f[1].split(['@', ',']).next()?.to_string(),
+                id: f[0].to_string(),
+                master: flags.contains(&"slave").then(|| f[3].to_string()),
+                slots,
+                failed: flags.iter().any(|f| f.starts_with("fail")),
+            })
+        })
+        .collect()
+}
+
+impl PrivateCluster {
+    /// Starts `masters` masters and as many replicas, joined by `redis-cli --cluster create`, and
+    /// waits until every node says `cluster_state:ok`, all agree on roles and slots, and every
+    /// replica's link is up. The first node is the first master.
+    pub fn start(masters: usize) -> Self {
+        assert!(
+            masters >= 3,
+            "a Redis Cluster needs 3 masters: redis-cli creates no fewer, and electing a replica \
+             takes the votes of a majority of the masters"
+        );
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < masters * 4 {
+            let port = free_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let mut cluster = PrivateCluster {
+            dir: scratch("cluster-"),
+            nodes: ports
+                .chunks(2)
+                .map(|p| ClusterNode {
+                    port: p[0],
+                    bus_port: p[1],
+                    child: None,
+                    served: Vec::new(),
+                })
+                .collect(),
+        };
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i);
+        }
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(cluster.nodes.iter().map(ClusterNode::addr))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.settle("the new cluster", || Ok(()));
+        cluster
+    }
+
+    /// Starts node `i` on its folder: a fresh one, or the nodes.conf and AOF it left when killed.
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let (addr, dir) = (node.addr(), self.dir.join(node.port.to_string()));
+        std::fs::create_dir_all(&dir).expect("the node's folder");
+        let mut child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &node.port.to_string()])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-port", &node.bus_port.to_string()])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", "2000"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+            ])
+            // A replica's sync starts at once, not 5 s later in case other replicas come.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        wait_for(&format!("redis-server on {addr}"), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server on {addr} exited with {status} (port taken?)");
+            }
+            ask::<String>(&addr, &["PING"]).as_deref() == Some("PONG")
+        });
+        node.child = Some(child);
+    }
+
+    /// The addresses of the nodes that run (not killed).
+    fn live(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(ClusterNode::addr)
+            .collect()
+    }
+
+    /// CLUSTER NODES as the node at `addr` sees the cluster, sorted by address.
+    fn view(addr: &str) -> Result<Vec<ClusterMember>, String> {
+        let text: String =
+            ask(addr, &["CLUSTER", "NODES"]).ok_or(format!("{addr} does not answer"))?;
+        let mut view = parse_cluster_nodes(&text);
+        view.sort();
+        Ok(view)
+    }
+
+    /// Ok once every running node says `cluster_state:ok`, sees the same running nodes in the
+    /// same roles with the same slots (none of them failed), sees no killed node serving a slot,
+    /// and, if a replica, has its link to its master up. Else why not.
+    fn settled(&self) -> Result<(), String> {
+        let live = self.live();
+        let mut agreed: Option<(String, Vec<ClusterMember>)> = None;
+        for addr in &live {
+            let info: String = ask(addr, &["CLUSTER", "INFO"]).unwrap_or_default();
+            if !info.contains("cluster_state:ok") {
+                return Err(format!("{addr}: cluster_state is not ok"));
+            }
+            let view = Self::view(addr)?;
+            if view
+                .iter()
+                .any(|m| !live.contains(&m.addr) && !m.slots.is_empty())
+            {
+                return Err(format!("{addr} sees a killed node serving slots"));
+            }
+            let running: Vec<ClusterMember> = view
+                .into_iter()
+                .filter(|m| live.contains(&m.addr))
+                .collect();
+            if running.len() != live.len() || running.iter().any(|m| m.failed) {
+                return Err(format!("{addr} does not see every running node up"));
+            }
+            match &agreed {
+                Some((first, theirs)) if *theirs != running => {
+                    return Err(format!("{addr} and {first} see different clusters"))
+                }
+                Some(_) => {}
+                None => agreed = Some((addr.clone(), running)),
+            }
+            let replication: String = ask(addr, &["INFO", "replication"]).unwrap_or_default();
+            if !replication.contains("role:master")
+                && !replication.contains("master_link_status:up")
+            {
+                return Err(format!(
+                    "{addr}: a replica whose link to its master is down"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (30 s at most) until the cluster is settled and `also` holds; panics saying why not.
+    fn settle(&self, what: &str, also: impl Fn() -> Result<(), String>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let why = match self.settled().and_then(|()| also()) {
+                Ok(()) => return,
+                Err(why) => why,
+            };
+            assert!(Instant::now() < deadline, "{what} did not settle: {why}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn index(&self, addr: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.addr() == addr)
+            .unwrap_or_else(|| panic!("{addr} is no node of this cluster"))
+    }
+
+    /// The URL of the first running node: the first master, until it is killed.
+    pub fn url(&self) -> String {
+        let addr = self.live().into_iter().next().expect("a running node");
+        format!("redis://{addr}")
+    }
+
+    /// The URLs of all the nodes, killed ones included (seeds for a cluster client).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://{}", n.addr()))
+            .collect()
+    }
+
+    /// The masters not failed, as the first running node sees them, in the order of the nodes.
+    pub fn masters(&self) -> Vec<ClusterMember> {
+        let members = self
+            .members()
+            .unwrap_or_else(|e| panic!("CLUSTER NODES: {e}"));
+        members.into_iter().filter(|m| m.master.is_none()).collect()
+    }
+
+    /// The replicas not failed, as the first running node sees them, in the order of the nodes.
+    pub fn replicas(&self) -> Vec<ClusterMember> {
+        let members = self
+            .members()
+            .unwrap_or_else(|e| panic!("CLUSTER NODES: {e}"));
+        members.into_iter().filter(|m| m.master.is_some()).collect()
+    }
+
+    /// The nodes not failed, as the first running node sees them, in the order of the nodes.
+    fn members(&self) -> Result<Vec<ClusterMember>, String> {
+        let addr = self.live().into_iter().next().ok_or("no node runs")?;
+        let mut members: Vec<ClusterMember> = Self::view(&addr)?
+            .into_iter()
+            .filter(|m| !m.failed)
+            .collect();
+        members.sort_by_key(|m| self.nodes.iter().position(|n| n.addr() == m.addr));
+        Ok(members)
+    }
+
+    /// The address of the master serving `key`'s slot.
+    pub fn master_of(&self, key: &str) -> String {
+        let addr = self.live().into_iter().next().expect("a running node");
+        let slot: u16 = ask(&addr, &["CLUSTER", "KEYSLOT", key])
+            .unwrap_or_else(|| panic!("CLUSTER KEYSLOT {key} on {addr}"));
+        self.master_of_slot(slot)
+            .unwrap_or_else(|e| panic!("the master of {key}: {e}"))
+    }
+
+    fn master_of_slot(&self, slot: u16) -> Result<String, String> {
+        self.members()?
+            .into_iter()
+            .find(|m| m.master.is_none() && m.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+            .map(|m| m.addr)
+            .ok_or(format!("no master serves slot {slot}"))
+    }
+
+    /// SIGKILL of the master at `addr`: a crash, its last writes perhaps not yet on its replica.
+    pub fn kill_master(&mut self, addr: &str) {
+        let member = self
+            .masters()
+            .into_iter()
+            .find(|m| m.addr == addr)
+            .unwrap_or_else(|| panic!("{addr} is not a master of this cluster"));
+        let i = self.index(addr);
+        let node = &mut self.nodes[i];
+        node.served = member.slots;
+        let mut child = node.child.take().expect("the master runs");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+
+    /// Waits until a replica of the master killed at `old_master` has taken over: it reports
+    /// `role:master`, every running node agrees that it serves the old master's slots, and the
+    /// cluster is settled. Returns the new master's address.
+    pub fn wait_failover(&self, old_master: &str) -> String {
+        let slot = self.nodes[self.index(old_master)]
+            .served
+            .first()
+            .unwrap_or_else(|| panic!("{old_master} was not killed by kill_master"))
+            .0;
+        let successor = || {
+            let new = self.master_of_slot(slot)?;
+            if new == old_master {
+                return Err(format!("{old_master} still serves slot {slot}"));
+            }
+            let info: String = ask(&new, &["INFO", "replication"]).unwrap_or_default();
+            if info.contains("role:master") {
+                Ok(new)
+            } else {
+                Err(format!("{new} does not report role:master yet"))
+            }
+        };
+        let what = format!("the failover of {old_master}");
+        self.settle(&what, || successor().map(|_| ()));
+        successor().unwrap_or_else(|e| panic!("{what}, settled: {e}"))
+    }
+
+    /// Starts the killed node at `addr` again on its nodes.conf and AOF, and waits until it has
+    /// rejoined as a replica (of its successor, if it was a master) with its link up.
+    pub fn restart(&mut self, addr: &str) {
+        let i = self.index(addr);
+        assert!(self.nodes[i].child.is_none(), "{addr} is running");
+        self.spawn(i);
+        self.nodes[i].served.clear();
+        self.settle(&format!("{addr} rejoining"), || {
+            let members = self.members()?;
+            if members.iter().any(|m| m.addr == addr && m.master.is_some()) {
+                Ok(())
+            } else {
+                Err(format!("{addr} is no replica yet"))
+            }
+        });
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
