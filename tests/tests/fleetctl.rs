@@ -1283,3 +1283,94 @@ async fn help_and_the_status_screen_are_as_pinned() {
         insta::assert_snapshot!("status_table", out);
     });
 }
+
+/// `fleetctl <args> --output json`, its stdout parsed as one JSON document.
+async fn fleetctl_json(args: &[&str], database: Option<&str>) -> (ExitStatus, Value, String) {
+    let args = [args, &["--output", "json"]].concat();
+    let (status, out, err) = fleetctl(&args, database).await;
+    let doc = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document ({e}): {out}{err}"));
+    (status, doc, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_that_cannot_be_right_exit_2_with_one_line_naming_them() {
+    let mut conn = redis().await;
+    let stream = unique("bad-args:");
+    dead_letters(&mut conn, &stream, 6).await;
+    let empty_key_before = xlen(&mut conn, "").await;
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["dlq", "list", "--stream", &stream, "--limit", "0"],
+            "--limit",
+        ),
+        (&["dlq", "show", "--stream", &stream, "12-x"], "12-x"),
+        (&["dlq", "show", "--stream", &stream, "1700000000000"], "ID"),
+        (
+            &["dlq", "redrive", "--stream", &stream, "--id", "+1-0"],
+            "--id",
+        ),
+        (
+            &[
+                "reconcile",
+                "--stream",
+                &stream,
+                "--from",
+                "2000-0",
+                "--to",
+                "1000-0",
+            ],
+            "--from 2000-0 is after --to 1000-0",
+        ),
+        (
+            &[
+                "publish",
+                "--stream",
+                "",
+                "--type",
+                "user.updated",
+                "--channel",
+                "user.1",
+            ],
+            "--stream",
+        ),
+        (&["dlq", "purge", "--stream", "", "--all"], "--stream"),
+    ];
+    for (args, names) in cases {
+        let (status, out, err) = fleetctl(args, None).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    assert_eq!(
+        xlen(&mut conn, "").await,
+        empty_key_before,
+        "nothing published"
+    );
+    assert_eq!(xlen(&mut conn, &format!("{stream}:dlq")).await, 6);
+    let (status, doc, err) =
+        fleetctl_json(&["dlq", "list", "--stream", &stream, "--limit", "1"], None).await;
+    assert!(status.success(), "{err}");
+    assert_eq!(doc["dead_letters"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_to_id_0_delivers_the_whole_stream_again() {
+    let mut conn = redis().await;
+    let stream = read_stream_of_ten(&mut conn).await;
+    for to in ["0", "0-0"] {
+        let (status, out, err) = replay(&stream, &["--group", "g", "--to-id", to, "--force"]).await;
+        assert!(status.success(), "--to-id {to}: {err}");
+        assert!(
+            out.contains("delivers 10 entries again")
+                && out.contains("the beginning of the stream"),
+            "{out}"
+        );
+        assert_eq!(
+            lag(&mut conn, &stream, "g").await,
+            Some(10),
+            "the lag stays known"
+        );
+        assert_eq!(read_new(&mut conn, &stream).await, thousands(1..=10));
+    }
+}

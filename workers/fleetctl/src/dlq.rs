@@ -18,6 +18,7 @@ use serde_json::{json, Map};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::entry_ids;
 use crate::output::{cut, print, Output, Table};
 use crate::progress::Progress;
 use streamfleet::REDRIVE_GROUP_FIELD;
@@ -69,7 +70,7 @@ pub struct ListArgs {
     #[command(flatten)]
     select: Selection,
 
-    /// At most this many.
+    /// At most this many (at least 1; `fleetctl status` counts them all).
     #[arg(long, default_value_t = 100)]
     limit: usize,
 }
@@ -115,10 +116,21 @@ impl DlqCommand {
     /// Refuses, before connecting, what cannot be right.
     pub fn validate(&self) -> Result<(), String> {
         let (select, act) = match self {
-            DlqCommand::List(a) => (&a.select, None),
-            DlqCommand::Show(_) => return Ok(()),
+            DlqCommand::List(a) => {
+                // 0 is refused rather than read as "no limit": a DLQ can hold millions, each
+                // shown with its fields, and an empty answer would say there are none.
+                if a.limit == 0 {
+                    return Err("--limit 0: must be at least 1 (the most dead letters to show; `fleetctl status --streams S` counts them all)".into());
+                }
+                (&a.select, None)
+            }
+            DlqCommand::Show(a) => {
+                crate::streams::validate_key(&a.stream, "--stream")?;
+                return entry_ids::parse_arg("dlq show ID", &a.id).map(|_| ());
+            }
             DlqCommand::Redrive(a) | DlqCommand::Purge(a) => (&a.select, Some(a)),
         };
+        crate::streams::validate_key(&select.stream, "--stream")?;
         if let Some(reason) = &select.reason {
             if !REASONS.contains(&reason.as_str()) {
                 return Err(format!(
@@ -128,9 +140,7 @@ impl DlqCommand {
             }
         }
         for id in &select.ids {
-            if id.parse::<streamfleet::EntryId>().is_err() {
-                return Err(format!("--id {id}: not a stream entry id (<ms>-<seq>)"));
-            }
+            entry_ids::parse_arg("--id", id)?;
         }
         if let Some(act) = act {
             let selects = !select.ids.is_empty()

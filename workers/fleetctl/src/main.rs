@@ -5,6 +5,7 @@
 mod checkpoints;
 mod dlq;
 mod duration;
+mod entry_ids;
 mod groups;
 mod groups_info;
 mod lag;
@@ -139,6 +140,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             trace::run(client, store, args, output).await
         }
         Command::Reconcile(args) => {
+            args.validate().map_err(|e| bad(&e))?;
             let config = args.load().map_err(|e| bad(&e))?;
             let client = redis()?;
             let Some(store) = store()? else {

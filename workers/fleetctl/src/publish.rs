@@ -86,6 +86,7 @@ pub struct PublishArgs {
 impl PublishArgs {
     /// Exactly one of --file, --generate or --type must say what to publish.
     pub fn validate(&self) -> Result<(), String> {
+        crate::streams::validate_key(&self.stream, "--stream")?;
         let given = [
             self.file.is_some(),
             self.generate.is_some(),

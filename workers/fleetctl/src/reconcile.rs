@@ -14,6 +14,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::entry_ids;
 use crate::groups_info::groups;
 use crate::output::{print, Output, Table};
 use crate::progress::Progress;
@@ -49,7 +50,7 @@ pub struct ReconcileArgs {
 
 /// An entry id, or the first id of a time's millisecond.
 fn parse_bound(text: &str) -> Result<EntryId, String> {
-    if let Ok(id) = text.parse::<EntryId>() {
+    if let Some(id) = entry_ids::parse(text) {
         return Ok(id);
     }
     OffsetDateTime::parse(text, &Rfc3339)
@@ -61,6 +62,19 @@ fn parse_bound(text: &str) -> Result<EntryId, String> {
 }
 
 impl ReconcileArgs {
+    /// Refuses, before connecting, a range that cannot hold anything.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::streams::validate_key(&self.stream, "--stream")?;
+        if let (Some(from), Some(to)) = (self.from, self.to) {
+            if from > to {
+                return Err(format!(
+                    "--from {from} is after --to {to}: the range is empty (swap them?)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The strict routes, read before connecting.
     pub fn load(&self) -> Result<FileConfig, String> {
         match &self.config {

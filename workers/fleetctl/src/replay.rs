@@ -15,6 +15,7 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::entry_ids::{self, BEGINNING};
 use crate::groups::checkpoint;
 use crate::groups_info::{active_consumers, group_info, ACTIVE_MS};
 use crate::output::{print, Output, Table};
@@ -39,7 +40,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     to_checkpoint: bool,
 
-    /// To this entry id: entries after it are delivered again.
+    /// To this entry id: entries after it are delivered again (0: from the beginning of the
+    /// stream, every entry).
     #[arg(long, value_name = "ENTRY_ID")]
     to_id: Option<String>,
 
@@ -69,6 +71,7 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
 
 impl ReplayArgs {
     pub fn validate(&self, database: bool) -> Result<(), String> {
+        crate::streams::validate_key(&self.stream, "--stream")?;
         if self.from_postgres {
             if !database {
                 return Err(
@@ -79,8 +82,7 @@ impl ReplayArgs {
             return Err("replay: give one consumer group (--group or FLEET_GROUP)".into());
         }
         if let Some(id) = &self.to_id {
-            id.parse::<EntryId>()
-                .map_err(|_| format!("--to-id {id}: not a stream entry id (<ms>-<seq>)"))?;
+            entry_ids::parse_position("--to-id", id)?;
         }
         Ok(())
     }
@@ -162,10 +164,10 @@ pub async fn run(
             ),
         }
     } else if let Some(id) = &args.to_id {
-        (
-            id.parse::<EntryId>().expect("validated"),
-            format!("entry {id}"),
-        )
+        match entry_ids::parse_position("--to-id", id).map_err(anyhow::Error::msg)? {
+            BEGINNING => (BEGINNING, "the beginning of the stream".to_owned()),
+            id => (id, format!("entry {id}")),
+        }
     } else {
         let t = args.to_time.expect("one of the three, by clap");
         (before_time(t), t.format(&Rfc3339).unwrap_or_default())

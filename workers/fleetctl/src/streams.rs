@@ -27,6 +27,15 @@ pub fn validate(items: &[String], flag: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses an empty stream key (`--stream ''`, an unset variable in a script): Redis would take
+/// it as a key like any other, and a publish would write to it.
+pub fn validate_key(key: &str, flag: &str) -> Result<(), String> {
+    if key.trim().is_empty() {
+        return Err(format!("{flag}: an empty stream name"));
+    }
+    Ok(())
+}
+
 /// What `--streams` found.
 #[derive(Debug, Default)]
 pub struct Found {
