@@ -1374,3 +1374,42 @@ async fn replay_to_id_0_delivers_the_whole_stream_again() {
         assert_eq!(read_new(&mut conn, &stream).await, thousands(1..=10));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_key_without_a_stream_fails_status_lag_pending_and_checkpoints_alike() {
+    let mut conn = redis().await;
+    let prefix = unique("named:");
+    let stream = format!("{prefix}:s");
+    add_ids(&mut conn, &stream, &["1-0"]).await;
+    create_group(&mut conn, &stream, "g").await;
+    let text = format!("{prefix}:text");
+    let () = redis::cmd("SET")
+        .arg(&text)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let missing = format!("{prefix}:nope");
+    for command in ["status", "lag", "pending", "checkpoints"] {
+        for (key, says) in [
+            (&missing, "no such stream"),
+            (&text, "holds a string, not a stream"),
+        ] {
+            let (status, out, err) =
+                fleetctl(&[command, "--streams", &format!("{stream},{key}")], None).await;
+            assert_eq!(status.code(), Some(1), "{command} {key}: {out}{err}");
+            assert!(out.contains(&stream), "{command}: the rest is shown: {out}");
+            let lines: Vec<&str> = err.lines().collect();
+            assert_eq!(lines.len(), 1, "{command}: one line: {err}");
+            assert!(
+                lines[0].contains(&format!("{key}: {says}")),
+                "{command}: {err}"
+            );
+        }
+    }
+    // Without such a key: all is well (exit 0), for each.
+    for command in ["status", "lag", "pending", "checkpoints"] {
+        let (status, _, err) = fleetctl(&[command, "--streams", &stream], None).await;
+        assert!(status.success(), "{command}: {err}");
+    }
+}

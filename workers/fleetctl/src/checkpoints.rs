@@ -118,7 +118,7 @@ pub async fn run(
             println!("{note}");
         }
     }
-    let mut errors = found.missing_lines();
+    let mut errors: Vec<String> = found.missing_error().into_iter().collect();
     if let Some(e) = store_error {
         errors.push(format!(
             "reading the checkpoints in PostgreSQL: {e} (check --database-url, run `fleetctl migrate`, or leave --database-url out)"

@@ -100,9 +100,8 @@ pub async fn run(
             );
         }
     }
-    let missing = found.missing_lines();
-    if !missing.is_empty() {
-        anyhow::bail!("{}", missing.join("; "));
+    if let Some(missing) = found.missing_error() {
+        anyhow::bail!("{missing}");
     }
     Ok(())
 }

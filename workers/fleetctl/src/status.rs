@@ -243,14 +243,21 @@ pub async fn run(
         }
     }
     if args.check {
+        // Every problem on stderr, a named key that holds no stream among them: exit 1.
         for p in &problems {
             eprintln!("{p}");
         }
-    } else if output == Output::Table && !problems.is_empty() {
+        return Ok(problems.is_empty());
+    }
+    if output == Output::Table && !problems.is_empty() {
         println!("\nneeds attention:");
         for p in &problems {
             println!("  - {p}");
         }
     }
-    Ok(problems.is_empty() || !args.check)
+    // As `lag`, `pending` and `checkpoints`: a named key that holds no stream is an error.
+    if let Some(missing) = found.missing_error() {
+        anyhow::bail!("{missing}");
+    }
+    Ok(true)
 }

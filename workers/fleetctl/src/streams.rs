@@ -149,6 +149,13 @@ impl Found {
             .collect()
     }
 
+    /// The error of `status`, `lag`, `pending` and `checkpoints` when a named key holds no
+    /// stream: one line naming each such key, returned after the rest is shown (exit 1).
+    pub fn missing_error(&self) -> Option<String> {
+        let lines = self.missing_lines();
+        (!lines.is_empty()).then(|| lines.join("; "))
+    }
+
     pub fn json(&self) -> (serde_json::Value, serde_json::Value) {
         (
             serde_json::json!(self
