@@ -1413,3 +1413,124 @@ async fn a_named_key_without_a_stream_fails_status_lag_pending_and_checkpoints_a
         assert!(status.success(), "{command}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_prints_one_json_document_under_output_json() {
+    let db = fresh_database().await;
+    let mut conn = redis().await;
+    let stream = unique("json:");
+
+    let (status, doc, err) = fleetctl_json(&["migrate"], Some(&db)).await;
+    assert!(status.success(), "{err}");
+    assert_eq!(doc["migrated"], true);
+    assert!(doc["migrations"].as_u64() >= Some(2), "{doc}");
+
+    let create = ["groups", "create", "--streams", &stream, "--group", "g"];
+    let (status, doc, err) = fleetctl_json(&create, None).await;
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        doc,
+        json!({"group": "g", "streams": [{"stream": stream, "created": true, "at": "0"}]})
+    );
+    let (_, doc, _) = fleetctl_json(&create, None).await;
+    assert_eq!(doc["streams"][0]["created"], false);
+
+    let event_id = Uuid::now_v7().to_string();
+    let one = [
+        "publish",
+        "--stream",
+        &stream,
+        "--type",
+        "user.updated",
+        "--channel",
+        "user.1.profile",
+        "--id",
+        &event_id,
+    ];
+    let (status, doc, err) = fleetctl_json(&one, None).await;
+    assert!(status.success(), "{err}");
+    let written = read_stream(&mut conn, &stream).await;
+    assert_eq!(written.len(), 1);
+    assert_eq!(
+        doc,
+        json!({"stream": stream, "published": 1, "event_id": event_id,
+            "first_entry_id": written[0].0, "last_entry_id": written[0].0})
+    );
+    let (status, doc, err) =
+        fleetctl_json(&["publish", "--stream", &stream, "--generate", "5"], None).await;
+    assert!(status.success(), "{err}");
+    let written = read_stream(&mut conn, &stream).await;
+    assert_eq!(
+        (
+            &doc["published"],
+            &doc["first_entry_id"],
+            &doc["last_entry_id"]
+        ),
+        (&json!(5), &json!(written[1].0), &json!(written[5].0))
+    );
+    let lines = format!(
+        "{}\n{}\n",
+        user_line(Uuid::now_v7(), 1, false),
+        user_line(Uuid::now_v7(), 2, false)
+    );
+    let (status, out, err) = fleetctl_stdin(
+        &[
+            "publish", "--stream", &stream, "--file", "-", "--output", "json",
+        ],
+        &lines,
+    )
+    .await;
+    assert!(status.success(), "{err}");
+    let doc: Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(doc["published"], 2);
+
+    // A failure too: the error as a document on stdout, its line on stderr.
+    let (status, doc, err) =
+        fleetctl_json(&["dlq", "show", "--stream", &stream, "1-1"], None).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap()
+            .contains("no dead letter 1-1"),
+        "{doc}"
+    );
+    assert!(err.contains("no dead letter 1-1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_replay_still_prints_its_plan_and_why_under_output_json() {
+    let mut conn = redis().await;
+    // c1 just read: an active consumer.
+    let stream = read_stream_of_ten(&mut conn).await;
+    let (status, out, err) = replay(
+        &stream,
+        &[
+            "--group",
+            "g",
+            "--to-id",
+            "5000-0",
+            "--dry-run",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    let plan: Value = serde_json::from_str(&out).expect(&out);
+    assert!(
+        plan["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("active consumers: c1")),
+        "{plan}"
+    );
+    assert_eq!(
+        (&plan["entries"], &plan["dry_run"]),
+        (&json!(5), &json!(true))
+    );
+    assert!(err.contains("refused") && err.contains("--force"), "{err}");
+    assert!(
+        read_new(&mut conn, &stream).await.is_empty(),
+        "nothing moved"
+    );
+}

@@ -4,6 +4,9 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::output::Output;
 use streamfleet::store::{redis_checkpoints, EventStore};
 use streamfleet::EntryId;
 use streamfleet::StartFrom;
@@ -103,8 +106,10 @@ pub async fn create(
     client: redis::Client,
     store: Option<EventStore>,
     args: CreateArgs,
+    output: Output,
 ) -> anyhow::Result<()> {
     let mut conn = crate::redis_read::connect(&client).await?;
+    let mut done = Vec::new();
     let default = match args.start_from.as_str() {
         "newest" => StartFrom::Newest,
         _ => StartFrom::Oldest,
@@ -122,15 +127,27 @@ pub async fn create(
             .arg("MKSTREAM")
             .query_async(&mut conn)
             .await;
-        match created {
-            Ok(()) => println!("{stream}: group {} created at {start}", args.group),
-            Err(e) if e.code() == Some("BUSYGROUP") => {
-                println!("{stream}: group {} already exists", args.group)
-            }
+        let created = match created {
+            Ok(()) => true,
+            Err(e) if e.code() == Some("BUSYGROUP") => false,
             Err(e) => {
                 return Err(e).with_context(|| format!("creating group {} on {stream}", args.group))
             }
+        };
+        if output == Output::Table {
+            match created {
+                true => println!("{stream}: group {} created at {start}", args.group),
+                false => println!("{stream}: group {} already exists", args.group),
+            }
         }
+        done.push(json!({
+            "stream": stream,
+            "created": created,
+            "at": created.then_some(start),
+        }));
+    }
+    if output == Output::Json {
+        crate::output::json(&json!({"group": args.group, "streams": done}));
     }
     Ok(())
 }

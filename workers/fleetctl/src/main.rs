@@ -127,7 +127,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             args.validate().map_err(|e| bad(&e))?;
             let client = redis()?;
             let prepared = args.prepare().map_err(|e| bad(&e))?;
-            publish::run(client, *args, prepared).await
+            publish::run(client, *args, prepared, output).await
         }
         Command::Replay(args) => {
             args.validate(cli.database_url.is_some())
@@ -156,7 +156,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Command::Groups(groups::GroupsCommand::Create(args)) => {
             args.validate().map_err(|e| bad(&e))?;
             let (client, store) = (redis()?, store()?);
-            groups::create(client, store, args).await
+            groups::create(client, store, args, output).await
         }
         Command::Status(args) => {
             args.validate().map_err(|e| bad(&e))?;
@@ -194,12 +194,18 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(anyhow::Error::from)
                 .map(|()| {
-                    println!(
-                        "migrations applied ({} known)",
-                        streamfleet::store::MIGRATOR.iter().count()
-                    );
+                    let known = streamfleet::store::MIGRATOR.iter().count();
+                    match output {
+                        output::Output::Json => output::json(
+                            &serde_json::json!({"migrated": true, "migrations": known}),
+                        ),
+                        output::Output::Table => println!("migrations applied ({known} known)"),
+                    }
                 })
         }
     };
+    if let Err(e) = &result {
+        output::error_document(output, e);
+    }
     Ok(cli::finish(NAME, result))
 }

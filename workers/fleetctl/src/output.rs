@@ -2,8 +2,10 @@
 //! (`--output json`, one document on stdout, stable field names).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::ValueEnum;
+use serde::Serialize;
 use serde_json::Value;
 
 /// `--output`.
@@ -69,18 +71,38 @@ impl Table {
     }
 }
 
+/// Whether the command printed its JSON document: a command that fails afterwards (reconcile
+/// finding gaps, a redrive with refusals) has said everything, and must not print a second one.
+static DOCUMENT_PRINTED: AtomicBool = AtomicBool::new(false);
+
 /// Prints `json` or `table` (with `empty` instead of a table without rows).
 pub fn print(output: Output, json: &Value, table: &Table, empty: &str) {
+    if output == Output::Json {
+        return self::json(json);
+    }
     let mut stdout = std::io::stdout().lock();
-    let _ = match output {
-        Output::Json => writeln!(
-            stdout,
-            "{}",
-            serde_json::to_string_pretty(json).unwrap_or_default()
-        ),
-        Output::Table if table.is_empty() => writeln!(stdout, "{empty}"),
-        Output::Table => write!(stdout, "{}", table.render()),
+    let _ = match table.is_empty() {
+        true => writeln!(stdout, "{empty}"),
+        false => write!(stdout, "{}", table.render()),
     };
+}
+
+/// Prints the JSON document of a command whose human text is written otherwise (`--output json`).
+/// Written as it is serialised: a long document (reconcile's gaps) is never held as text.
+pub fn json(doc: &impl Serialize) {
+    DOCUMENT_PRINTED.store(true, Ordering::Relaxed);
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let _ = serde_json::to_writer_pretty(&mut stdout, doc);
+    let _ = writeln!(stdout);
+}
+
+/// Under `--output json`, the document of a command that failed before printing its own: a
+/// script reading stdout gets `{"error": …}` (one line, so that it also fits `tail`'s JSON
+/// lines) rather than nothing. The error's line is on stderr too, as in every output.
+pub fn error_document(output: Output, error: &anyhow::Error) {
+    if output == Output::Json && !DOCUMENT_PRINTED.load(Ordering::Relaxed) {
+        println!("{}", serde_json::json!({"error": format!("{error:#}")}));
+    }
 }
 
 /// A value cut to `max` characters (an error text in a table), with an ellipsis.

@@ -10,11 +10,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::output::Output;
 use crate::progress::Progress;
 use streamfleet::event::{decode, Limits, DEFAULT_MAX_DATA_BYTES};
 use streamfleet::EntryId;
@@ -268,21 +269,36 @@ fn generated(i: u64, user_share: f64, source: &str) -> Fields {
     ]
 }
 
+/// Where the published entries went: how many, the first and the last entry id.
+#[derive(Debug, Default)]
+struct Published {
+    count: u64,
+    first: Option<String>,
+    last: Option<String>,
+}
+
+/// Publishes `batch` in one pipelined round trip, and empties it.
 async fn flush(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
     batch: &mut Vec<Fields>,
-) -> anyhow::Result<Vec<String>> {
+    published: &mut Published,
+) -> anyhow::Result<()> {
     if batch.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let mut pipe = redis::pipe();
     for fields in batch.iter() {
         pipe.cmd("XADD").arg(stream).arg("*").arg(fields.as_slice());
     }
     let ids: Vec<String> = pipe.query_async(conn).await.context("XADD")?;
+    published.count += ids.len() as u64;
+    if published.first.is_none() {
+        published.first = ids.first().cloned();
+    }
+    published.last = ids.last().cloned().or(published.last.take());
     batch.clear();
-    Ok(ids)
+    Ok(())
 }
 
 /// Publishes checked entries, `CHUNK` per round trip, showing progress.
@@ -291,6 +307,7 @@ async fn publish_all(
     stream: &str,
     count: u64,
     entries: impl Iterator<Item = anyhow::Result<Fields>>,
+    published: &mut Published,
 ) -> anyhow::Result<()> {
     let mut progress = Progress::new("publish", Some(count));
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
@@ -298,10 +315,10 @@ async fn publish_all(
         batch.push(fields?);
         if batch.len() == CHUNK {
             progress.add(CHUNK as u64);
-            flush(conn, stream, &mut batch).await?;
+            flush(conn, stream, &mut batch, published).await?;
         }
     }
-    flush(conn, stream, &mut batch).await?;
+    flush(conn, stream, &mut batch, published).await?;
     progress.finish();
     Ok(())
 }
@@ -311,6 +328,7 @@ pub async fn run(
     client: redis::Client,
     args: PublishArgs,
     prepared: Prepared,
+    output: Output,
 ) -> anyhow::Result<()> {
     let mut conn = client
         // Pipelines of 1000 XADDs can take longer than redis-rs's 500 ms default on a busy host.
@@ -321,12 +339,16 @@ pub async fn run(
         .await
         .context("connecting to Redis")?;
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
-    let count = match prepared {
+    let mut published = Published::default();
+    let mut event_id = None;
+    match prepared {
         Prepared::One(fields) => {
+            event_id = fields
+                .iter()
+                .find(|(k, _)| k == "id")
+                .map(|(_, v)| v.clone());
             batch.push(fields);
-            let ids = flush(&mut conn, &args.stream, &mut batch).await?;
-            println!("{}", ids.first().map(String::as_str).unwrap_or(""));
-            return Ok(());
+            flush(&mut conn, &args.stream, &mut batch, &mut published).await?;
         }
         Prepared::Generate => {
             let n = args.generate.unwrap_or(0);
@@ -338,7 +360,7 @@ pub async fn run(
                 batch.push(generated(i, args.user_share, &args.source));
                 if batch.len() == slice.unwrap_or(CHUNK) {
                     progress.add(batch.len() as u64);
-                    flush(&mut conn, &args.stream, &mut batch).await?;
+                    flush(&mut conn, &args.stream, &mut batch, &mut published).await?;
                     if let Some(rate) = args.rate {
                         let sent = (i + 1) as f64;
                         let due = started + std::time::Duration::from_secs_f64(sent / rate as f64);
@@ -346,14 +368,13 @@ pub async fn run(
                     }
                 }
             }
-            flush(&mut conn, &args.stream, &mut batch).await?;
+            flush(&mut conn, &args.stream, &mut batch, &mut published).await?;
             progress.finish();
-            n
         }
         Prepared::Lines(lines) => {
             let n = lines.len() as u64;
-            publish_all(&mut conn, &args.stream, n, lines.into_iter().map(Ok)).await?;
-            n
+            let lines = lines.into_iter().map(Ok);
+            publish_all(&mut conn, &args.stream, n, lines, &mut published).await?;
         }
         Prepared::File { path, count } => {
             let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
@@ -365,10 +386,27 @@ pub async fn run(
                         .map_err(anyhow::Error::msg)
                         .with_context(|| format!("{} changed while publishing", path.display()))
                 });
-            publish_all(&mut conn, &args.stream, count, lines).await?;
-            count
+            publish_all(&mut conn, &args.stream, count, lines, &mut published).await?;
         }
     };
-    println!("published {count} entries to {}", args.stream);
+    match output {
+        Output::Json => {
+            let mut doc = json!({
+                "stream": args.stream,
+                "published": published.count,
+                "first_entry_id": published.first,
+                "last_entry_id": published.last,
+            });
+            if let Some(id) = event_id {
+                doc["event_id"] = json!(id);
+            }
+            crate::output::json(&doc);
+        }
+        // One event: its entry id alone, for a shell's `$(fleetctl publish …)`.
+        Output::Table if event_id.is_some() => {
+            println!("{}", published.first.as_deref().unwrap_or(""))
+        }
+        Output::Table => println!("published {} entries to {}", published.count, args.stream),
+    }
     Ok(())
 }

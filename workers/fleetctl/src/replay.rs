@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use crate::entry_ids::{self, BEGINNING};
 use crate::groups::checkpoint;
 use crate::groups_info::{active_consumers, group_info, ACTIVE_MS};
-use crate::output::{print, Output, Table};
+use crate::output::Output;
 use crate::progress::Progress;
 use streamfleet::store::EventStore;
 use streamfleet::EntryId;
@@ -202,19 +202,30 @@ pub async fn run(
         "{stream}: group {group} from {} to {target} ({why}) {what}",
         info.last_delivered
     );
-    if !active.is_empty() && !args.force {
+    let refused = if !active.is_empty() && !args.force {
         let names: Vec<String> = active
             .iter()
             .map(|c| format!("{} (idle {} ms)", c.name, c.idle_ms))
             .collect();
-        anyhow::bail!(
-            "{summary}; refused: group {group} has active consumers: {}. Their reads in flight would interleave with the replay: stop the workers (scale them to 0), wait {} s, and run this again, or pass --force",
+        Some(format!(
+            "group {group} has active consumers: {}. Their reads in flight would interleave with the replay: stop the workers (scale them to 0), wait {} s, and run this again, or pass --force",
             names.join(", "),
             ACTIVE_MS / 1000
-        );
-    }
-    if forward && !args.force {
-        anyhow::bail!("{summary}; refused: moving a group forward skips entries; pass --force if that is what you want");
+        ))
+    } else if forward && !args.force {
+        Some("moving a group forward skips entries; pass --force if that is what you want".into())
+    } else {
+        None
+    };
+    if let Some(reason) = refused {
+        // A script reading the plan gets it, with why nothing was done, as a dry run that is
+        // refused must not look like one that printed nothing.
+        if output == Output::Json {
+            let mut json = json;
+            json["refused"] = json!(reason);
+            crate::output::json(&json);
+        }
+        anyhow::bail!("{summary}; refused: {reason}");
     }
     if args.dry_run {
         print_result(output, &json, &format!("dry run: {summary}"));
@@ -251,7 +262,7 @@ pub async fn run(
 
 fn print_result(output: Output, json: &serde_json::Value, line: &str) {
     match output {
-        Output::Json => print(output, json, &Table::new(&[]), ""),
+        Output::Json => crate::output::json(json),
         Output::Table => println!("{line}"),
     }
 }
