@@ -1534,3 +1534,182 @@ async fn a_refused_replay_still_prints_its_plan_and_why_under_output_json() {
         "nothing moved"
     );
 }
+
+/// Deletes the rows of `events` from PostgreSQL.
+async fn delete_rows(pool: &sqlx::PgPool, events: &[Uuid]) {
+    sqlx::query("DELETE FROM events WHERE event_id = ANY($1)")
+        .bind(events)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// (entry id, event id) pairs as reconcile's JSON lists them under `list`, with `id_field`.
+fn gaps(doc: &Value, list: &str, id_field: &str) -> Vec<(String, String)> {
+    doc[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list} in {doc}"))
+        .iter()
+        .map(|g| {
+            (
+                g[id_field].as_str().unwrap().to_owned(),
+                g["event_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Reconcile compares a range a chunk at a time (the hidden `--chunk`): in chunks of 1, 2 and 7
+/// entries it finds exactly what it finds in chunks of 1 000, with runs of gaps on both sides
+/// that span chunk boundaries, rows whose event moved to another entry, events in flight and
+/// dead-lettered, over the whole stream and over a range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_in_small_chunks_finds_the_same_gaps_across_chunk_boundaries() {
+    let db = fresh_database().await;
+    let pool = migrated_database(&db).await;
+    reject_trigger(&pool, true).await;
+    let mut conn = redis().await;
+    let stream = unique("reconcile-chunks:");
+    // 180 entries: every sixth a flow event (not strict), the others strict user events, two of
+    // them rejected by PostgreSQL (dead letters).
+    let rejected = [31, 32];
+    let lines: Vec<String> = (0..180)
+        .map(|n| match n % 6 {
+            5 => streamfleet_tests::corpus::valid_line(Uuid::now_v7(), false, n),
+            _ => user_line(Uuid::now_v7(), n, rejected.contains(&n)),
+        })
+        .collect();
+    publish_lines(&stream, &lines).await;
+    let mut persister = WorkerEnv::new(&stream, &db)
+        .set("FLEET_CONFIG", &config(""))
+        .start("persister")
+        .await;
+    wait_settled(&conn, &stream, "persister").await;
+    persister.stop_cleanly().await;
+    let entries = read_stream(&mut conn, &stream).await;
+    let user = |n: usize| n % 6 != 5;
+    let persisted = |n: usize| user(n) && !rejected.contains(&n);
+    assert_eq!(
+        rows(&pool).await,
+        (0..180).filter(|n| persisted(*n)).count() as i64
+    );
+    let event = |n: usize| entries[n].1["id"].clone();
+    let pair = |n: usize| (entries[n].0.clone(), event(n));
+
+    // PostgreSQL loses the rows of a run of 13 entries, of the first and of one more.
+    let lost_rows: Vec<usize> = [0, 97]
+        .into_iter()
+        .chain(40..=52)
+        .filter(|n| persisted(*n))
+        .collect();
+    let lost: Vec<Uuid> = lost_rows
+        .iter()
+        .map(|n| event(*n).parse().unwrap())
+        .collect();
+    delete_rows(&pool, &lost).await;
+    // The stream loses a run of 60 entries and one near the end; two of those events come back
+    // under new entries (as a producer's retry would), so their rows are not missing.
+    let gone: Vec<usize> = (100..160).chain([178]).collect();
+    let _: u64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(
+            gone.iter()
+                .map(|n| entries[*n].0.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let moved = [110, 150];
+    for n in moved {
+        let fields: Vec<(&String, &String)> = entries[n].1.iter().collect();
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(fields)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Five strict events the persister has not read yet.
+    let late: Vec<String> = (0..5)
+        .map(|n| user_line(Uuid::now_v7(), n, false))
+        .collect();
+    publish_lines(&stream, &late).await;
+
+    let mut missing_in_pg: Vec<(String, String)> = lost_rows.iter().map(|n| pair(*n)).collect();
+    missing_in_pg.sort_by_key(|(e, _)| entry_id_key(e));
+    let missing_in_stream: Vec<(String, String)> = gone
+        .iter()
+        .filter(|n| persisted(**n) && !moved.contains(*n))
+        .map(|n| pair(*n))
+        .collect();
+    let reconcile = |extra: Vec<String>| {
+        let db = db.clone();
+        let stream = stream.clone();
+        async move {
+            let mut args = vec!["reconcile", "--stream", &stream];
+            args.extend(extra.iter().map(String::as_str));
+            fleetctl_json(&args, Some(&db)).await
+        }
+    };
+    let (status, whole, err) = reconcile(vec![]).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(
+        gaps(&whole, "missing_in_postgres", "entry_id"),
+        missing_in_pg
+    );
+    assert_eq!(
+        gaps(&whole, "missing_in_stream", "stream_id"),
+        missing_in_stream
+    );
+    assert_eq!(
+        (&whole["in_flight"], &whole["dead_lettered"]),
+        (&json!(5), &json!(2)),
+        "{whole}"
+    );
+    let remaining = 180 - gone.len() + moved.len() + late.len();
+    assert_eq!(whole["entries"], remaining);
+    for chunk in ["1", "2", "7"] {
+        let (status, doc, err) = reconcile(vec!["--chunk".into(), chunk.into()]).await;
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert_eq!(doc, whole, "in chunks of {chunk}");
+    }
+
+    // A range, from inside the first run of lost rows to inside the run of lost entries: the
+    // moved events are outside it, so their rows are missing from it.
+    let (from, to) = (entries[45].0.clone(), entries[120].0.clone());
+    let within =
+        |id: &String| (entry_id_key(&from)..=entry_id_key(&to)).contains(&entry_id_key(id));
+    let range = vec![
+        "--from".to_owned(),
+        from.clone(),
+        "--to".to_owned(),
+        to.clone(),
+    ];
+    let (status, ranged, err) = reconcile(range.clone()).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    let in_range = |list: &[(String, String)]| -> Vec<(String, String)> {
+        list.iter().filter(|(e, _)| within(e)).cloned().collect()
+    };
+    assert_eq!(
+        gaps(&ranged, "missing_in_postgres", "entry_id"),
+        in_range(&missing_in_pg)
+    );
+    let mut expected_stream: Vec<(String, String)> = gone
+        .iter()
+        .filter(|n| persisted(**n))
+        .map(|n| pair(*n))
+        .collect();
+    expected_stream.retain(|(e, _)| within(e));
+    assert_eq!(
+        gaps(&ranged, "missing_in_stream", "stream_id"),
+        expected_stream
+    );
+    for chunk in ["1", "3"] {
+        let mut args = range.clone();
+        args.extend(["--chunk".into(), chunk.into()]);
+        let (_, doc, _) = reconcile(args).await;
+        assert_eq!(doc, ranged, "the range in chunks of {chunk}");
+    }
+}
