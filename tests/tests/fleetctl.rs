@@ -1713,3 +1713,54 @@ async fn reconcile_in_small_chunks_finds_the_same_gaps_across_chunk_boundaries()
         assert_eq!(doc, ranged, "the range in chunks of {chunk}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_redrives_move_each_dead_letter_once_and_both_succeed() {
+    let mut conn = redis().await;
+    // The two runs must overlap for this to prove anything; they nearly always do at once.
+    for attempt in 0..5 {
+        let stream = unique("redrive-race:");
+        let ids = dead_letters(&mut conn, &stream, 5000).await;
+        let redrive = ["dlq", "redrive", "--stream", &stream, "--all"];
+        let json_run = [&redrive[..], &["--output", "json"]].concat();
+        let ((status_a, out_a, err_a), (status_b, out_b, err_b)) =
+            tokio::join!(fleetctl(&json_run, None), fleetctl(&redrive, None));
+        assert!(status_a.success(), "{err_a}");
+        assert!(status_b.success(), "{out_b}{err_b}");
+        assert!(err_a.len() + err_b.len() < 500, "stderr:\n{err_a}\n{err_b}");
+        // Each run's counts are what it moved: together, every dead letter once.
+        let a: Value = serde_json::from_str(&out_a).expect(&out_a);
+        let done_a = a["done"].as_array().unwrap().len() as u64;
+        assert_eq!(
+            a["by_group"],
+            json!([{"group": "persister", "dead_letters": done_a}]),
+            "{a}"
+        );
+        assert_eq!(a["refused"], json!([]));
+        let gone_a = a["already_gone"].as_u64().unwrap();
+        assert_eq!(done_a + gone_a, a["selected"].as_u64().unwrap());
+        let done_b: u64 = out_b
+            .lines()
+            .find_map(|l| l.strip_prefix("redriven: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect(&out_b);
+        if done_b > 0 {
+            assert!(
+                out_b.contains(&format!("  persister: {done_b}\n")),
+                "{out_b}"
+            );
+        }
+        assert_eq!(done_a + done_b, 5000, "{out_b}");
+        assert_eq!(xlen(&mut conn, &format!("{stream}:dlq")).await, 0);
+        let copies = event_ids(&mut conn, &stream).await;
+        assert!(copies.values().all(|n| *n == 1), "none doubled");
+        let want: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+        assert_eq!(copies.into_keys().collect::<HashSet<_>>(), want);
+        if gone_a > 0 || out_b.contains("already gone") {
+            eprintln!("the redrives overlapped at attempt {attempt}: {done_a} + {done_b}");
+            return;
+        }
+    }
+    panic!("the two redrives never overlapped");
+}

@@ -8,12 +8,11 @@
 //! letter moves in one server-side script with the `XADD` and the `XDEL` together, so a crash
 //! mid-redrive (fleetctl killed, Redis restarted) neither loses nor doubles one: run it again.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use redis::aio::MultiplexedConnection;
-use redis::Value;
 use serde_json::{json, Map};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -21,6 +20,7 @@ use time::OffsetDateTime;
 use crate::entry_ids;
 use crate::output::{cut, print, Output, Table};
 use crate::progress::Progress;
+use crate::redis_read::Pages;
 use streamfleet::REDRIVE_GROUP_FIELD;
 
 #[derive(Debug, Subcommand)]
@@ -253,22 +253,19 @@ impl Selection {
             each(conn, found).await?;
             return Ok(());
         }
-        let (mut start, end) = bounds(self);
-        loop {
-            let page = range(conn, &key, &start, &end, PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            start = format!("({}", last.id);
-            let full = page.len() == PAGE;
-            let matching: Vec<DeadLetter> = page.into_iter().filter(|d| self.matches(d)).collect();
+        let (start, end) = bounds(self);
+        let mut pages = Pages::new(&key, &start, &end, PAGE);
+        while let Some(page) = pages.next::<Vec<(String, String)>>(conn).await? {
+            let matching: Vec<DeadLetter> = page
+                .into_iter()
+                .map(|(id, fields)| DeadLetter { id, fields })
+                .filter(|d| self.matches(d))
+                .collect();
             if !matching.is_empty() && !each(conn, matching).await? {
-                return Ok(());
-            }
-            if !full {
-                return Ok(());
+                break;
             }
         }
+        Ok(())
     }
 }
 
@@ -361,7 +358,8 @@ async fn show(
 /// KEYS[1] the dead letter stream, KEYS[2] its stream; ARGV the dead letter ids. Per id, in one
 /// atomic step: the original fields (ours removed, a producer's `dlq_*` field restored from
 /// `orig_dlq_*`) plus `redrive_group` are added to the stream, and the dead letter is deleted.
-/// Returns per id the new entry id, or why it was not moved.
+/// Returns per id the new entry id, `gone` when it is no longer in the DLQ (another redrive or a
+/// purge took it first), or why it was not moved.
 /// A script stopped by a refused command keeps what it did before: both grants are checked first,
 /// so that a user who may `XADD` but not `XDEL` doubles nothing.
 const REDRIVE_SCRIPT: &str = r#"
@@ -374,7 +372,7 @@ local out = {}
 for i, id in ipairs(ARGV) do
   local found = redis.call('XRANGE', KEYS[1], id, id)
   if #found == 0 then
-    out[i] = 'gone: already redriven or purged'
+    out[i] = 'gone'
   else
     local f = found[1][2]
     local fields, meta = {}, {}
@@ -407,21 +405,37 @@ end
 return out
 "#;
 
-/// What an action did, per dead letter, and how many it selected of each group.
+/// What became of one selected dead letter.
+enum Outcome {
+    /// Redriven (with its new entry id) or purged; with `--dry-run`, would be.
+    Done(Option<String>),
+    /// No longer in the DLQ when this run came to it: another redrive or a purge, running at the
+    /// same time, took it. Not a failure: it is not left behind.
+    Gone,
+    /// Left in the DLQ, with why.
+    Refused(String),
+}
+
+/// What an action did, per dead letter, and per group what it did.
 #[derive(Default)]
 struct Tally {
-    moved: Vec<(String, String)>,
+    done: Vec<(String, Option<String>)>,
+    gone: u64,
     refused: Vec<(String, String)>,
-    by_group: HashMap<String, usize>,
+    /// Dead letters this run redrove or purged (would, with `--dry-run`), by `dlq_group`.
+    by_group: BTreeMap<String, u64>,
 }
 
 impl Tally {
-    fn selected(&mut self, page: &[DeadLetter]) {
-        for d in page {
-            *self
-                .by_group
-                .entry(d.get("dlq_group").unwrap_or("").to_owned())
-                .or_default() += 1;
+    fn record(&mut self, d: DeadLetter, outcome: Outcome) {
+        match outcome {
+            Outcome::Done(entry_id) => {
+                let group = d.get("dlq_group").unwrap_or("").to_owned();
+                *self.by_group.entry(group).or_default() += 1;
+                self.done.push((d.id, entry_id));
+            }
+            Outcome::Gone => self.gone += 1,
+            Outcome::Refused(why) => self.refused.push((d.id, why)),
         }
     }
 }
@@ -438,11 +452,10 @@ async fn redrive(
     let mut progress = Progress::new("redrive", None);
     args.select
         .scan(conn, async |conn, page| {
-            tally.selected(&page);
             if args.dry_run {
-                tally
-                    .moved
-                    .extend(page.into_iter().map(|d| (d.id, String::new())));
+                for d in page {
+                    tally.record(d, Outcome::Done(None));
+                }
                 return Ok(true);
             }
             let ids: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
@@ -455,11 +468,14 @@ async fn redrive(
                 .with_context(|| format!("redriving dead letters of {stream}"))?;
             progress.add(ids.len() as u64);
             for (d, result) in page.into_iter().zip(results) {
-                if result.parse::<streamfleet::EntryId>().is_ok() {
-                    tally.moved.push((d.id, result));
+                let outcome = if entry_ids::parse(&result).is_some() {
+                    Outcome::Done(Some(result))
+                } else if result == "gone" {
+                    Outcome::Gone
                 } else {
-                    tally.refused.push((d.id, result));
-                }
+                    Outcome::Refused(result)
+                };
+                tally.record(d, outcome);
             }
             Ok(true)
         })
@@ -486,20 +502,32 @@ async fn purge(
     let mut progress = Progress::new("purge", None);
     args.select
         .scan(conn, async |conn, page| {
-            tally.selected(&page);
-            if !args.dry_run {
-                let ids: Vec<&str> = page.iter().map(|d| d.id.as_str()).collect();
-                let _: Value = redis::cmd("XDEL")
-                    .arg(&key)
-                    .arg(&ids)
-                    .query_async(conn)
-                    .await
-                    .with_context(|| format!("deleting from {key}"))?;
-                progress.add(ids.len() as u64);
+            if args.dry_run {
+                for d in page {
+                    tally.record(d, Outcome::Done(None));
+                }
+                return Ok(true);
             }
-            tally
-                .moved
-                .extend(page.into_iter().map(|d| (d.id, String::new())));
+            // One XDEL per id, pipelined: each says whether this run deleted it.
+            let mut pipe = redis::pipe();
+            for d in &page {
+                pipe.cmd("XDEL").arg(&key).arg(&d.id);
+            }
+            let deleted: Vec<u64> = pipe
+                .query_async(conn)
+                .await
+                .with_context(|| format!("deleting from {key}"))?;
+            progress.add(page.len() as u64);
+            for (d, n) in page.into_iter().zip(deleted) {
+                tally.record(
+                    d,
+                    if n > 0 {
+                        Outcome::Done(None)
+                    } else {
+                        Outcome::Gone
+                    },
+                );
+            }
             Ok(true)
         })
         .await?;
@@ -510,22 +538,24 @@ async fn purge(
 
 /// Prints what a redrive or purge did (or would do).
 fn report(verb: &str, stream: &str, args: &ActArgs, tally: &Tally, output: Output) {
-    let mut groups: Vec<(&String, &usize)> = tally.by_group.iter().collect();
-    groups.sort();
     let json = json!({
         "stream": stream,
         "action": verb,
         "dry_run": args.dry_run,
-        "selected": tally.moved.len() + tally.refused.len(),
-        "by_group": groups.iter().map(|(g, n)| json!({"group": g, "dead_letters": n})).collect::<Vec<_>>(),
-        "done": tally.moved.iter().map(|(id, new)| if new.is_empty() { json!({"id": id}) } else { json!({"id": id, "entry_id": new}) }).collect::<Vec<_>>(),
+        "selected": tally.done.len() as u64 + tally.gone + tally.refused.len() as u64,
+        "by_group": tally.by_group.iter().map(|(g, n)| json!({"group": g, "dead_letters": n})).collect::<Vec<_>>(),
+        "done": tally.done.iter().map(|(id, new)| match new {
+            Some(new) => json!({"id": id, "entry_id": new}),
+            None => json!({"id": id}),
+        }).collect::<Vec<_>>(),
+        "already_gone": tally.gone,
         "refused": tally.refused.iter().map(|(id, why)| json!({"id": id, "reason": why})).collect::<Vec<_>>(),
     });
     if output == Output::Json {
-        print(output, &json, &Table::new(&[]), "");
+        crate::output::json(&json);
         return;
     }
-    let done = tally.moved.len();
+    let done = tally.done.len();
     let summary = match (verb, args.dry_run) {
         ("redrive", true) => format!("would redrive {done} dead letter(s) of {stream}"),
         ("redrive", false) => format!("redriven: {done} dead letter(s) back into {stream}"),
@@ -533,13 +563,19 @@ fn report(verb: &str, stream: &str, args: &ActArgs, tally: &Tally, output: Outpu
         _ => format!("purged {done} dead letter(s) of {stream}"),
     };
     println!("{summary}");
-    for (group, n) in groups {
+    for (group, n) in &tally.by_group {
         let who = if group.is_empty() {
             "(no group)"
         } else {
             group
         };
         println!("  {who}: {n}");
+    }
+    if tally.gone > 0 {
+        println!(
+            "{} of the selection already gone: redriven or purged by someone else meanwhile (not counted above, not a failure)",
+            tally.gone
+        );
     }
     if verb == "redrive" && done > 0 {
         println!(
