@@ -11,20 +11,20 @@ use crate::pipeline::handler::{Handler, HandlerError};
 use crate::pipeline::Pipeline;
 use crate::runtime::cli::WorkerArgs;
 use crate::runtime::config::{ConfigError, FileConfig, Tuning};
-use crate::runtime::connect::{self, redis_connection};
+use crate::runtime::connect::{self, RedisTarget};
 use crate::runtime::health::{Dependency, Health};
 use crate::runtime::process::Runtime;
 use crate::runtime::shutdown::Shutdown;
 use crate::source::identity::Identity;
 use crate::source::read_conn::ReadConn;
-use crate::source::{ResumeFrom, Source, StreamSpec};
+use crate::source::{Reading, ResumeFrom, Source, StreamSpec};
 
 /// A configured worker, ready to run.
 pub struct Worker {
     name: &'static str,
     args: WorkerArgs,
     config: Arc<FileConfig>,
-    redis: redis::Client,
+    redis: RedisTarget,
     /// Built with the other settings, so a URL it cannot use exits 2 before anything connects;
     /// taken by `run`.
     reads: Option<ReadConn>,
@@ -42,9 +42,9 @@ impl Worker {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let redis = rt.redis.client()?;
+        let redis = rt.redis.target()?;
         let reads = ReadConn::new(
-            &redis,
+            redis.first(),
             connect::read_tls(&rt.redis)?,
             read_timeout(&config.tuning),
             crate::event::Limits {
@@ -97,8 +97,8 @@ impl Worker {
         &self.config
     }
 
-    /// The Redis client (`FLEET_REDIS_URL`), for a handler whose sink is Redis itself.
-    pub fn redis_client(&self) -> &redis::Client {
+    /// Where the fleet's Redis is (`FLEET_REDIS_URL`), for a handler whose sink is Redis itself.
+    pub fn redis_target(&self) -> &RedisTarget {
         &self.redis
     }
 
@@ -147,7 +147,11 @@ impl Worker {
             &self.group,
             &self.consumer,
             &self.specs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            self.redis.get_connection_info().redis_settings().db(),
+            self.redis
+                .first()
+                .get_connection_info()
+                .redis_settings()
+                .db(),
         );
         let mut writer = writer;
         if let Some(first) = duplicate(&identity, &mut writer).await {
@@ -160,12 +164,14 @@ impl Worker {
         let mut reads = self.reads.take().context("the worker runs once")?;
         reads.set_name(identity.client_name().to_owned());
         let source = Source::new(
+            Reading {
+                group: self.group.clone(),
+                consumer: self.consumer.clone(),
+                specs: self.specs.clone(),
+                tuning: tuning.clone(),
+            },
             reads,
             reader,
-            self.group.clone(),
-            self.consumer.clone(),
-            self.specs.clone(),
-            tuning.clone(),
             health.clone(),
             resume_from(&handler, &self.group),
         );
@@ -208,10 +214,10 @@ impl Worker {
         response_timeout: Duration,
         health: &Health,
         shutdown: &Shutdown,
-    ) -> Option<redis::aio::ConnectionManager> {
+    ) -> Option<crate::runtime::conn::Conn> {
         let mut delays = crate::runtime::backoff::backoff();
         loop {
-            match redis_connection(&self.redis, response_timeout).await {
+            match self.redis.connect(response_timeout).await {
                 Ok(conn) => return Some(conn),
                 Err(e) => {
                     health.down(Dependency::Redis, &e);
@@ -229,7 +235,7 @@ impl Worker {
 /// still there a moment later.
 async fn duplicate(
     identity: &Identity,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::runtime::conn::Conn,
 ) -> Option<crate::source::identity::Duplicate> {
     identity.duplicates(conn).await?.first()?;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 use redis::RedisError;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -265,7 +265,7 @@ const SETTLEMENTS_PER_TRIP: usize = 8;
 
 /// Where the acknowledge stage reports and what it must know.
 pub struct Acker {
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     pub group: String,
     pub health: Arc<Health>,
     pub shutdown: Shutdown,

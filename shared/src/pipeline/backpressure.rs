@@ -22,7 +22,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
@@ -278,7 +278,7 @@ impl BackpressureStage {
     pub fn new(
         rules: PatternTable<Backpressure>,
         budget_prefix: String,
-        conn: Option<ConnectionManager>,
+        conn: Option<Conn>,
     ) -> Self {
         let budgets = Budgets::new(&rules, budget_prefix, conn);
         BackpressureStage { rules, budgets }

@@ -17,9 +17,9 @@ use std::num::NonZeroU32;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use crate::runtime::conn::Conn;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use redis::aio::ConnectionManager;
 use redis::Value;
 
 use crate::event::pattern::PatternTable;
@@ -192,7 +192,7 @@ pub(crate) struct Budgets {
     /// Prefix of the fleet's budget keys (`key_prefix`).
     prefix: String,
     /// For the fleet's budgets (`None` in unit tests with replica budgets only).
-    conn: Option<ConnectionManager>,
+    conn: Option<Conn>,
     /// When the last warning that they cannot be read was logged (seconds since 1970).
     warned_at: std::sync::atomic::AtomicU64,
 }
@@ -200,11 +200,7 @@ pub(crate) struct Budgets {
 impl Budgets {
     /// The budgets of `rules`, the fleet's under keys starting with `prefix` (`key_prefix`) on
     /// the Redis `conn` reaches.
-    pub fn new(
-        rules: &PatternTable<Backpressure>,
-        prefix: String,
-        conn: Option<ConnectionManager>,
-    ) -> Self {
+    pub fn new(rules: &PatternTable<Backpressure>, prefix: String, conn: Option<Conn>) -> Self {
         let mut limiters = HashMap::new();
         for (pattern, rule) in rules.iter() {
             if let Backpressure::RateLimit {

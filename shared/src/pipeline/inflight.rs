@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 
 use crate::source::entry::Entry;
 
@@ -159,7 +159,7 @@ impl InFlight {
     /// to it.
     pub async fn keep_alive(
         self,
-        mut conn: ConnectionManager,
+        mut conn: Conn,
         group: String,
         consumer: String,
         claim_idle: Duration,

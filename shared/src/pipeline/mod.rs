@@ -30,7 +30,7 @@ pub(crate) mod watermark;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 use tokio::sync::mpsc;
 
 use crate::event::Limits;
@@ -55,7 +55,7 @@ pub struct Pipeline<H> {
     /// Reads batches (dedicated connection: it blocks).
     pub source: Source,
     /// Writes dead letters, acknowledgements and trial markers; keeps entries alive.
-    pub writer: ConnectionManager,
+    pub writer: Conn,
     /// Routes, backpressure rules and tuning.
     pub config: Arc<FileConfig>,
     /// The worker's job.

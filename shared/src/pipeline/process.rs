@@ -7,8 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::runtime::conn::Conn;
 use futures_util::FutureExt;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use crate::event::DlqReason;
@@ -45,7 +45,7 @@ pub(crate) struct Processor<H> {
     pub group: String,
     pub consumer: String,
     /// For trial markers and settling suspects.
-    pub writer: ConnectionManager,
+    pub writer: Conn,
     pub limits: Limits,
     pub backpressure: Arc<BackpressureStage>,
     pub config: Arc<FileConfig>,

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 use redis::Value;
 
 use crate::pipeline::handler::Checkpoint;
@@ -143,7 +143,7 @@ impl Watermarks {
     /// Samples in one round trip every stream settled since its last sample, then wakes the idle
     /// lane to write what moved. A failure leaves them to be sampled again; meanwhile the
     /// watermarks stay where they were, which is safe.
-    pub async fn sample_dirty(&self, conn: &mut ConnectionManager, group: &str) {
+    pub async fn sample_dirty(&self, conn: &mut Conn, group: &str) {
         let due = self.dirty();
         if due.is_empty() {
             return;

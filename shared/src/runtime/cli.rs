@@ -25,7 +25,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
     /// Redis URL: redis:// or rediss:// (TLS), with optional ACL user and password
-    /// (rediss://user:password@host:port/db).
+    /// (rediss://user:password@host:port/db); for a Redis Cluster, any node's URL, or several
+    /// comma-separated (any one alive is enough to start).
     #[arg(
         long,
         env = "FLEET_REDIS_URL",
@@ -48,9 +49,18 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
-    /// A client for these settings; bad URLs and unreadable files are configuration errors.
+    /// A client for these settings (the first URL, if several); bad URLs and unreadable files are
+    /// configuration errors.
     pub fn client(&self) -> Result<redis::Client, crate::runtime::config::ConfigError> {
         crate::runtime::connect::redis_client(self)
+    }
+
+    /// Where the fleet's Redis is, one server or a cluster (found out when connecting); bad URLs
+    /// and unreadable files are configuration errors.
+    pub fn target(
+        &self,
+    ) -> Result<crate::runtime::connect::RedisTarget, crate::runtime::config::ConfigError> {
+        crate::runtime::connect::redis_target(self)
     }
 }
 

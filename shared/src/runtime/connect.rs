@@ -1,5 +1,6 @@
 //! Connections to Redis: URL checks that fail at startup (not at first use), TLS set-up, and
-//! connections that reconnect by themselves after an outage.
+//! connections that reconnect by themselves after an outage, to one server or a cluster (found
+//! out when connecting: `FLEET_REDIS_URL` names any node, or several comma-separated seeds).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,42 +9,57 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::runtime::cli::RedisArgs;
 use crate::runtime::config::ConfigError;
+use crate::runtime::conn::Conn;
 
 /// Installs the process-wide TLS crypto provider (once; later calls are no-ops).
 pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A Redis client from the URL and TLS files; every problem names its setting.
+/// A Redis client from the URL (the first seed, if several) and TLS files; every problem names
+/// its setting.
 pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
-    let url = args.redis_url.as_str();
-    let tls = url.starts_with("rediss://");
-    if !(tls || url.starts_with("redis://")) {
-        return Err(ConfigError(format!(
-            "FLEET_REDIS_URL: {} is not a redis:// or rediss:// URL",
-            redact(url)
-        )));
+    Ok(redis_target(args)?.seeds.swap_remove(0))
+}
+
+/// Where the fleet's Redis is: one server or a cluster, from `FLEET_REDIS_URL` (one URL, or
+/// several comma-separated seeds of a cluster: any one alive is enough) and the TLS files. Which
+/// of the two it is, `connect` finds out.
+#[derive(Clone)]
+pub struct RedisTarget {
+    seeds: Vec<redis::Client>,
+    urls: Vec<String>,
+    certs: Option<redis::TlsCertificates>,
+}
+
+/// A client per seed URL, each checked; every problem names its setting.
+pub fn redis_target(args: &RedisArgs) -> Result<RedisTarget, ConfigError> {
+    let urls: Vec<String> = args
+        .redis_url
+        .split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(ConfigError("FLEET_REDIS_URL: no URL given".into()));
     }
-    let bad_url =
-        |e: redis::RedisError| ConfigError(format!("FLEET_REDIS_URL: {}: {e}", redact(url)));
     let named = [
         &args.redis_ca_file,
         &args.redis_client_cert,
         &args.redis_client_key,
     ];
-    if named.iter().all(|f| f.is_none()) {
-        return redis::Client::open(url).map_err(bad_url);
-    }
-    if !tls {
-        return Err(ConfigError(
-            "FLEET_REDIS_CA_FILE / FLEET_REDIS_CLIENT_CERT need a rediss:// FLEET_REDIS_URL".into(),
-        ));
-    }
-    let files = TlsFiles::read(args)?;
-    init_tls();
-    redis::Client::build_with_tls(
-        url,
-        redis::TlsCertificates {
+    let certs = if named.iter().all(|f| f.is_none()) {
+        None
+    } else {
+        if !urls.iter().all(|u| u.starts_with("rediss://")) {
+            return Err(ConfigError(
+                "FLEET_REDIS_CA_FILE / FLEET_REDIS_CLIENT_CERT need a rediss:// FLEET_REDIS_URL"
+                    .into(),
+            ));
+        }
+        let files = TlsFiles::read(args)?;
+        init_tls();
+        Some(redis::TlsCertificates {
             client_tls: files
                 .client
                 .map(|(client_cert, client_key)| redis::ClientTlsConfig {
@@ -51,9 +67,100 @@ pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
                     client_key,
                 }),
             root_cert: files.root_cert,
-        },
-    )
-    .map_err(bad_url)
+        })
+    };
+    let mut seeds = Vec::with_capacity(urls.len());
+    for url in &urls {
+        let tls = url.starts_with("rediss://");
+        if !(tls || url.starts_with("redis://")) {
+            return Err(ConfigError(format!(
+                "FLEET_REDIS_URL: {} is not a redis:// or rediss:// URL",
+                redact(url)
+            )));
+        }
+        let bad_url =
+            |e: redis::RedisError| ConfigError(format!("FLEET_REDIS_URL: {}: {e}", redact(url)));
+        let client = match &certs {
+            None => redis::Client::open(url.as_str()).map_err(bad_url)?,
+            Some(certs) => {
+                redis::Client::build_with_tls(url.as_str(), certs.clone()).map_err(bad_url)?
+            }
+        };
+        seeds.push(client);
+    }
+    Ok(RedisTarget { seeds, urls, certs })
+}
+
+impl RedisTarget {
+    /// The first seed's client: its address, credentials and database are every node's.
+    pub fn first(&self) -> &redis::Client {
+        &self.seeds[0]
+    }
+
+    /// Connects to the first seed that answers and asks it whether it is a cluster node
+    /// (`INFO cluster`): a cluster gets a cluster connection over every seed, one server a
+    /// connection that reconnects by itself. `response_timeout` must exceed any BLOCK it is used
+    /// for.
+    pub async fn connect(&self, response_timeout: Duration) -> redis::RedisResult<Conn> {
+        let mut last = None;
+        for seed in &self.seeds {
+            match cluster_enabled(seed).await {
+                Ok(false) => {
+                    return redis_connection(seed, response_timeout)
+                        .await
+                        .map(Conn::Server)
+                }
+                Ok(true) => return self.cluster(response_timeout).await.map(Conn::Cluster),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one seed"))
+    }
+
+    async fn cluster(
+        &self,
+        response_timeout: Duration,
+    ) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        if self.first().get_connection_info().redis_settings().db() != 0 {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "FLEET_REDIS_URL names a database other than 0, and a Redis Cluster has only database 0",
+            )));
+        }
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(self.urls.iter().map(String::as_str))
+                .connection_timeout(Duration::from_secs(5))
+                .response_timeout(response_timeout)
+                .retries(3);
+        if let Some(certs) = &self.certs {
+            builder = builder.certs(certs.clone());
+        }
+        builder.build()?.get_async_connection().await
+    }
+}
+
+/// Whether the server `client` names is a cluster node: `HELLO` says its `mode` (`cluster`), and
+/// every worker's ACL user may run it (`INFO` needs a grant of its own).
+async fn cluster_enabled(client: &redis::Client) -> redis::RedisResult<bool> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let hello: redis::Value = redis::cmd("HELLO").arg(2).query_async(&mut conn).await?;
+    let pairs: Vec<(redis::Value, redis::Value)> = match hello {
+        redis::Value::Map(pairs) => pairs,
+        redis::Value::Array(items) => {
+            let mut items = items.into_iter();
+            std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
+        }
+        _ => Vec::new(),
+    };
+    Ok(pairs.iter().any(|(k, v)| {
+        matches!((k, v), (redis::Value::BulkString(k), redis::Value::BulkString(v)) if k == b"mode" && v == b"cluster")
+            || matches!((k, v), (redis::Value::SimpleString(k), redis::Value::SimpleString(v)) if k == "mode" && v == "cluster")
+    }))
 }
 
 /// The TLS settings of the reader's own connection (`read_conn`) for a `rediss://` URL, from the

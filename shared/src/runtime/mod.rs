@@ -6,6 +6,7 @@
 pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod connect;
 pub(crate) mod health;
 pub(crate) mod http;

@@ -2,7 +2,7 @@
 //! are not persisted), not with every call. The pipeline's scripts run per stream per settlement
 //! or per sample, so with many streams their text was most of what the worker sent.
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 use redis::{RedisResult, Value};
 
 /// A script and its SHA1.
@@ -42,7 +42,7 @@ impl Lua {
 /// pending, reads).
 pub async fn query_loading(
     pipe: &redis::Pipeline,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     scripts: &[&Lua],
 ) -> RedisResult<Vec<RedisResult<Value>>> {
     let results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;

@@ -8,7 +8,7 @@
 //! `CLIENT LIST` tells whether another one is connected: a process that was killed has no
 //! connection left, so a restart right after a crash is never taken for a duplicate.
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 
 /// This process's identity in Redis.
 #[derive(Debug, Clone)]
@@ -102,7 +102,7 @@ impl Identity {
 
     /// Asks Redis for other live processes with this identity. `None` if Redis would not say
     /// (an ACL without `CLIENT LIST`): the check is then skipped.
-    pub async fn duplicates(&self, conn: &mut ConnectionManager) -> Option<Vec<Duplicate>> {
+    pub async fn duplicates(&self, conn: &mut Conn) -> Option<Vec<Duplicate>> {
         let list: redis::RedisResult<String> = redis::cmd("CLIENT")
             .arg("LIST")
             .arg("TYPE")

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::runtime::conn::Conn;
 use redis::Value;
 use tokio::sync::watch;
 
@@ -102,7 +102,7 @@ struct Totals {
 impl Watch {
     /// One sample: lag, pending and consumers of every stream, summed per label, one pipelined
     /// round trip per chunk of streams; and the duplicate consumer check.
-    async fn sample(&self, conn: &mut ConnectionManager, streams: &[Arc<str>]) {
+    async fn sample(&self, conn: &mut Conn, streams: &[Arc<str>]) {
         let mut totals: BTreeMap<Arc<str>, Totals> = BTreeMap::new();
         for chunk in streams.chunks(SAMPLE_CHUNK) {
             let mut pipe = redis::pipe();
@@ -210,7 +210,7 @@ impl Watch {
 
 /// Samples every `interval` until the task is dropped.
 pub fn spawn_sampler(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     watch: Watch,
     streams: watch::Receiver<Vec<Arc<str>>>,
 ) -> tokio::task::JoinHandle<()> {

@@ -154,6 +154,25 @@ impl ReadConn {
         })
     }
 
+    /// A connection like this one (credentials, TLS, name, limits), to another node of a cluster.
+    pub fn to_node(&self, host: &str, port: u16) -> ReadConn {
+        ReadConn {
+            host: host.to_owned(),
+            port,
+            tls: self.tls.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            db: self.db,
+            name: self.name.clone(),
+            response_timeout: self.response_timeout,
+            value_limit: self.value_limit,
+            socket: None,
+            buf: BytesMut::new(),
+            spare: Default::default(),
+            last_reply: 0,
+        }
+    }
+
     /// Names the connection (`CLIENT SETNAME`) from the next connect on.
     pub fn set_name(&mut self, name: String) {
         self.name = Some(name);

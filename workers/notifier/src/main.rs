@@ -37,6 +37,6 @@ async fn main() -> ExitCode {
         Ok(w) => w,
         Err(e) => return cli::config_exit(NAME, &e),
     };
-    let sink = PubSubSink::new(worker.redis_client().clone());
+    let sink = PubSubSink::new(worker.redis_target().clone());
     cli::finish(NAME, worker.run(sink).await)
 }

@@ -8,10 +8,10 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
 use streamfleet::event::template::{Scope, Template};
-use streamfleet::runtime::connect::redis_connection;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::runtime::scripts::query_loading;
 use streamfleet::store::redis_checkpoints::{self, FORWARD_SCRIPT};
 use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected, Routed};
@@ -24,23 +24,23 @@ pub static DEFAULT_CHANNEL: LazyLock<Template> =
 /// Publishes on the Redis the streams live on.
 #[derive(Clone)]
 pub struct PubSubSink {
-    client: redis::Client,
+    target: RedisTarget,
     /// Shared by every clone (lanes, the checkpoint reader): connected once.
-    conn: Arc<OnceCell<ConnectionManager>>,
+    conn: Arc<OnceCell<Conn>>,
 }
 
 impl PubSubSink {
-    /// A sink on `client`'s Redis.
-    pub fn new(client: redis::Client) -> Self {
+    /// A sink on the Redis `target` names.
+    pub fn new(target: RedisTarget) -> Self {
         PubSubSink {
-            client,
+            target,
             conn: Arc::new(OnceCell::new()),
         }
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, HandlerError> {
+    async fn conn(&self) -> Result<Conn, HandlerError> {
         self.conn
-            .get_or_try_init(|| redis_connection(&self.client, Duration::from_secs(10)))
+            .get_or_try_init(|| self.target.connect(Duration::from_secs(10)))
             .await
             .cloned()
             .map_err(|e| HandlerError::from_redis(&e))

@@ -46,6 +46,6 @@ async fn main() -> ExitCode {
         );
         return cli::config_exit(NAME, &e);
     }
-    let sink = RedisSink::new(worker.redis_client().clone(), config.tuning.dedup_window_s);
+    let sink = RedisSink::new(worker.redis_target().clone(), config.tuning.dedup_window_s);
     cli::finish(NAME, worker.run(sink).await)
 }

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
-use streamfleet::runtime::connect::redis_connection;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::runtime::scripts::query_loading;
 use streamfleet::store::redis_checkpoints;
 use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected};
@@ -21,29 +21,29 @@ use crate::plan::{Call, Refreshes, Settings, EFFECTS};
 /// Effects in Redis, acknowledged with them.
 #[derive(Clone)]
 pub struct RedisSink {
-    client: redis::Client,
+    target: RedisTarget,
     /// Shared by every clone (lanes, the checkpoint reader): connected once.
-    conn: Arc<OnceCell<ConnectionManager>>,
+    conn: Arc<OnceCell<Conn>>,
     dedup_window_s: u64,
     /// Shared by the lanes: each plans under the lock, and records what its batch did.
     refreshes: Arc<std::sync::Mutex<Refreshes>>,
 }
 
 impl RedisSink {
-    /// A sink on `client`'s Redis; `dedup_window_s` (0: off) is how long a producer's retry of
+    /// A sink on the Redis `target` names; `dedup_window_s` (0: off) is how long a producer's retry of
     /// an event is recognised.
-    pub fn new(client: redis::Client, dedup_window_s: u64) -> Self {
+    pub fn new(target: RedisTarget, dedup_window_s: u64) -> Self {
         RedisSink {
-            client,
+            target,
             conn: Arc::new(OnceCell::new()),
             dedup_window_s,
             refreshes: Arc::default(),
         }
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, HandlerError> {
+    async fn conn(&self) -> Result<Conn, HandlerError> {
         self.conn
-            .get_or_try_init(|| redis_connection(&self.client, Duration::from_secs(10)))
+            .get_or_try_init(|| self.target.connect(Duration::from_secs(10)))
             .await
             .cloned()
             .map_err(|e| classify(&e))
@@ -74,7 +74,7 @@ const PROBE_KEY: &str = "streamfleet:acl-probe";
 /// effects; so a missing grant stops the worker at start instead. Each command is queued in a
 /// `MULTI` that is then discarded: Redis checks the user's permission as it queues, and runs
 /// nothing. (A key outside the user's patterns is refused for the whole script before it runs.)
-async fn refused_commands(conn: &mut ConnectionManager) -> Result<Vec<String>, RedisError> {
+async fn refused_commands(conn: &mut Conn) -> Result<Vec<String>, RedisError> {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     pipe.cmd("MULTI");
