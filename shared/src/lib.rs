@@ -32,7 +32,7 @@ pub use pipeline::handler::{Applied, Batch, Checkpoint, Handler, HandlerError, R
 pub use runtime::config::{Route, StartFrom};
 #[doc(hidden)]
 pub use runtime::shutdown::hold_stop_signals;
-pub use source::scan_streams_page;
+pub use source::{scan_streams, scan_streams_page};
 pub use stream::keys::DLQ_SUFFIX;
 pub use stream::{EntryId, Fields};
 pub use worker::Worker;

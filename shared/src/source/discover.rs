@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::runtime::metrics as m;
-use crate::source::{scan_streams_page, Source, SourceError, StreamSpec};
+use crate::source::{scan_streams, Source, SourceError, StreamSpec};
 use crate::stream::keys::is_dlq_stream;
 
 /// Most keys reported as not UTF-8 (each once); beyond, they are skipped silently.
@@ -68,41 +68,15 @@ impl Source {
     /// are skipped, each reported once).
     async fn scan(&mut self, glob: &str) -> Result<Vec<String>, SourceError> {
         let mut out = Vec::new();
-        let nodes = match self.conn.masters().await? {
-            Some(masters) => masters
-                .into_iter()
-                .map(|m| Some((m.host, m.port)))
-                .collect(),
-            None => vec![None],
-        };
-        for node in nodes {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys) = match &node {
-                    None => scan_streams_page(&mut self.conn, cursor, glob).await?,
-                    Some((host, port)) => {
-                        self.conn
-                            .on_node(host, *port, &crate::source::scan_streams_cmd(cursor, glob))
-                            .await?
-                    }
-                };
-                for key in keys {
-                    match String::from_utf8(key) {
-                        Ok(key) => out.push(key),
-                        Err(e) => {
-                            let key = e.into_bytes();
-                            if self.warned.len() < MAX_WARNED_KEYS
-                                && self.warned.insert(key.clone())
-                            {
-                                tracing::warn!(key = %String::from_utf8_lossy(&key), glob, "skipping a stream whose name is not UTF-8");
-                            }
-                        }
+        for key in scan_streams(&mut self.conn, glob).await? {
+            match String::from_utf8(key) {
+                Ok(key) => out.push(key),
+                Err(e) => {
+                    let key = e.into_bytes();
+                    if self.warned.len() < MAX_WARNED_KEYS && self.warned.insert(key.clone()) {
+                        tracing::warn!(key = %String::from_utf8_lossy(&key), glob, "skipping a stream whose name is not UTF-8");
                     }
                 }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
             }
         }
         Ok(out)

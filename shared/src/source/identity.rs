@@ -102,13 +102,28 @@ impl Identity {
 
     /// Asks Redis for other live processes with this identity. `None` if Redis would not say
     /// (an ACL without `CLIENT LIST`): the check is then skipped.
+    /// On a cluster every master is asked: the readers of the other process may be on any.
     pub async fn duplicates(&self, conn: &mut Conn) -> Option<Vec<Duplicate>> {
-        let list: redis::RedisResult<String> = redis::cmd("CLIENT")
-            .arg("LIST")
-            .arg("TYPE")
-            .arg("normal")
-            .query_async(conn)
-            .await;
+        let mut cmd = redis::cmd("CLIENT");
+        cmd.arg("LIST").arg("TYPE").arg("normal");
+        let list: redis::RedisResult<String> = match conn.masters().await {
+            Ok(None) => cmd.query_async(conn).await,
+            Ok(Some(masters)) => {
+                let mut all = String::new();
+                let mut failed = None;
+                for m in masters {
+                    match conn.on_node::<String>(&m.host, m.port, &cmd).await {
+                        Ok(list) => all.push_str(&list),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(all),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match list {
             Ok(list) => Some(self.duplicates_in(&list)),
             Err(e) => {

@@ -202,8 +202,39 @@ pub async fn scan_streams_page<C: redis::aio::ConnectionLike + Send>(
     scan_streams_cmd(cursor, glob).query_async(conn).await
 }
 
+/// Every stream key matching `glob`, as raw bytes: on a cluster, on every master (a `SCAN` sees
+/// one node's keys). Workers' discovery and fleetctl share it, so both see the same streams.
+pub async fn scan_streams(conn: &mut Conn, glob: &str) -> redis::RedisResult<Vec<Vec<u8>>> {
+    let nodes = match conn.masters().await? {
+        Some(masters) => masters
+            .into_iter()
+            .map(|m| Some((m.host, m.port)))
+            .collect(),
+        None => vec![None],
+    };
+    let mut out = Vec::new();
+    for node in nodes {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = match &node {
+                None => scan_streams_page(conn, cursor, glob).await?,
+                Some((host, port)) => {
+                    conn.on_node(host, *port, &scan_streams_cmd(cursor, glob))
+                        .await?
+                }
+            };
+            out.extend(keys);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(out)
+}
+
 /// The `SCAN` of `scan_streams_page`, to send to one node of a cluster.
-pub(crate) fn scan_streams_cmd(cursor: u64, glob: &str) -> redis::Cmd {
+fn scan_streams_cmd(cursor: u64, glob: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("SCAN");
     cmd.arg(cursor)
         .arg("MATCH")
