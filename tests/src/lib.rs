@@ -3,6 +3,7 @@
 //! keys, so tests run in parallel without seeing each other.
 
 pub mod corpus;
+pub mod fleetctl;
 pub mod outcome;
 pub mod projector;
 pub mod scenario;
@@ -13,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::Value;
 use tokio::process::{Child, Command};
 
@@ -99,6 +101,74 @@ pub async fn redis_at(url: &str) -> MultiplexedConnection {
         .expect("Redis is not reachable: run scripts/services")
 }
 
+/// URL of one node of the shared test cluster (`scripts/services cluster`): the workers and
+/// fleetctl are given one node, as a deployment gives them, and find the others.
+pub fn cluster_url() -> String {
+    std::env::var("STREAMFLEET_CLUSTER_URL").unwrap_or_else(|_| {
+        let port = std::env::var("STREAMFLEET_CLUSTER_PORT").unwrap_or_else(|_| "7391".into());
+        format!("redis://127.0.0.1:{port}")
+    })
+}
+
+/// A connection to the shared test cluster (redis-rs routes each command by its key), for the
+/// tests' own checks.
+pub async fn cluster() -> ClusterConnection {
+    redis::cluster::ClusterClientBuilder::new(vec![cluster_url()])
+        .response_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+        .get_async_connection()
+        .await
+        .expect("the test cluster is not reachable: run scripts/services cluster")
+}
+
+/// One hash tag per master of the cluster, in the order of `CLUSTER SLOTS` (the first letter
+/// whose slot each master serves): streams named with them span every master, which `{0}`,
+/// `{1}`, `{2}` do not on a cluster of three (`{1}` and `{2}` share a master).
+pub async fn tags_per_master(conn: &mut ClusterConnection) -> Vec<String> {
+    let ranges: Vec<Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(conn)
+        .await
+        .expect("CLUSTER SLOTS");
+    // Per master (host:port of the first node of a range), its ranges.
+    let mut masters: Vec<(String, Vec<(i64, i64)>)> = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        let (Some(Value::Int(a)), Some(Value::Int(b)), Some(Value::Array(node))) =
+            (items.first(), items.get(1), items.get(2))
+        else {
+            continue;
+        };
+        let addr = format!(
+            "{}:{}",
+            redis::from_redis_value::<String>(node[0].clone()).unwrap(),
+            redis::from_redis_value::<i64>(node[1].clone()).unwrap()
+        );
+        match masters.iter_mut().find(|(m, _)| *m == addr) {
+            Some((_, slots)) => slots.push((*a, *b)),
+            None => masters.push((addr, vec![(*a, *b)])),
+        }
+    }
+    let mut tags = Vec::new();
+    for (_, slots) in &masters {
+        for tag in ('a'..='z').map(String::from) {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&tag)
+                .query_async(conn)
+                .await
+                .expect("CLUSTER KEYSLOT");
+            if slots.iter().any(|&(a, b)| (a..=b).contains(&slot)) {
+                tags.push(tag);
+                break;
+            }
+        }
+    }
+    assert_eq!(tags.len(), masters.len(), "a tag on every master");
+    tags
+}
+
 /// A number in `lo..hi` that differs from run to run (no seed to manage: the point is to hit
 /// different moments).
 pub fn random_between(lo: u64, hi: u64) -> u64 {
@@ -110,7 +180,7 @@ pub fn random_between(lo: u64, hi: u64) -> u64 {
 }
 
 /// Creates `group` on `stream` from its first entry (a deployment creates groups up front).
-pub async fn create_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) {
+pub async fn create_group<C: ConnectionLike + Send>(conn: &mut C, stream: &str, group: &str) {
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -450,7 +520,7 @@ pub async fn publish_in_chunks(
 pub type StreamEntry = (String, HashMap<String, String>);
 
 /// Every entry of a stream, in order.
-pub async fn read_stream(conn: &mut MultiplexedConnection, stream: &str) -> Vec<StreamEntry> {
+pub async fn read_stream<C: ConnectionLike + Send>(conn: &mut C, stream: &str) -> Vec<StreamEntry> {
     let mut out = Vec::new();
     let mut start = "-".to_string();
     loop {
@@ -471,7 +541,7 @@ pub async fn read_stream(conn: &mut MultiplexedConnection, stream: &str) -> Vec<
 }
 
 /// Pending entries of `group` on `stream` (0 if the group has none).
-pub async fn pending(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> u64 {
+pub async fn pending<C: ConnectionLike + Send>(conn: &mut C, stream: &str, group: &str) -> u64 {
     let reply: Value = redis::cmd("XPENDING")
         .arg(stream)
         .arg(group)
@@ -488,7 +558,7 @@ pub async fn pending(conn: &mut MultiplexedConnection, stream: &str, group: &str
 }
 
 /// Entries of `stream` not yet delivered to `group` (XINFO GROUPS `lag`).
-pub async fn lag(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Option<u64> {
+pub async fn lag<C: ConnectionLike + Send>(conn: &mut C, stream: &str, group: &str) -> Option<u64> {
     let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
@@ -512,8 +582,8 @@ pub fn entry_id_key(id: &str) -> (u64, u64) {
 
 /// Makes `consumer` of `group` (created from the start of `stream`) read `count` entries and never
 /// acknowledge them: what a consumer that crashed after reading leaves behind.
-pub async fn abandon_entries(
-    conn: &mut MultiplexedConnection,
+pub async fn abandon_entries<C: ConnectionLike + Send>(
+    conn: &mut C,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -532,8 +602,8 @@ pub async fn abandon_entries(
 }
 
 /// Delivers up to `count` new entries of `stream` to `consumer` of `group`, unacknowledged.
-pub async fn deliver(
-    conn: &mut MultiplexedConnection,
+pub async fn deliver<C: ConnectionLike + Send>(
+    conn: &mut C,
     stream: &str,
     group: &str,
     consumer: &str,

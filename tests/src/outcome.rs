@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -50,8 +50,8 @@ fn expectations(corpus: &Corpus) -> HashMap<BTreeMap<String, String>, &Expect> {
 }
 
 /// Measures the outcome of publishing `corpus` on `stream` (any number of times, in any order).
-pub async fn measure(
-    conn: &mut MultiplexedConnection,
+pub async fn measure<C: ConnectionLike + Send>(
+    conn: &mut C,
     pool: &PgPool,
     stream: &str,
     group: &str,
@@ -83,8 +83,8 @@ pub async fn measure(
 /// What PostgreSQL and the dead letter stream hold for `stream`, against the event ids that must
 /// have a row and the entry ids that must have a dead letter (`published` and `pending` are left
 /// to the caller).
-pub async fn judge(
-    conn: &mut MultiplexedConnection,
+pub async fn judge<C: ConnectionLike + Send>(
+    conn: &mut C,
     pool: &PgPool,
     stream: &str,
     want_rows: &HashSet<Uuid>,
@@ -148,8 +148,8 @@ pub fn report(scenario: &str, o: &Outcome) {
 /// Entries acknowledged by `group` (delivered, no longer pending) whose effect is missing: valid
 /// strict events without a row, malformed entries without a dead letter. Must always be empty:
 /// an acknowledgement comes only after the effect is durable.
-pub async fn acknowledged_but_missing(
-    conn: &mut MultiplexedConnection,
+pub async fn acknowledged_but_missing<C: ConnectionLike + Send>(
+    conn: &mut C,
     pool: &PgPool,
     stream: &str,
     group: &str,

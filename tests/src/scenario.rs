@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use sqlx::PgPool;
 
 use crate::corpus::{Corpus, TEST_MAX_DATA_BYTES};
@@ -27,7 +27,11 @@ pub fn config(extra: &str) -> String {
 }
 
 /// Waits (at most 180 s) until the group has no lag and nothing pending on `stream`.
-pub async fn wait_settled(conn: &MultiplexedConnection, stream: &str, group: &str) {
+pub async fn wait_settled<C: ConnectionLike + Clone + Send + Sync>(
+    conn: &C,
+    stream: &str,
+    group: &str,
+) {
     wait_until(
         Duration::from_secs(180),
         "lag 0 and nothing pending",
@@ -51,9 +55,9 @@ pub async fn rows(pool: &PgPool) -> i64 {
 }
 
 /// Asserts exactly-once (nothing lost, nothing doubled, nothing pending) and reports the scenario.
-pub async fn conclude(
+pub async fn conclude<C: ConnectionLike + Send>(
     scenario: &str,
-    conn: &mut MultiplexedConnection,
+    conn: &mut C,
     pool: &PgPool,
     stream: &str,
     corpus: &Corpus,
@@ -82,7 +86,11 @@ pub async fn install_poison_trigger(pool: &PgPool) {
 
 /// Waits (at most 30 s) until the group's checkpoint of `stream` is its last entry: an idle
 /// worker writes it within milliseconds of its last acknowledgement (README: Checkpoints).
-pub async fn wait_checkpointed(conn: &MultiplexedConnection, pool: &PgPool, stream: &str) {
+pub async fn wait_checkpointed<C: ConnectionLike + Clone + Send + Sync>(
+    conn: &C,
+    pool: &PgPool,
+    stream: &str,
+) {
     wait_until(
         Duration::from_secs(30),
         "checkpoint at the last entry",
@@ -135,7 +143,11 @@ pub async fn checkpoint(pool: &PgPool, stream: &str) -> Option<String> {
 
 /// Waits (at most 30 s) until `group`'s checkpoint in `<stream>:checkpoints` (a worker without
 /// PostgreSQL) is the stream's last entry.
-pub async fn wait_checkpointed_in_redis(conn: &MultiplexedConnection, stream: &str, group: &str) {
+pub async fn wait_checkpointed_in_redis<C: ConnectionLike + Clone + Send + Sync>(
+    conn: &C,
+    stream: &str,
+    group: &str,
+) {
     wait_until(
         Duration::from_secs(30),
         "the checkpoint in Redis at the last entry",
