@@ -13,6 +13,7 @@ use crate::output::{print, Output, Table};
 use crate::progress::Progress;
 use crate::snapshot;
 use crate::streams::{self, Selection};
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::store::{redis_checkpoints, EventStore};
 
 #[derive(Debug, Args)]
@@ -28,12 +29,12 @@ impl CheckpointsArgs {
 }
 
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     store: Option<EventStore>,
     args: CheckpointsArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = crate::redis_read::connect(&client).await?;
+    let mut conn = crate::redis_read::connect(&target).await?;
     let found = streams::resolve(&mut conn, &args.select.streams).await?;
     let snap = snapshot::take(&mut conn, &found, args.select.group.as_deref(), false).await?;
     let mut table = Table::new(&[

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use redis::aio::MultiplexedConnection;
 use serde_json::{json, Map};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -21,6 +20,9 @@ use crate::entry_ids;
 use crate::output::{cut, print, Output, Table};
 use crate::progress::Progress;
 use crate::redis_read::Pages;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
+use streamfleet::stream::keys;
 use streamfleet::REDRIVE_GROUP_FIELD;
 
 #[derive(Debug, Subcommand)]
@@ -188,7 +190,7 @@ fn dlq_key(stream: &str) -> String {
 
 /// Entries of `key` from `start` (exclusive with `(`), `count` at most.
 async fn range(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     key: &str,
     start: &str,
     end: &str,
@@ -240,8 +242,8 @@ impl Selection {
     /// returns false. Pages are read after `each` ran on the previous one, so that it may delete.
     async fn scan(
         &self,
-        conn: &mut MultiplexedConnection,
-        mut each: impl AsyncFnMut(&mut MultiplexedConnection, Vec<DeadLetter>) -> anyhow::Result<bool>,
+        conn: &mut Conn,
+        mut each: impl AsyncFnMut(&mut Conn, Vec<DeadLetter>) -> anyhow::Result<bool>,
     ) -> anyhow::Result<()> {
         let key = dlq_key(&self.stream);
         if !self.ids.is_empty() {
@@ -273,8 +275,8 @@ impl Selection {
 const PAGE: usize = 200;
 
 /// Runs one `dlq` command.
-pub async fn run(client: redis::Client, command: DlqCommand, output: Output) -> anyhow::Result<()> {
-    let mut conn = crate::redis_read::connect(&client).await?;
+pub async fn run(target: RedisTarget, command: DlqCommand, output: Output) -> anyhow::Result<()> {
+    let mut conn = crate::redis_read::connect(&target).await?;
     match command {
         DlqCommand::List(args) => list(&mut conn, args, output).await,
         DlqCommand::Show(args) => show(&mut conn, args, output).await,
@@ -283,11 +285,7 @@ pub async fn run(client: redis::Client, command: DlqCommand, output: Output) -> 
     }
 }
 
-async fn list(
-    conn: &mut MultiplexedConnection,
-    args: ListArgs,
-    output: Output,
-) -> anyhow::Result<()> {
+async fn list(conn: &mut Conn, args: ListArgs, output: Output) -> anyhow::Result<()> {
     let mut found: Vec<DeadLetter> = Vec::new();
     let limit = args.limit;
     args.select
@@ -333,11 +331,7 @@ async fn list(
     Ok(())
 }
 
-async fn show(
-    conn: &mut MultiplexedConnection,
-    args: ShowArgs,
-    output: Output,
-) -> anyhow::Result<()> {
+async fn show(conn: &mut Conn, args: ShowArgs, output: Output) -> anyhow::Result<()> {
     let key = dlq_key(&args.stream);
     let Some(d) = range(conn, &key, &args.id, &args.id, 1).await?.pop() else {
         anyhow::bail!(
@@ -440,13 +434,16 @@ impl Tally {
     }
 }
 
-async fn redrive(
-    conn: &mut MultiplexedConnection,
-    args: ActArgs,
-    output: Output,
-) -> anyhow::Result<()> {
+async fn redrive(conn: &mut Conn, args: ActArgs, output: Output) -> anyhow::Result<()> {
     let stream = args.select.stream.clone();
     let key = dlq_key(&stream);
+    // One script moves a dead letter: on a cluster, both keys must be in one slot, which the
+    // stream's hash tag gives (`{orders}:events` and `{orders}:events:dlq`).
+    if conn.is_cluster() && keys::slot(&key) != keys::slot(&stream) {
+        anyhow::bail!(
+            "{stream} has no hash tag: on a Redis Cluster {key} is in another hash slot than {stream}, and a dead letter is moved by one script over both (name streams with a hash tag, such as {{orders}}:events)"
+        );
+    }
     let script = redis::Script::new(REDRIVE_SCRIPT);
     let mut tally = Tally::default();
     let mut progress = Progress::new("redrive", None);
@@ -491,11 +488,7 @@ async fn redrive(
     Ok(())
 }
 
-async fn purge(
-    conn: &mut MultiplexedConnection,
-    args: ActArgs,
-    output: Output,
-) -> anyhow::Result<()> {
+async fn purge(conn: &mut Conn, args: ActArgs, output: Output) -> anyhow::Result<()> {
     let stream = args.select.stream.clone();
     let key = dlq_key(&stream);
     let mut tally = Tally::default();

@@ -7,6 +7,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::output::Output;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::store::{redis_checkpoints, EventStore};
 use streamfleet::EntryId;
 use streamfleet::StartFrom;
@@ -74,7 +76,7 @@ impl Kept {
 /// beside the stream in Redis.
 pub async fn checkpoint(
     store: Option<&EventStore>,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
 ) -> anyhow::Result<Option<(EntryId, Kept)>> {
@@ -103,12 +105,12 @@ pub async fn checkpoint(
 /// else beside the stream in Redis (`<stream>:checkpoints`, workers without PostgreSQL), else at
 /// `--start-from`.
 pub async fn create(
-    client: redis::Client,
+    target: RedisTarget,
     store: Option<EventStore>,
     args: CreateArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = crate::redis_read::connect(&client).await?;
+    let mut conn = crate::redis_read::connect(&target).await?;
     let mut done = Vec::new();
     let default = match args.start_from.as_str() {
         "newest" => StartFrom::Newest,

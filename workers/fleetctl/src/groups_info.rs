@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 
+use streamfleet::runtime::conn::Conn;
 use streamfleet::EntryId;
 
 /// A consumer that interacted with Redis within this many ms is active: a worker reads at least
@@ -60,10 +60,7 @@ pub fn parse_groups(reply: Value) -> anyhow::Result<Vec<GroupInfo>> {
 }
 
 /// The groups of `stream`.
-pub async fn groups(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-) -> anyhow::Result<Vec<GroupInfo>> {
+pub async fn groups(conn: &mut Conn, stream: &str) -> anyhow::Result<Vec<GroupInfo>> {
     let reply: Value = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
@@ -74,11 +71,7 @@ pub async fn groups(
 }
 
 /// `group` of `stream`, or an error saying how to create it.
-pub async fn group_info(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-) -> anyhow::Result<GroupInfo> {
+pub async fn group_info(conn: &mut Conn, stream: &str, group: &str) -> anyhow::Result<GroupInfo> {
     groups(conn, stream)
         .await?
         .into_iter()
@@ -140,7 +133,7 @@ pub fn parse_consumers(reply: Value) -> anyhow::Result<Vec<ConsumerInfo>> {
 
 /// The consumers of `group` on `stream`.
 pub async fn consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
 ) -> anyhow::Result<Vec<ConsumerInfo>> {
@@ -156,7 +149,7 @@ pub async fn consumers(
 
 /// The consumers of the group that are active (see [`ACTIVE_MS`]).
 pub async fn active_consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
 ) -> anyhow::Result<Vec<ConsumerInfo>> {

@@ -17,6 +17,7 @@ use crate::duration::{self, human};
 use crate::output::{print, Output, Table};
 use crate::snapshot::{self, Snapshot};
 use crate::streams::{self, Found, Selection};
+use streamfleet::runtime::connect::RedisTarget;
 
 #[derive(Debug, Args)]
 pub struct LagArgs {
@@ -61,12 +62,12 @@ pub fn snapshot_json(snap: &Snapshot, found: &Found, dead_after_ms: u64) -> Json
 }
 
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     args: LagArgs,
     view: View,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = crate::redis_read::connect(&client).await?;
+    let mut conn = crate::redis_read::connect(&target).await?;
     let found = streams::resolve(&mut conn, &args.select.streams).await?;
     let snap = snapshot::take(&mut conn, &found, args.select.group.as_deref(), false).await?;
     let dead_after_ms = args.dead_after.as_millis() as u64;

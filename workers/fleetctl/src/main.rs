@@ -114,7 +114,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     progress::set_quiet(cli.quiet);
     let bad = |e: &dyn std::fmt::Display| cli::config_exit(NAME, e);
-    let redis = || cli.redis.client().map_err(|e| bad(&e));
+    let redis = || cli.redis.target().map_err(|e| bad(&e));
     let store = || -> Result<Option<EventStore>, ExitCode> {
         cli.database_url
             .as_deref()
@@ -125,43 +125,43 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     let result = match cli.command {
         Command::Publish(args) => {
             args.validate().map_err(|e| bad(&e))?;
-            let client = redis()?;
+            let target = redis()?;
             let prepared = args.prepare().map_err(|e| bad(&e))?;
-            publish::run(client, *args, prepared, output).await
+            publish::run(target, *args, prepared, output).await
         }
         Command::Replay(args) => {
             args.validate(cli.database_url.is_some())
                 .map_err(|e| bad(&e))?;
-            let (client, store) = (redis()?, store()?);
-            replay::run(client, store, args, output).await
+            let (target, store) = (redis()?, store()?);
+            replay::run(target, store, args, output).await
         }
         Command::Trace(args) => {
-            let (client, store) = (redis()?, store()?);
-            trace::run(client, store, args, output).await
+            let (target, store) = (redis()?, store()?);
+            trace::run(target, store, args, output).await
         }
         Command::Reconcile(args) => {
             args.validate().map_err(|e| bad(&e))?;
             let config = args.load().map_err(|e| bad(&e))?;
-            let client = redis()?;
+            let target = redis()?;
             let Some(store) = store()? else {
                 return Err(bad(&"reconcile needs FLEET_DATABASE_URL (--database-url)"));
             };
-            reconcile::run(client, store, args, config, output).await
+            reconcile::run(target, store, args, config, output).await
         }
         Command::Dlq(command) => {
             command.validate().map_err(|e| bad(&e))?;
-            let client = redis()?;
-            dlq::run(client, command, output).await
+            let target = redis()?;
+            dlq::run(target, command, output).await
         }
         Command::Groups(groups::GroupsCommand::Create(args)) => {
             args.validate().map_err(|e| bad(&e))?;
-            let (client, store) = (redis()?, store()?);
-            groups::create(client, store, args, output).await
+            let (target, store) = (redis()?, store()?);
+            groups::create(target, store, args, output).await
         }
         Command::Status(args) => {
             args.validate().map_err(|e| bad(&e))?;
-            let (client, store) = (redis()?, store()?);
-            match status::run(client, store, args, output).await {
+            let (target, store) = (redis()?, store()?);
+            match status::run(target, store, args, output).await {
                 Ok(true) => Ok(()),
                 // --check found problems (printed on stderr): exit 1, no other line.
                 Ok(false) => return Ok(ExitCode::from(cli::EXIT_FATAL)),
@@ -178,8 +178,8 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Command::Checkpoints(args) => {
             args.validate().map_err(|e| bad(&e))?;
-            let (client, store) = (redis()?, store()?);
-            checkpoints::run(client, store, args, output).await
+            let (target, store) = (redis()?, store()?);
+            checkpoints::run(target, store, args, output).await
         }
         Command::Tail(args) => {
             args.validate().map_err(|e| bad(&e))?;

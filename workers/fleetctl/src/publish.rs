@@ -18,6 +18,8 @@ use uuid::Uuid;
 use crate::output::Output;
 use crate::progress::Progress;
 use streamfleet::event::{decode, Limits, DEFAULT_MAX_DATA_BYTES};
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::EntryId;
 
 /// Entries per pipelined round trip.
@@ -279,7 +281,7 @@ struct Published {
 
 /// Publishes `batch` in one pipelined round trip, and empties it.
 async fn flush(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     batch: &mut Vec<Fields>,
     published: &mut Published,
@@ -303,7 +305,7 @@ async fn flush(
 
 /// Publishes checked entries, `CHUNK` per round trip, showing progress.
 async fn publish_all(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     count: u64,
     entries: impl Iterator<Item = anyhow::Result<Fields>>,
@@ -325,19 +327,14 @@ async fn publish_all(
 
 /// Publishes what `prepare` checked, and prints what was published.
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     args: PublishArgs,
     prepared: Prepared,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = client
-        // Pipelines of 1000 XADDs can take longer than redis-rs's 500 ms default on a busy host.
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new()
-                .set_response_timeout(Some(std::time::Duration::from_secs(30))),
-        )
-        .await
-        .context("connecting to Redis")?;
+    // Pipelines of 1000 XADDs can take longer than redis-rs's 500 ms default on a busy host:
+    // the connection's response timeout is fleetctl's generous one.
+    let mut conn = crate::redis_read::connect(&target).await?;
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
     let mut published = Published::default();
     let mut event_id = None;

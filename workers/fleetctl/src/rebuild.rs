@@ -9,12 +9,12 @@
 //! empty (an interrupted rebuild would be doubled) unless `--force`.
 
 use anyhow::Context;
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 
 use crate::output::{print, Output, Table};
 use crate::progress::Progress;
+use streamfleet::runtime::conn::Conn;
 use streamfleet::store::read::StoredEvent;
 use streamfleet::store::EventStore;
 use streamfleet::EntryId;
@@ -40,7 +40,7 @@ fn fields(e: &StoredEvent) -> Vec<(&'static str, String)> {
 }
 
 pub async fn run(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     store: &EventStore,
     stream: &str,
     groups: &[String],

@@ -24,7 +24,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use redis::aio::MultiplexedConnection;
 use serde::ser::SerializeSeq;
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -38,6 +37,8 @@ use crate::progress::Progress;
 use crate::redis_read::{connect, pages, Pages};
 use streamfleet::event::{decode, Limits};
 use streamfleet::runtime::config::FileConfig;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::store::EventStore;
 use streamfleet::{EntryId, REDRIVE_GROUP_FIELD};
 
@@ -206,7 +207,7 @@ struct Reconcile<'a> {
     args: &'a ReconcileArgs,
     config: &'a FileConfig,
     store: &'a EventStore,
-    conn: MultiplexedConnection,
+    conn: Conn,
     limits: Limits,
     /// The group's last delivered entry when the walk began (`None`: no such group).
     last_delivered: Option<EntryId>,
@@ -410,13 +411,13 @@ impl Reconcile<'_> {
 }
 
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     store: EventStore,
     args: ReconcileArgs,
     config: FileConfig,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = connect(&client).await?;
+    let mut conn = connect(&target).await?;
     // No group (yet): nothing delivered, so every entry is in flight, not missing.
     let last_delivered = groups(&mut conn, &args.stream)
         .await

@@ -1,14 +1,37 @@
 //! Reading Redis as an operator's tool does: one connection per command, and streams read a page
 //! at a time in id order (a stream may hold millions of entries; memory stays one page).
+//!
+//! The connection is the workers' [`Conn`]: `FLEET_REDIS_URL` names one server, or any node of a
+//! Redis Cluster (or several seeds), and which of the two is found out when connecting. On a
+//! cluster each command goes to the master of its key's slot and a pipeline over several slots is
+//! split by slot, so the commands below work unchanged as long as none names keys of two slots
+//! at once (a key and the keys kept beside it share its hash tag).
+
+use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::MultiplexedConnection;
 use redis::FromRedisValue;
 
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
+
+/// How long one reply may take: generous, since a pipeline of a thousand `XADD`s or a page of
+/// large entries can take longer than redis-rs's 500 ms default on a busy host, and an operator's
+/// command has no deadline of its own.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The command's connection, with an error that says which setting to check.
-pub async fn connect(client: &redis::Client) -> anyhow::Result<MultiplexedConnection> {
-    client
-        .get_multiplexed_async_connection()
+pub async fn connect(target: &RedisTarget) -> anyhow::Result<Conn> {
+    connect_with(target, RESPONSE_TIMEOUT).await
+}
+
+/// [`connect`] with another response timeout (it must outlast any `BLOCK` sent on it).
+pub async fn connect_with(
+    target: &RedisTarget,
+    response_timeout: Duration,
+) -> anyhow::Result<Conn> {
+    target
+        .connect(response_timeout)
         .await
         .context("connecting to Redis (FLEET_REDIS_URL)")
 }
@@ -39,7 +62,7 @@ impl Pages {
     /// (a map, pairs of bytes, ...).
     pub async fn next<T: FromRedisValue>(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
     ) -> anyhow::Result<Option<Vec<(String, T)>>> {
         if self.done {
             return Ok(None);
@@ -66,7 +89,7 @@ impl Pages {
 /// Reads `key` from `start` to `end` (as [`Pages`]), handing each page to `each` until it
 /// returns false or the range ends.
 pub async fn pages<T: FromRedisValue>(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     key: &str,
     start: &str,
     end: &str,

@@ -10,7 +10,6 @@
 
 use anyhow::Context;
 use clap::{ArgGroup, Args};
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -20,6 +19,8 @@ use crate::groups::checkpoint;
 use crate::groups_info::{active_consumers, group_info, ACTIVE_MS};
 use crate::output::Output;
 use crate::progress::Progress;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::store::EventStore;
 use streamfleet::EntryId;
 
@@ -90,7 +91,7 @@ impl ReplayArgs {
 
 /// Entries of `stream` with ids in (`after`, `upto`], counted a page at a time.
 async fn count_between(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     after: EntryId,
     upto: EntryId,
@@ -130,12 +131,12 @@ fn before_time(t: OffsetDateTime) -> EntryId {
 }
 
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     store: Option<EventStore>,
     args: ReplayArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = crate::redis_read::connect(&client).await?;
+    let mut conn = crate::redis_read::connect(&target).await?;
     if args.from_postgres {
         let store = store.expect("validated: a database URL");
         return crate::rebuild::run(

@@ -5,12 +5,14 @@
 //! Ages are measured on Redis's clock (`TIME`), not this machine's: an entry id is the time Redis
 //! wrote it, so a skewed laptop clock does not make a backlog look older or younger than it is.
 //! Reads are pipelined per slice of streams (two round trips per slice whatever its size), so
-//! a glob over thousands of streams stays quick.
+//! a glob over thousands of streams stays quick; on a Redis Cluster each pipeline is split by
+//! hash slot and sent to every master at once (`Conn`), so the figures of every master are read
+//! in the same two round trips. `TIME` is asked of one node (any): on a cluster, ages assume the
+//! nodes' clocks in step (NTP), since each entry id is its own master's time.
 
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use redis::aio::MultiplexedConnection;
 use redis::{RedisResult, Value};
 use serde_json::{json, Value as Json};
 
@@ -18,6 +20,7 @@ use crate::groups_info::{parse_consumers, parse_groups, parse_oldest_pending};
 use crate::groups_info::{ConsumerInfo, GroupInfo};
 use crate::progress::Progress;
 use crate::streams::Found;
+use streamfleet::runtime::conn::Conn;
 use streamfleet::{EntryId, DLQ_SUFFIX};
 
 /// Streams read per pipelined round trip.
@@ -178,7 +181,7 @@ impl Snapshot {
 }
 
 /// Redis's clock, in ms since the epoch.
-pub async fn redis_now_ms(conn: &mut MultiplexedConnection) -> anyhow::Result<u64> {
+pub async fn redis_now_ms(conn: &mut Conn) -> anyhow::Result<u64> {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.context("TIME")?;
     Ok(secs * 1000 + micros / 1000)
 }
@@ -187,7 +190,7 @@ pub async fn redis_now_ms(conn: &mut MultiplexedConnection) -> anyhow::Result<u6
 /// such a group is left out (counted); a named one is shown with what it lacks. With
 /// `count_dead_letters`, short dead letter streams are read to count their dead letters per group.
 pub async fn take(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     found: &Found,
     group: Option<&str>,
     count_dead_letters: bool,
@@ -217,7 +220,7 @@ pub async fn take(
 }
 
 async fn read_slice(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     slice: &[String],
     group: Option<&str>,
     count_dead_letters: bool,

@@ -15,6 +15,7 @@ use crate::output::{print, Output, Table};
 use crate::progress::Progress;
 use crate::snapshot::{self, DeadLetters, Snapshot};
 use crate::streams::{self, Found, Selection};
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::store::EventStore;
 
 #[derive(Debug, Args)]
@@ -129,12 +130,12 @@ pub fn problems(
 }
 
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     store: Option<EventStore>,
     args: StatusArgs,
     output: Output,
 ) -> anyhow::Result<bool> {
-    let mut conn = crate::redis_read::connect(&client).await?;
+    let mut conn = crate::redis_read::connect(&target).await?;
     let found = streams::resolve(&mut conn, &args.select.streams).await?;
     let snap = snapshot::take(&mut conn, &found, args.select.group.as_deref(), true).await?;
     let pairs: u64 = snap.streams.iter().map(|s| s.groups.len() as u64).sum();

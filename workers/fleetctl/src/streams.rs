@@ -1,14 +1,15 @@
 //! Which streams a command looks at: `--streams` names keys or globs, as `FLEET_STREAMS` does for
 //! the workers. A glob is matched with `SCAN MATCH <glob> TYPE stream` (only streams: the hashes
 //! and sets beside a stream never match) and skips dead letter streams (`<stream>:dlq`), as the
-//! workers' globs do. A named key is checked: a missing one is reported, not silently empty.
+//! workers' globs do; on a Redis Cluster, on every master. A named key is checked: a missing one is
+//! reported, not silently empty.
 
 use std::collections::BTreeSet;
 
 use anyhow::Context;
-use redis::aio::MultiplexedConnection;
 
 use crate::progress::Progress;
+use streamfleet::runtime::conn::Conn;
 use streamfleet::DLQ_SUFFIX;
 
 /// Whether a `--streams` item is a glob (the workers' rule).
@@ -50,7 +51,7 @@ pub struct Found {
 }
 
 /// Resolves `items` (keys and globs) to stream keys.
-pub async fn resolve(conn: &mut MultiplexedConnection, items: &[String]) -> anyhow::Result<Found> {
+pub async fn resolve(conn: &mut Conn, items: &[String]) -> anyhow::Result<Found> {
     let mut found = Found::default();
     let mut streams = BTreeSet::new();
     let named: Vec<&str> = items
@@ -89,30 +90,24 @@ pub async fn resolve(conn: &mut MultiplexedConnection, items: &[String]) -> anyh
     Ok(found)
 }
 
-/// The streams matching `glob`, dead letter streams and keys that are not UTF-8 left out.
+/// The streams matching `glob`, dead letter streams and keys that are not UTF-8 left out. On a
+/// cluster every master is scanned (a `SCAN` sees one node's keys), as the workers' discovery
+/// does, so that both see the same streams. The count shown moves once the scan is complete.
 pub async fn scan(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     glob: &str,
     progress: &mut Progress,
 ) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys) = streamfleet::scan_streams_page(conn, cursor, glob)
-            .await
-            .with_context(|| format!("SCAN MATCH {glob} TYPE stream"))?;
-        let before = out.len();
-        out.extend(
-            keys.into_iter()
-                .filter_map(|k| String::from_utf8(k).ok())
-                .filter(|k| !k.ends_with(DLQ_SUFFIX)),
-        );
-        progress.add((out.len() - before) as u64);
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
-    }
+    let keys = streamfleet::scan_streams(conn, glob)
+        .await
+        .with_context(|| format!("SCAN MATCH {glob} TYPE stream"))?;
+    let out: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| String::from_utf8(k).ok())
+        .filter(|k| !k.ends_with(DLQ_SUFFIX))
+        .collect();
+    progress.add(out.len() as u64);
+    Ok(out)
 }
 
 /// `--streams` and `--group`, as the inspecting commands take them.

@@ -5,12 +5,15 @@
 //! line per event (`--output json`: one JSON object per line, the event's v1 JSON with `stream`
 //! and `entry_id`, as the notifier publishes it). Entries that are not valid events are shown
 //! with the reason a worker would dead-letter them.
+//!
+//! On a Redis Cluster, one `XREAD` may only name streams of one hash slot: a glob's streams are
+//! read with one `XREAD` per slot, sent to their masters at once (see `read`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use redis::aio::MultiplexedConnection;
 use serde_json::{json, Map, Value as Json};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -21,6 +24,9 @@ use crate::snapshot::redis_now_ms;
 use crate::streams;
 use streamfleet::event::pattern::ChannelPattern;
 use streamfleet::event::{decode, Limits};
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
+use streamfleet::stream::keys;
 use streamfleet::EntryId;
 
 #[derive(Debug, Args)]
@@ -112,6 +118,8 @@ fn before(id: EntryId) -> EntryId {
 /// Entries per `XREAD`, and how long one blocks.
 const READ_COUNT: usize = 500;
 const BLOCK_MS: u64 = 1000;
+/// How often streams of several slots of a cluster are read again while none has new entries.
+const POLL_MS: u64 = 200;
 /// How often a glob is matched again for new streams.
 const RESCAN: Duration = Duration::from_secs(5);
 
@@ -121,14 +129,10 @@ struct Cursor {
     after: EntryId,
 }
 
-pub async fn run(client: redis::Client, args: TailArgs, output: Output) -> anyhow::Result<()> {
+pub async fn run(target: RedisTarget, args: TailArgs, output: Output) -> anyhow::Result<()> {
     // The response timeout must outlast the BLOCK.
-    let config = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(Some(Duration::from_millis(BLOCK_MS + 10_000)));
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .context("connecting to Redis (FLEET_REDIS_URL)")?;
+    let mut conn =
+        crate::redis_read::connect_with(&target, Duration::from_millis(BLOCK_MS + 10_000)).await?;
     let glob = streams::is_glob(&args.stream).then(|| args.stream.trim().to_owned());
     let started_ms = redis_now_ms(&mut conn).await?;
     let names = match &glob {
@@ -168,24 +172,11 @@ pub async fn run(client: redis::Client, args: TailArgs, output: Output) -> anyho
                 continue;
             }
         }
-        let mut read = redis::cmd("XREAD");
-        read.arg("COUNT")
-            .arg(READ_COUNT)
-            .arg("BLOCK")
-            .arg(BLOCK_MS)
-            .arg("STREAMS");
-        for c in &cursors {
-            read.arg(&c.stream);
-        }
-        for c in &cursors {
-            read.arg(c.after.to_string());
-        }
-        let reply: Option<Vec<(String, Vec<Entry>)>> = read
-            .query_async(&mut conn)
+        let reply = read(&mut conn, &cursors)
             .await
             .with_context(|| format!("XREAD {}", args.stream))?;
         let mut batch: Vec<(EntryId, String, Pairs)> = Vec::new();
-        for (stream, entries) in reply.unwrap_or_default() {
+        for (stream, entries) in reply {
             for (id, fields) in entries {
                 let Ok(id) = id.parse::<EntryId>() else {
                     continue;
@@ -211,10 +202,65 @@ pub async fn run(client: redis::Client, args: TailArgs, output: Output) -> anyho
     }
 }
 
+/// The streams one `XREAD` may name together, as indices into `cursors`: all of them on one
+/// server; on a cluster, those of one hash slot (one command may not name keys of two slots).
+fn by_slot(cursors: &[Cursor], cluster: bool) -> Vec<Vec<usize>> {
+    if !cluster {
+        return vec![(0..cursors.len()).collect()];
+    }
+    let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for (i, c) in cursors.iter().enumerate() {
+        groups.entry(keys::slot(&c.stream)).or_default().push(i);
+    }
+    groups.into_values().collect()
+}
+
+/// The `XREAD` of the streams `indices` of `cursors`, each after its cursor.
+fn xread(cursors: &[Cursor], indices: &[usize], block: bool) -> redis::Cmd {
+    let mut read = redis::cmd("XREAD");
+    read.arg("COUNT").arg(READ_COUNT);
+    if block {
+        read.arg("BLOCK").arg(BLOCK_MS);
+    }
+    read.arg("STREAMS");
+    for &i in indices {
+        read.arg(&cursors[i].stream);
+    }
+    for &i in indices {
+        read.arg(cursors[i].after.to_string());
+    }
+    read
+}
+
+/// What the streams hold after their cursors. One `XREAD` (all streams of one server, or of one
+/// slot of a cluster) blocks up to `BLOCK_MS` for new entries. Streams of several slots are read
+/// with one non-blocking `XREAD` per slot, pipelined (sent to their masters at once), and polled
+/// every `POLL_MS` while none has anything new: blocking reads would wait one behind the other on
+/// a node's connection.
+async fn read(conn: &mut Conn, cursors: &[Cursor]) -> redis::RedisResult<Vec<Read>> {
+    let groups = by_slot(cursors, conn.is_cluster());
+    if let [one] = groups.as_slice() {
+        let reply: Option<Vec<Read>> = xread(cursors, one, true).query_async(conn).await?;
+        return Ok(reply.unwrap_or_default());
+    }
+    let mut pipe = redis::pipe();
+    for indices in &groups {
+        pipe.add_command(xread(cursors, indices, false));
+    }
+    let replies: Vec<Option<Vec<Read>>> = pipe.query_async(conn).await?;
+    let out: Vec<Read> = replies.into_iter().flatten().flatten().collect();
+    if out.is_empty() {
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+    Ok(out)
+}
+
 /// An entry's field/value pairs as read (bytes: nothing forces a producer to write UTF-8).
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 /// An entry as `XREAD` returns it: its id and pairs.
 type Entry = (String, Pairs);
+/// What `XREAD` returns of one stream: its name and entries.
+type Read = (String, Vec<Entry>);
 
 impl TailArgs {
     /// Whether an event on `channel` of type `kind` passes `--channel` and `--type`.
@@ -317,7 +363,7 @@ fn entry_time(id: EntryId) -> String {
 /// nothing written between two reads is missed (`$` in every `XREAD` would skip those); for a
 /// stream found after the start (`appeared_after`), from the start's time.
 async fn start(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     from: From,
     appeared_after: Option<u64>,
@@ -365,5 +411,32 @@ mod tests {
         assert_eq!(parse_from("12-3"), Ok(From::Id(EntryId { ms: 12, seq: 3 })));
         assert_eq!(parse_from("1970-01-01T00:00:01.5Z"), Ok(From::Time(1500)));
         assert!(parse_from("yesterday").is_err());
+    }
+
+    #[test]
+    fn one_xread_names_every_stream_of_a_server_but_only_one_slots_of_a_cluster() {
+        let cursors: Vec<Cursor> = ["o:{a}:1", "o:{b}:1", "o:{a}:2", "untagged"]
+            .into_iter()
+            .map(|stream| Cursor {
+                stream: stream.into(),
+                after: EntryId { ms: 0, seq: 0 },
+            })
+            .collect();
+        assert_eq!(by_slot(&cursors, false), vec![vec![0, 1, 2, 3]]);
+        let mut groups = by_slot(&cursors, true);
+        groups.sort();
+        assert_eq!(groups, vec![vec![0, 2], vec![1], vec![3]]);
+        let read = xread(&cursors, &[0, 2], false);
+        let args: Vec<String> = read
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(a) => String::from_utf8_lossy(a).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(
+            args,
+            ["XREAD", "COUNT", "500", "STREAMS", "o:{a}:1", "o:{a}:2", "0-0", "0-0"]
+        );
     }
 }

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use clap::Args;
-use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -20,6 +19,8 @@ use crate::groups_info::{groups, GroupInfo};
 use crate::output::{print, Output, Table};
 use crate::progress::Progress;
 use crate::redis_read::{connect, pages};
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::store::EventStore;
 use streamfleet::{EntryId, REDRIVE_GROUP_FIELD};
 
@@ -48,7 +49,7 @@ struct Found {
 const PAGE: usize = 1000;
 
 async fn find(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     event_id: &str,
     (start, end): (String, String),
@@ -84,7 +85,7 @@ async fn find(
 
 /// The dead letters of `stream` for entries `ids` (written after the oldest of them).
 async fn dead_letters(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     ids: &[EntryId],
 ) -> anyhow::Result<Vec<(String, HashMap<String, String>)>> {
@@ -115,7 +116,7 @@ async fn dead_letters(
 
 /// What group `group` did with entry `id`.
 async fn state(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     found: &Found,
     group: &GroupInfo,
     dead: &[(String, HashMap<String, String>)],
@@ -178,12 +179,12 @@ fn describe(state: &Value) -> String {
 }
 
 pub async fn run(
-    client: redis::Client,
+    target: RedisTarget,
     store: Option<EventStore>,
     args: TraceArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut conn = connect(&client).await?;
+    let mut conn = connect(&target).await?;
     let event_id = args.event_id.to_string();
     let row = match &store {
         Some(store) => store
