@@ -97,6 +97,11 @@ impl Worker {
         &self.config
     }
 
+    /// What `FLEET_STREAMS` names (keys and globs).
+    pub fn streams(&self) -> impl Iterator<Item = &str> {
+        self.specs.iter().map(|s| s.as_str())
+    }
+
     /// Where the fleet's Redis is (`FLEET_REDIS_URL`), for a handler whose sink is Redis itself.
     pub fn redis_target(&self) -> &RedisTarget {
         &self.redis

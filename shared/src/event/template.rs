@@ -3,7 +3,9 @@
 //!
 //! Placeholders: `{channel}`, `{channel[N]}` (segment N, from 0), `{type}`, `{source}`, `{key}`
 //! (the event's key, which defaults to its channel), `{id}`, `{stream}` (the stream read, hash tag
-//! included: on Redis Cluster, the way to keep a key in its stream's slot), `{data.<field>}` (a
+//! included), `{tag}` (the stream's hash tag in braces, `{orders}` for `{orders}:events`, or the
+//! whole stream name in braces for a stream without one: either way a key that starts with it
+//! lives in its stream's Redis Cluster slot), `{data.<field>}` (a
 //! field of `data`, dotted for nested objects; strings as they are, numbers and booleans as JSON),
 //! and `{minute}`, `{hour}`, `{day}` (the event's `time` in UTC: `2026-11-26T12:25`,
 //! `2026-11-26T12`, `2026-11-26`). A literal brace is doubled: `{{` and `}}`, so a Cluster hash
@@ -37,6 +39,7 @@ enum Part {
     Key,
     Id,
     Stream,
+    Tag,
     Data(Vec<String>),
     Minute,
     Hour,
@@ -124,6 +127,7 @@ fn placeholder(name: &str) -> Result<Part, String> {
         "key" => Part::Key,
         "id" => Part::Id,
         "stream" => Part::Stream,
+        "tag" => Part::Tag,
         "minute" => Part::Minute,
         "hour" => Part::Hour,
         "day" => Part::Day,
@@ -144,7 +148,7 @@ fn placeholder(name: &str) -> Result<Part, String> {
                 Part::Data(path)
             } else {
                 return Err(format!(
-                    "unknown placeholder {{{name}}} (known: channel, channel[N], type, source, key, id, stream, data.<field>, minute, hour, day; a literal brace is doubled)"
+                    "unknown placeholder {{{name}}} (known: channel, channel[N], type, source, key, id, stream, tag, data.<field>, minute, hour, day; a literal brace is doubled)"
                 ));
             }
         }
@@ -162,6 +166,21 @@ impl<'de> serde::Deserialize<'de> for Template {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// Where the hash tag of a template's keys comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagSource {
+    /// `{tag}`: always the stream's slot.
+    StreamTag,
+    /// `{stream}` first: the stream's slot when the stream name has a hash tag.
+    StreamName,
+    /// A literal tag (`{{orders}}:…`): the slot of that tag.
+    Literal(String),
+    /// A brace whose tag depends on the event: any slot.
+    Unknown,
+    /// No tag: the slot of the whole key.
+    None,
 }
 
 /// What one event offers a template; `data` is parsed once, on first use.
@@ -207,6 +226,29 @@ impl Template {
             .any(|p| matches!(p, Part::Minute | Part::Hour | Part::Day))
     }
 
+    /// Where the hash tag of the keys it renders comes from (Redis Cluster hashes a key by its
+    /// first `{…}`): what decides whether they share their stream's slot.
+    pub fn hash_tag_source(&self) -> TagSource {
+        for part in &self.parts {
+            match part {
+                Part::Tag => return TagSource::StreamTag,
+                Part::Stream => return TagSource::StreamName,
+                Part::Literal(text) => {
+                    if let Some(open) = text.find('{') {
+                        return match text[open + 1..].find('}') {
+                            Some(len) if len > 0 => {
+                                TagSource::Literal(text[open + 1..open + 1 + len].to_owned())
+                            }
+                            _ => TagSource::Unknown,
+                        };
+                    }
+                }
+                _ => {}
+            }
+        }
+        TagSource::None
+    }
+
     /// Refuses a channel segment that no channel matching `pattern` has.
     pub fn check(&self, pattern: &ChannelPattern) -> Result<(), TemplateError> {
         let (_, most) = pattern.segment_bounds();
@@ -249,6 +291,12 @@ impl Template {
                     let _ = write!(out, "{}", e.id);
                 }
                 Part::Stream => out.push_str(scope.stream),
+                Part::Tag => {
+                    let tag = crate::stream::keys::hash_tag(scope.stream).unwrap_or(scope.stream);
+                    out.push('{');
+                    out.push_str(tag);
+                    out.push('}');
+                }
                 Part::Minute | Part::Hour | Part::Day => bucket(part, e.time, out),
                 Part::Data(path) => {
                     let mut value = scope.data();
@@ -360,6 +408,28 @@ mod tests {
             "{orders}:flow:7f3c"
         );
         assert_eq!(render("a}}b{{c").unwrap(), "a}b{c");
+    }
+
+    #[test]
+    fn tag_keeps_a_key_in_its_streams_slot_tagged_or_not() {
+        use crate::stream::keys::slot;
+        let t: Template = "flow:{tag}:{channel[1]}:state".parse().unwrap();
+        let e = event();
+        let mut out = String::new();
+        for stream in ["{orders}:events", "events:{0}", "plain-events"] {
+            t.render(&mut Scope::new(&e, stream), &mut out).unwrap();
+            assert_eq!(slot(&out), slot(stream), "{stream} -> {out}");
+        }
+        assert_eq!(out, "flow:{plain-events}:7f3c:state");
+        let source = |text: &str| text.parse::<Template>().unwrap().hash_tag_source();
+        assert_eq!(source("flow:{tag}:x"), TagSource::StreamTag);
+        assert_eq!(source("{stream}:state"), TagSource::StreamName);
+        assert_eq!(
+            source("{{orders}}:x:{tag}"),
+            TagSource::Literal("orders".into())
+        );
+        assert_eq!(source("x{{{channel}}}"), TagSource::Unknown);
+        assert_eq!(source("flow:{channel[1]}:state"), TagSource::None);
     }
 
     #[test]

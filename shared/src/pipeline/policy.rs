@@ -429,6 +429,7 @@ mod tests {
             strict: true,
             actions: Vec::new(),
             publish: None,
+            sharded: false,
         };
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {
@@ -660,6 +661,7 @@ mod tests {
             strict: true,
             actions: Vec::new(),
             publish: None,
+            sharded: false,
         };
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {

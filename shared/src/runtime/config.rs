@@ -248,6 +248,8 @@ struct RawRoute {
     #[serde(default)]
     actions: Vec<RawAction>,
     publish: Option<Template>,
+    #[serde(default)]
+    sharded: bool,
 }
 
 /// `[[route]]`: what a worker does with events on matching channels.
@@ -260,6 +262,10 @@ pub struct Route {
     pub actions: Vec<Action>,
     /// The notifier's Pub/Sub channel for these events (default `fleet:{channel}`).
     pub publish: Option<Template>,
+    /// The notifier publishes with `SPUBLISH` (sharded Pub/Sub, Redis 7): on a cluster a
+    /// channel's messages reach the nodes of its slot only, not every node; its subscribers
+    /// `SSUBSCRIBE` to exact channels (sharded Pub/Sub has no patterns).
+    pub sharded: bool,
 }
 
 impl RawRoute {
@@ -292,6 +298,7 @@ impl RawRoute {
             strict: self.strict,
             actions,
             publish: self.publish,
+            sharded: self.sharded,
         })
     }
 }
@@ -477,6 +484,7 @@ impl FileConfig {
                 strict: true,
                 actions: Vec::new(),
                 publish: None,
+                sharded: false,
             }],
         };
         let mut rules = Vec::new();

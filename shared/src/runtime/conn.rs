@@ -7,8 +7,9 @@
 //! watermarks of a settlement; the keep-alive's claims; the projector's calls), so here a
 //! pipeline over several slots is split into one pipeline per slot, sent at once (one round trip
 //! per node, concurrently), and its replies put back in order. Commands without a key go with the
-//! command before them; a pipeline of keyless commands only (`SCRIPT LOAD`) is sent command by
-//! command, so that redis-rs routes each (a script is loaded on every node).
+//! command before them (so `PUBLISH`es keep their order); a pipeline of keyless commands goes
+//! whole to one master, but `SCRIPT LOAD`s, sent command by command so that redis-rs loads each
+//! script on every node.
 
 use std::collections::HashMap;
 
@@ -120,6 +121,11 @@ fn parse_cluster_slots(reply: Value) -> RedisResult<Vec<Master>> {
     Ok(masters)
 }
 
+/// Whether `cmd` is a `SCRIPT` subcommand (redis-rs sends `SCRIPT LOAD` to every node).
+fn is_script(cmd: &Cmd) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"SCRIPT"))
+}
+
 /// The key a command is routed by, for the commands the fleet sends; `None` for those that have
 /// none (`PING`, `SCRIPT LOAD`, `PUBLISH`: a channel is not a key, and a `PUBLISH` reaches every
 /// node of a cluster).
@@ -228,13 +234,24 @@ fn by_slot(
     async move {
         let n = cmds.len();
         if groups.is_empty() {
-            // Keyless only: each routed by redis-rs (SCRIPT LOAD reaches every node).
-            let replies = join_all(cmds.iter().map(|cmd| {
-                let mut conn = conn.clone();
-                async move { conn.req_packed_command(cmd).await }
-            }))
-            .await;
-            return replies.into_iter().collect();
+            if cmds.iter().any(is_script) {
+                // Scripts loaded: each command routed by redis-rs (to every node).
+                let replies = join_all(cmds.iter().map(|cmd| {
+                    let mut conn = conn.clone();
+                    async move { conn.req_packed_command(cmd).await }
+                }))
+                .await;
+                return replies.into_iter().collect();
+            }
+            // Keyless commands (PUBLISH): together, to one master, in order.
+            let mut conn = conn.clone();
+            let mut whole = redis::pipe();
+            for cmd in &cmds {
+                whole.add_command(cmd.clone());
+            }
+            return conn
+                .route_pipeline(whole, 0, n, SingleNodeRoutingInfo::RandomPrimary)
+                .await;
         }
         let sent = join_all(groups.iter().map(|(route, indices)| {
             let mut sub = redis::pipe();

@@ -1,4 +1,5 @@
-//! The notifier's handler: each routed event of a batch is one `PUBLISH` of its v1 JSON plus
+//! The notifier's handler: each routed event of a batch is one `PUBLISH` (`SPUBLISH` on a
+//! `sharded` route) of its v1 JSON plus
 //! `stream` and `entry_id`, all in one round trip with the checkpoints (beside each stream, as the
 //! projector keeps them). The pipeline acknowledges after the round trip: delivery is at least
 //! once (a crash before the acknowledgement, a retried batch, a Redis restart that forgot the
@@ -103,9 +104,13 @@ impl Handler for PubSubSink {
                 });
                 continue;
             }
-            pipe.cmd("PUBLISH")
-                .arg(&channel)
-                .arg(message(r, stream_json(&mut stream, r.stream)));
+            pipe.cmd(if r.route.sharded {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            })
+            .arg(&channel)
+            .arg(message(r, stream_json(&mut stream, r.stream)));
             published.push(r);
         }
         for c in &batch.checkpoints {

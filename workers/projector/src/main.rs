@@ -4,6 +4,7 @@
 
 mod plan;
 mod sink;
+mod slots;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,13 @@ async fn main() -> ExitCode {
         );
         return cli::config_exit(NAME, &e);
     }
-    let sink = RedisSink::new(worker.redis_target().clone(), config.tuning.dedup_window_s);
+    // On a Redis Cluster (found out when connecting) every key must share its stream's slot.
+    let streams: Vec<&str> = worker.streams().collect();
+    let co_partitioned = slots::check(config, &streams);
+    let sink = RedisSink::new(
+        worker.redis_target().clone(),
+        config.tuning.dedup_window_s,
+        co_partitioned,
+    );
     cli::finish(NAME, worker.run(sink).await)
 }

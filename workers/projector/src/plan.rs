@@ -118,6 +118,8 @@ pub struct Settings<'a> {
     pub group: &'a str,
     pub consumer: &'a str,
     pub dedup_window_s: u64,
+    /// On a cluster every key must share its stream's slot (`slots`).
+    pub cluster: bool,
 }
 
 impl Call {
@@ -175,6 +177,11 @@ impl Call {
         let mut rendered = String::new();
         let mut render = |t: &Template, scope: &mut Scope<'_>| -> Result<String, String> {
             t.render(scope, &mut rendered).map_err(|e| e.to_string())?;
+            if settings.cluster {
+                if let Some(why) = crate::slots::misplaced(&rendered, r.stream) {
+                    return Err(why);
+                }
+            }
             Ok(rendered.clone())
         };
         // Rendered first, so that a failure leaves nothing behind.
@@ -428,6 +435,7 @@ pattern = "user.#""#,
             group: "g",
             consumer: "c",
             dedup_window_s: 300,
+            cluster: false,
         };
         let refreshes = Refreshes::default();
         let mut plan = refreshes.plan();

@@ -25,18 +25,27 @@ pub struct RedisSink {
     /// Shared by every clone (lanes, the checkpoint reader): connected once.
     conn: Arc<OnceCell<Conn>>,
     dedup_window_s: u64,
+    /// Whether every route's keys can share their stream's slot (`slots::check`): a start
+    /// error on a cluster when not.
+    co_partitioned: Result<(), String>,
     /// Shared by the lanes: each plans under the lock, and records what its batch did.
     refreshes: Arc<std::sync::Mutex<Refreshes>>,
 }
 
 impl RedisSink {
-    /// A sink on the Redis `target` names; `dedup_window_s` (0: off) is how long a producer's retry of
-    /// an event is recognised.
-    pub fn new(target: RedisTarget, dedup_window_s: u64) -> Self {
+    /// A sink on the Redis `target` names; `dedup_window_s` (0: off) is how long a producer's retry
+    /// of an event is recognised; `co_partitioned` says whether the routes' keys can share their
+    /// streams' slots (required on a cluster).
+    pub fn new(
+        target: RedisTarget,
+        dedup_window_s: u64,
+        co_partitioned: Result<(), String>,
+    ) -> Self {
         RedisSink {
             target,
             conn: Arc::new(OnceCell::new()),
             dedup_window_s,
+            co_partitioned,
             refreshes: Arc::default(),
         }
     }
@@ -147,6 +156,11 @@ impl Handler for RedisSink {
     /// missing grant stops the worker at start (exit 2), naming the commands.
     async fn prepare(&mut self) -> Result<(), HandlerError> {
         let mut conn = self.conn().await?;
+        if conn.is_cluster() {
+            if let Err(why) = &self.co_partitioned {
+                return Err(HandlerError::Misconfigured(why.clone()));
+            }
+        }
         let refused = refused_commands(&mut conn)
             .await
             .map_err(|e| classify(&e))?;
@@ -165,6 +179,7 @@ impl Handler for RedisSink {
             group: batch.group,
             consumer: batch.consumer,
             dedup_window_s: self.dedup_window_s,
+            cluster: self.conn().await?.is_cluster(),
         };
         let (mut calls, rejected, refreshed) = self.plan(batch, &settings);
         for c in &batch.checkpoints {

@@ -1,0 +1,259 @@
+//! The workers on a Redis Cluster (`scripts/services cluster`: three masters, three replicas),
+//! given one node's URL: streams with a hash tag on every master, read by per-slot readers, every
+//! other command sent to the master of its key. The persister lands every strict event once
+//! through a kill -9; the projector keeps its state in its streams' slots (`{tag}`) and refuses a
+//! route that could not; the notifier publishes every event, with `PUBLISH` (every node's
+//! subscribers) and with `SPUBLISH` (sharded: the channel's node).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::cluster_async::ClusterConnection;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use streamfleet_tests::corpus;
+use streamfleet_tests::scenario::{conclude, config, wait_settled, GROUP};
+use streamfleet_tests::*;
+
+/// Streams named `<prefix>:{tag}`, one per master (the tag is the hash tag).
+async fn streams_on_every_master(conn: &mut ClusterConnection, prefix: &str) -> Vec<String> {
+    tags_per_master(conn)
+        .await
+        .into_iter()
+        .map(|tag| format!("{prefix}:{{{tag}}}"))
+        .collect()
+}
+
+/// A worker on the shared cluster, consuming `streams` (a glob or keys).
+fn on_cluster(streams: &str, database_url: &str) -> WorkerEnv {
+    WorkerEnv::new(streams, database_url).set("FLEET_REDIS_URL", &cluster_url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_persisters_on_a_cluster_land_every_strict_event_once_through_a_kill_9() {
+    let db = fresh_database().await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let mut conn = cluster().await;
+    let prefix = unique("cl-persist");
+    let streams = streams_on_every_master(&mut conn, &prefix).await;
+    let corpora: Vec<corpus::Corpus> = streams.iter().map(|_| corpus::mixed(3_000, 5, 1)).collect();
+    let env = on_cluster(&format!("{prefix}:*"), &db).set("FLEET_CONFIG", &config(""));
+    let mut a = env
+        .clone()
+        .set("FLEET_CONSUMER", "a")
+        .start("persister")
+        .await;
+    let mut b = env
+        .clone()
+        .set("FLEET_CONSUMER", "b")
+        .start("persister")
+        .await;
+    let publishers: Vec<_> = streams
+        .iter()
+        .zip(&corpora)
+        .map(|(stream, c)| {
+            tokio::spawn(publish_in_chunks(
+                cluster_url(),
+                stream.clone(),
+                c.lines.clone(),
+                500,
+                Duration::from_millis(100),
+            ))
+        })
+        .collect();
+    // kill -9 of one consumer mid-load; the other carries on, then it comes back.
+    tokio::time::sleep(Duration::from_millis(random_between(300, 900))).await;
+    a.signal("KILL").await;
+    a.wait(Duration::from_secs(10)).await;
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut a = env
+        .clone()
+        .set("FLEET_CONSUMER", "a")
+        .start("persister")
+        .await;
+    for (stream, c) in streams.iter().zip(&corpora) {
+        wait_settled(&conn, stream, GROUP).await;
+        conclude(
+            "cluster: 2 persisters, kill -9 of one, streams on 3 masters",
+            &mut conn,
+            &pool,
+            stream,
+            c,
+        )
+        .await;
+    }
+    a.stop_cleanly().await;
+    b.stop_cleanly().await;
+}
+
+/// A projector on the shared cluster with routes `actions` on `flow.*.progress`.
+fn projector_on_cluster(streams: &str, actions: &str) -> WorkerEnv {
+    on_cluster(streams, "").unset("FLEET_DATABASE_URL").set(
+        "FLEET_CONFIG",
+        &config(&format!(
+            "[[route]]\npattern = \"flow.*.progress\"\nactions = [{actions}]"
+        )),
+    )
+}
+
+fn flow_line(flow: &str, i: usize) -> String {
+    json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "flow.progress",
+        "channel": format!("flow.{flow}.progress"), "source": "tests",
+        "time": "2026-12-07T12:00:00Z", "data": {"i": i}})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_keeps_its_state_in_its_streams_slots_and_refuses_a_route_that_could_not() {
+    let mut conn = cluster().await;
+    let prefix = unique("cl-proj");
+    let streams = streams_on_every_master(&mut conn, &prefix).await;
+    let actions = r#"{ latest = "{tag}:state:{channel[1]}" }, { count = "{tag}:count:{channel[1]}" }, { history = "{tag}:history:{channel[1]}", maxlen = 100000 }"#;
+    let mut worker = projector_on_cluster(&format!("{prefix}:*"), actions)
+        .start("projector")
+        .await;
+    let per_stream = 1_000;
+    for stream in &streams {
+        let lines: Vec<String> = (0..per_stream)
+            .map(|i| flow_line(&format!("f{}", i % 7), i))
+            .collect();
+        publish_lines_to(&cluster_url(), stream, &lines).await;
+    }
+    for stream in &streams {
+        wait_settled(&conn, stream, "projector").await;
+    }
+    for stream in &streams {
+        let tag = &stream[stream.find('{').unwrap()..];
+        let mut total = 0;
+        for f in 0..7 {
+            let count: i64 = redis::cmd("GET")
+                .arg(format!("{tag}:count:f{f}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let history = read_stream(&mut conn, &format!("{tag}:history:f{f}")).await;
+            assert_eq!(count as usize, history.len(), "{stream} f{f}");
+            total += count;
+            let state: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(format!("{tag}:state:f{f}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let event: serde_json::Value = serde_json::from_str(&state["event"]).unwrap();
+            // The newest of flow f is the last i with i % 7 == f.
+            let last = (0..per_stream).rev().find(|i| i % 7 == f).unwrap();
+            assert_eq!(event["data"]["i"], last, "{stream} f{f}");
+        }
+        assert_eq!(
+            total as usize, per_stream,
+            "{stream}: every event counted once"
+        );
+    }
+    worker.stop_cleanly().await;
+
+    // A key without the stream's tag could land in any slot: refused at start, naming the route.
+    let (status, stderr) = projector_on_cluster(
+        &format!("{prefix}:*"),
+        r#"{ count = "count:{channel[1]}" }"#,
+    )
+    .set("FLEET_HTTP_ADDR", &free_addr())
+    .run_to_end("projector")
+    .await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("route[0] (flow.*.progress).actions[0]") && last.contains("{tag}"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifier_publishes_every_event_on_a_cluster_plain_and_sharded() {
+    let mut conn = cluster().await;
+    let prefix = unique("cl-noti");
+    let streams = streams_on_every_master(&mut conn, &prefix).await;
+    // PUBLISH reaches every node's subscribers: one subscriber on one node sees every message.
+    let plain = subscriber_at(&cluster_url(), &format!("{prefix}:plain:*")).await;
+    let sharded_channel = format!("{prefix}:sharded");
+    let sharded = sharded_subscriber(&sharded_channel).await;
+    let worker = on_cluster(&format!("{prefix}:*"), "")
+        .unset("FLEET_DATABASE_URL")
+        .set(
+            "FLEET_CONFIG",
+            &config(&format!(
+                "[[route]]\npattern = \"flow.plain.*\"\npublish = \"{prefix}:plain:{{channel}}\"\n\
+                 [[route]]\npattern = \"flow.sharded.*\"\npublish = \"{sharded_channel}\"\nsharded = true"
+            )),
+        );
+    let mut worker = worker.start("notifier").await;
+    let mut ids = Vec::new();
+    for stream in &streams {
+        let mut lines = Vec::new();
+        for i in 0..200 {
+            let flow = if i % 2 == 0 { "plain" } else { "sharded" };
+            let line = flow_line(flow, i);
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            ids.push((flow, v["id"].as_str().unwrap().to_owned()));
+            lines.push(line);
+        }
+        publish_lines_to(&cluster_url(), stream, &lines).await;
+    }
+    for stream in &streams {
+        wait_settled(&conn, stream, "notifier").await;
+    }
+    let received = |r: &Received| -> std::collections::HashSet<String> {
+        r.lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    wait_until(Duration::from_secs(30), "every message received", || {
+        let (plain, sharded) = (received(&plain), received(&sharded));
+        let all = ids.iter().all(|(flow, id)| {
+            if *flow == "plain" {
+                plain.contains(id)
+            } else {
+                sharded.contains(id)
+            }
+        });
+        async move { all }
+    })
+    .await;
+    worker.stop_cleanly().await;
+}
+
+/// A sharded subscriber (`SSUBSCRIBE`) of `channel` on the node that serves it.
+async fn sharded_subscriber(channel: &str) -> Received {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = redis::cluster::ClusterClientBuilder::new(vec![cluster_url()])
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .build()
+        .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    conn.ssubscribe(channel).await.unwrap();
+    let received = Received::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        let _keep = conn;
+        while let Some(push) = rx.recv().await {
+            if push.kind != redis::PushKind::SMessage {
+                continue;
+            }
+            if let [redis::Value::BulkString(ch), redis::Value::BulkString(payload)] =
+                &push.data[..]
+            {
+                sink.lock().unwrap().push((
+                    String::from_utf8_lossy(ch).into_owned(),
+                    serde_json::from_slice(payload).unwrap(),
+                ));
+            }
+        }
+    });
+    received
+}
