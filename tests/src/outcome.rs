@@ -74,19 +74,20 @@ pub async fn measure<C: ConnectionLike + Send>(
             None => panic!("entry {id} is not from the corpus"),
         }
     }
-    let mut o = judge(conn, pool, stream, &want_rows, &want_dead).await;
+    let mut o = judge(conn, pool, stream, group, &want_rows, &want_dead).await;
     o.published = entries.len();
     o.pending = crate::pending(conn, stream, group).await;
     o
 }
 
-/// What PostgreSQL and the dead letter stream hold for `stream`, against the event ids that must
+/// What PostgreSQL and `group`'s dead letters hold for `stream`, against the event ids that must
 /// have a row and the entry ids that must have a dead letter (`published` and `pending` are left
 /// to the caller).
 pub async fn judge<C: ConnectionLike + Send>(
     conn: &mut C,
     pool: &PgPool,
     stream: &str,
+    group: &str,
     want_rows: &HashSet<Uuid>,
     want_dead: &HashSet<String>,
 ) -> Outcome {
@@ -95,7 +96,12 @@ pub async fn judge<C: ConnectionLike + Send>(
         .fetch_all(pool)
         .await
         .unwrap();
-    let dead = read_stream(conn, &format!("{stream}:dlq")).await;
+    // Dead letters are per group: other groups on the stream write their own.
+    let dead: Vec<_> = read_stream(conn, &format!("{stream}:dlq"))
+        .await
+        .into_iter()
+        .filter(|(_, f)| f.get("dlq_group").map(String::as_str) == Some(group))
+        .collect();
     let mut dead_count: HashMap<String, usize> = HashMap::new();
     for (_, f) in &dead {
         *dead_count.entry(f["dlq_entry_id"].clone()).or_default() += 1;

@@ -508,7 +508,7 @@ async fn judge_loads(
             }
         }
     }
-    let mut o = judge(conn, pool, stream, &want_rows, &want_dead).await;
+    let mut o = judge(conn, pool, stream, GROUP, &want_rows, &want_dead).await;
     o.published = loads.iter().map(|(ids, _)| ids.len()).sum();
     o
 }
