@@ -57,6 +57,43 @@ pub fn slot(key: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(hashed.as_bytes()) % SLOTS
 }
 
+/// The shard of an event whose ordering key is `key`, among `shards` (a producer sharding its
+/// input over tagged streams, as Kafka partitions by key): CRC16-XMODEM of the key (Redis's own
+/// hash, which every Redis client library can compute) modulo the number of shards, so every
+/// event of a key goes to one stream and keeps its order.
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    usize::from(crc16::State::<crc16::XMODEM>::calculate(key.as_bytes())) % shards.max(1)
+}
+
+/// The hash tag of shard `index` of `shards`: the first of `index`, `index.1`, `index.2`, …
+/// whose slot lies in the shard's share of the 16 384 slots, so that N shards spread over the
+/// masters of a cluster whose slots are split evenly (`redis-cli --cluster create`): one shard
+/// per master when N is the number of masters (`{0}`, `{1}`, `{2}` alone do not: two of them share
+/// a master of three).
+pub fn shard_tag(index: usize, shards: usize) -> String {
+    let shards = shards.max(1);
+    let per = f64::from(SLOTS) / shards as f64;
+    let (low, high) = (
+        (index as f64 * per) as u16,
+        ((index + 1) as f64 * per) as u16,
+    );
+    (0..)
+        .map(|j| {
+            if j == 0 {
+                index.to_string()
+            } else {
+                format!("{index}.{j}")
+            }
+        })
+        .find(|tag| (low..high.max(low + 1)).contains(&slot(&format!("{{{tag}}}"))))
+        .expect("every range of slots has a tag")
+}
+
+/// The stream of shard `index` of `shards` named after `prefix`: `<prefix>:{<shard_tag>}`.
+pub fn shard_stream(prefix: &str, index: usize, shards: usize) -> String {
+    format!("{prefix}:{{{}}}", shard_tag(index, shards))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +127,22 @@ mod tests {
         assert_eq!(hash_tag("{}foo"), None);
         assert_eq!(hash_tag("a{b}c{d}"), Some("b"));
         assert_eq!(hash_tag("a{b"), None);
+    }
+
+    #[test]
+    fn shards_spread_over_equal_shares_of_the_slots_and_keep_a_key_on_one() {
+        for n in [1, 2, 3, 4, 8, 16] {
+            let share = usize::from(SLOTS) / n;
+            for i in 0..n {
+                let s = slot(&shard_stream("events", i, n)) as usize;
+                assert!(
+                    s / share.max(1) == i || (i == n - 1 && s >= i * share),
+                    "shard {i} of {n}: slot {s}"
+                );
+            }
+        }
+        assert_eq!(shard_stream("events", 0, 1), "events:{0}");
+        assert_eq!(shard_of("flow.7f3c", 4), shard_of("flow.7f3c", 4));
+        assert!(shard_of("anything", 3) < 3);
     }
 }
