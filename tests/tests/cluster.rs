@@ -257,3 +257,92 @@ async fn sharded_subscriber(channel: &str) -> Received {
     });
     received
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_shards_by_key_and_a_keys_events_stay_in_order_in_one_stream() {
+    let mut conn = cluster().await;
+    let prefix = unique("cl-shards");
+    let lines: Vec<String> = (0..300)
+        .map(|i| flow_line(&format!("k{}", i % 10), i))
+        .collect();
+    let file = std::env::temp_dir().join(format!("{prefix}.jsonl"));
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let fleetctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin("fleetctl"))
+            .env("FLEET_REDIS_URL", cluster_url())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    fleetctl(&[
+        "publish",
+        "--stream",
+        &prefix,
+        "--shards",
+        "3",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    let keys: Vec<String> = (0..10).map(|k| format!("flow.k{k}.progress")).collect();
+    let mut args = vec![
+        "--output", "json", "shards", "--stream", &prefix, "--count", "3",
+    ];
+    for k in &keys {
+        args.extend(["--key", k.as_str()]);
+    }
+    let shards: serde_json::Value = serde_json::from_str(&fleetctl(&args)).unwrap();
+    let streams: Vec<String> = shards["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap().to_owned())
+        .collect();
+    // The three shards are on three masters.
+    let masters: std::collections::HashSet<String> = {
+        let mut out = std::collections::HashSet::new();
+        for s in &streams {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(s)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            out.insert((slot * 3 / 16384).to_string());
+        }
+        out
+    };
+    assert_eq!(masters.len(), 3, "{streams:?}");
+    let mut seen = 0;
+    for expected in shards["keys"].as_array().unwrap() {
+        let (key, stream) = (
+            expected["key"].as_str().unwrap(),
+            expected["stream"].as_str().unwrap(),
+        );
+        for s in &streams {
+            let order: Vec<u64> = read_stream(&mut conn, s)
+                .await
+                .into_iter()
+                .filter(|(_, f)| f["channel"] == key)
+                .map(|(_, f)| {
+                    serde_json::from_str::<serde_json::Value>(&f["data"]).unwrap()["i"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            if s == stream {
+                assert_eq!(order.len(), 30, "{key} in {s}");
+                assert!(order.windows(2).all(|w| w[0] < w[1]), "{key}: {order:?}");
+                seen += order.len();
+            } else {
+                assert!(order.is_empty(), "{key} also in {s}");
+            }
+        }
+    }
+    assert_eq!(seen, 300);
+}

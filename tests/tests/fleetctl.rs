@@ -1145,6 +1145,7 @@ async fn help_and_the_status_screen_are_as_pinned() {
         &["dlq", "list"],
         &["dlq", "redrive"],
         &["groups", "create"],
+        &["shards"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");

@@ -16,6 +16,7 @@ mod rebuild;
 mod reconcile;
 mod redis_read;
 mod replay;
+mod shards;
 mod snapshot;
 mod status;
 mod streams;
@@ -94,6 +95,8 @@ enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// Publish v1 events (or any entries, from JSON lines) onto a stream.
     Publish(Box<publish::PublishArgs>),
+    /// The streams of an input sharded by key over a Redis Cluster, and which one a key goes to.
+    Shards(shards::ShardsArgs),
     /// Consumer groups: create the streams and groups a deployment needs before its workers start.
     #[command(subcommand)]
     Groups(groups::GroupsCommand),
@@ -184,6 +187,11 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         Command::Tail(args) => {
             args.validate().map_err(|e| bad(&e))?;
             tail::run(redis()?, args, output).await
+        }
+        Command::Shards(args) => {
+            args.validate().map_err(|e| bad(&e))?;
+            shards::run(&args, output);
+            Ok(())
         }
         Command::Migrate => {
             let Some(store) = store()? else {

@@ -20,6 +20,7 @@ use crate::progress::Progress;
 use streamfleet::event::{decode, Limits, DEFAULT_MAX_DATA_BYTES};
 use streamfleet::runtime::conn::Conn;
 use streamfleet::runtime::connect::RedisTarget;
+use streamfleet::stream::keys::{shard_of, shard_stream};
 use streamfleet::EntryId;
 
 /// Entries per pipelined round trip.
@@ -27,9 +28,15 @@ const CHUNK: usize = 1000;
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
-    /// Stream key to publish to.
+    /// Stream key to publish to (with --shards: the prefix of the shards' streams).
     #[arg(long, env = "FLEET_STREAM")]
     stream: String,
+
+    /// Shard the events by key over N streams `<stream>:{<tag>}` (see `fleetctl shards`): each
+    /// event goes to the shard of its `key`, or else its `channel`, so a key's events keep their
+    /// order in one stream.
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
 
     /// JSON lines to publish, one entry per line (`-` for standard input).
     #[arg(long, conflicts_with_all = ["generate", "event_type"])]
@@ -102,6 +109,15 @@ impl PublishArgs {
         }
         if self.event_type.is_some() && self.channel.is_none() {
             return Err("publish: --type needs --channel".into());
+        }
+        if self.shards == Some(0) {
+            return Err("publish: --shards must be at least 1".into());
+        }
+        if self.shards.is_some() && self.stream.contains(['{', '}']) {
+            return Err(
+                "publish: with --shards, --stream is the prefix, without braces: the shard is the hash tag"
+                    .into(),
+            );
         }
         if self.rate == Some(0) {
             return Err("publish: --rate must be at least 1".into());
@@ -279,10 +295,36 @@ struct Published {
     last: Option<String>,
 }
 
-/// Publishes `batch` in one pipelined round trip, and empties it.
+/// Where entries go: one stream, or the shard of each entry's ordering key.
+#[derive(Debug, Clone)]
+struct Destination {
+    stream: String,
+    shards: Option<usize>,
+}
+
+impl Destination {
+    /// The stream `fields` go to: with shards, the one of its `key`, or else its `channel`.
+    fn stream_of(&self, fields: &Fields) -> String {
+        let Some(n) = self.shards else {
+            return self.stream.clone();
+        };
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let key = field("key")
+            .or_else(|| field("channel"))
+            .unwrap_or_default();
+        shard_stream(&self.stream, shard_of(key, n), n)
+    }
+}
+
+/// Publishes `batch` in one pipelined round trip (one per node on a cluster), and empties it.
 async fn flush(
     conn: &mut Conn,
-    stream: &str,
+    to: &Destination,
     batch: &mut Vec<Fields>,
     published: &mut Published,
 ) -> anyhow::Result<()> {
@@ -291,7 +333,10 @@ async fn flush(
     }
     let mut pipe = redis::pipe();
     for fields in batch.iter() {
-        pipe.cmd("XADD").arg(stream).arg("*").arg(fields.as_slice());
+        pipe.cmd("XADD")
+            .arg(to.stream_of(fields))
+            .arg("*")
+            .arg(fields.as_slice());
     }
     let ids: Vec<String> = pipe.query_async(conn).await.context("XADD")?;
     published.count += ids.len() as u64;
@@ -306,7 +351,7 @@ async fn flush(
 /// Publishes checked entries, `CHUNK` per round trip, showing progress.
 async fn publish_all(
     conn: &mut Conn,
-    stream: &str,
+    stream: &Destination,
     count: u64,
     entries: impl Iterator<Item = anyhow::Result<Fields>>,
     published: &mut Published,
@@ -338,6 +383,10 @@ pub async fn run(
     let mut batch: Vec<Fields> = Vec::with_capacity(CHUNK);
     let mut published = Published::default();
     let mut event_id = None;
+    let to = Destination {
+        stream: args.stream.clone(),
+        shards: args.shards,
+    };
     match prepared {
         Prepared::One(fields) => {
             event_id = fields
@@ -345,7 +394,7 @@ pub async fn run(
                 .find(|(k, _)| k == "id")
                 .map(|(_, v)| v.clone());
             batch.push(fields);
-            flush(&mut conn, &args.stream, &mut batch, &mut published).await?;
+            flush(&mut conn, &to, &mut batch, &mut published).await?;
         }
         Prepared::Generate => {
             let n = args.generate.unwrap_or(0);
@@ -357,7 +406,7 @@ pub async fn run(
                 batch.push(generated(i, args.user_share, &args.source));
                 if batch.len() == slice.unwrap_or(CHUNK) {
                     progress.add(batch.len() as u64);
-                    flush(&mut conn, &args.stream, &mut batch, &mut published).await?;
+                    flush(&mut conn, &to, &mut batch, &mut published).await?;
                     if let Some(rate) = args.rate {
                         let sent = (i + 1) as f64;
                         let due = started + std::time::Duration::from_secs_f64(sent / rate as f64);
@@ -365,13 +414,13 @@ pub async fn run(
                     }
                 }
             }
-            flush(&mut conn, &args.stream, &mut batch, &mut published).await?;
+            flush(&mut conn, &to, &mut batch, &mut published).await?;
             progress.finish();
         }
         Prepared::Lines(lines) => {
             let n = lines.len() as u64;
             let lines = lines.into_iter().map(Ok);
-            publish_all(&mut conn, &args.stream, n, lines, &mut published).await?;
+            publish_all(&mut conn, &to, n, lines, &mut published).await?;
         }
         Prepared::File { path, count } => {
             let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
@@ -383,13 +432,14 @@ pub async fn run(
                         .map_err(anyhow::Error::msg)
                         .with_context(|| format!("{} changed while publishing", path.display()))
                 });
-            publish_all(&mut conn, &args.stream, count, lines, &mut published).await?;
+            publish_all(&mut conn, &to, count, lines, &mut published).await?;
         }
     };
     match output {
         Output::Json => {
             let mut doc = json!({
                 "stream": args.stream,
+                "shards": args.shards,
                 "published": published.count,
                 "first_entry_id": published.first,
                 "last_entry_id": published.last,
@@ -403,7 +453,13 @@ pub async fn run(
         Output::Table if event_id.is_some() => {
             println!("{}", published.first.as_deref().unwrap_or(""))
         }
-        Output::Table => println!("published {} entries to {}", published.count, args.stream),
+        Output::Table => match args.shards {
+            Some(n) => println!(
+                "published {} entries to {n} shards of {} (fleetctl shards --stream {} --count {n})",
+                published.count, args.stream, args.stream
+            ),
+            None => println!("published {} entries to {}", published.count, args.stream),
+        },
     }
     Ok(())
 }
