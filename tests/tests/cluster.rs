@@ -112,8 +112,11 @@ async fn the_projector_keeps_its_state_in_its_streams_slots_and_refuses_a_route_
     let mut conn = cluster().await;
     let prefix = unique("cl-proj");
     let streams = streams_on_every_master(&mut conn, &prefix).await;
-    let actions = r#"{ latest = "{tag}:state:{channel[1]}" }, { count = "{tag}:count:{channel[1]}" }, { history = "{tag}:history:{channel[1]}", maxlen = 100000 }"#;
-    let mut worker = projector_on_cluster(&format!("{prefix}:*"), actions)
+    // Keys `{tag}:<prefix>:…`: in their stream's slot, and this run's own.
+    let actions = format!(
+        r#"{{ latest = "{{tag}}:{prefix}:state:{{channel[1]}}" }}, {{ count = "{{tag}}:{prefix}:count:{{channel[1]}}" }}, {{ history = "{{tag}}:{prefix}:history:{{channel[1]}}", maxlen = 100000 }}"#
+    );
+    let mut worker = projector_on_cluster(&format!("{prefix}:*"), &actions)
         .start("projector")
         .await;
     let per_stream = 1_000;
@@ -131,15 +134,15 @@ async fn the_projector_keeps_its_state_in_its_streams_slots_and_refuses_a_route_
         let mut total = 0;
         for f in 0..7 {
             let count: i64 = redis::cmd("GET")
-                .arg(format!("{tag}:count:f{f}"))
+                .arg(format!("{tag}:{prefix}:count:f{f}"))
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            let history = read_stream(&mut conn, &format!("{tag}:history:f{f}")).await;
+            let history = read_stream(&mut conn, &format!("{tag}:{prefix}:history:f{f}")).await;
             assert_eq!(count as usize, history.len(), "{stream} f{f}");
             total += count;
             let state: HashMap<String, String> = redis::cmd("HGETALL")
-                .arg(format!("{tag}:state:f{f}"))
+                .arg(format!("{tag}:{prefix}:state:f{f}"))
                 .query_async(&mut conn)
                 .await
                 .unwrap();
