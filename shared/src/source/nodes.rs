@@ -119,6 +119,13 @@ impl ClusterReaders {
                 running.busy = true;
             }
         }
+        if !self.running.values().any(|r| r.busy) {
+            // No reader has a read in flight: no master serves the streams' slots now (a
+            // failover under way). Wait as a read would, then read the slot map again.
+            self.masters = None;
+            tokio::time::sleep(std::time::Duration::from_millis(self.who.tuning.block_ms)).await;
+            return (Ok(Read::default()), Vec::new());
+        }
         let Some(done) = self.done_rx.recv().await else {
             return (Ok(Read::default()), Vec::new());
         };
