@@ -5,7 +5,6 @@
 //! start, so that nothing settled is delivered again; until then the worker is not ready and the
 //! other streams keep flowing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use redis::{RedisResult, Value};
 
 use crate::runtime::health::Fault;
 use crate::source::{Source, SourceError, StreamSpec};
+use crate::stream::groups::find_group;
 
 /// How long a stream whose group could not be created waits before the next attempt.
 const GROUP_RETRY: Duration = Duration::from_secs(1);
@@ -27,15 +27,12 @@ impl Source {
         for key in keys {
             pipe.cmd("XINFO").arg("GROUPS").arg(&**key);
         }
-        let infos: Vec<RedisResult<Vec<HashMap<String, Value>>>> =
-            pipe.query_async(&mut self.conn).await?;
+        let infos: Vec<RedisResult<Value>> = pipe.query_async(&mut self.conn).await?;
         let mut gone = Vec::new();
         for (key, info) in keys.iter().zip(infos) {
             let exists = match info {
-                Ok(groups) => {
-                    if groups.iter().any(|g| {
-                        matches!(g.get("name"), Some(Value::BulkString(n)) if n == self.who.group.as_bytes())
-                    }) {
+                Ok(reply) => {
+                    if matches!(find_group(&reply, &self.who.group), Ok(Some(_))) {
                         self.missing.remove(key);
                         continue;
                     }

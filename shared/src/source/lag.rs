@@ -3,11 +3,12 @@
 //! own no pending entries, and no other live process under this consumer name. Figures are summed
 //! per `FLEET_STREAMS` item, so a glob over thousands of streams is a handful of series.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::runtime::conn::Conn;
+use crate::stream::groups::{find_group, GroupsReplyError};
 use redis::Value;
 use tokio::sync::watch;
 
@@ -27,19 +28,11 @@ pub struct GroupState {
 }
 
 /// The state of `group` in an `XINFO GROUPS` reply.
-fn parse_group_state(reply: &Value, group: &str) -> redis::RedisResult<Option<GroupState>> {
-    let groups: Vec<HashMap<String, Value>> = redis::from_redis_value_ref(reply)?;
-    let int = |v: Option<&Value>| match v {
-        Some(Value::Int(n)) => u64::try_from(*n).ok(),
-        _ => None,
-    };
-    Ok(groups
-        .iter()
-        .find(|g| matches!(g.get("name"), Some(Value::BulkString(n)) if n == group.as_bytes()))
-        .map(|g| GroupState {
-            lag: int(g.get("lag")),
-            pending: int(g.get("pending")).unwrap_or(0),
-        }))
+fn parse_group_state(reply: &Value, group: &str) -> Result<Option<GroupState>, GroupsReplyError> {
+    Ok(find_group(reply, group)?.map(|g| GroupState {
+        lag: g.lag,
+        pending: g.pending,
+    }))
 }
 
 /// Deletes, atomically, the consumers other than ARGV[3] that have been idle at least ARGV[2] ms

@@ -3,6 +3,7 @@
 //! shares (the v1 contract, the source, the pipeline, the stores); it imports none of them.
 
 pub mod fields;
+pub mod groups;
 pub mod id;
 pub mod keys;
 

@@ -23,40 +23,11 @@ pub fn field<T: redis::FromRedisValue>(fields: &HashMap<String, Value>, name: &s
         .and_then(|v| redis::from_redis_value(v.clone()).ok())
 }
 
-/// One group as `XINFO GROUPS` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupInfo {
-    pub name: String,
-    pub consumers: u64,
-    pub pending: u64,
-    pub last_delivered: EntryId,
-    pub entries_read: Option<u64>,
-    /// Entries not yet delivered to the group: the figure KEDA's redis-streams scaler reads.
-    /// `None` when Redis cannot tell (entries deleted after the group's position).
-    pub lag: Option<u64>,
-}
+pub use streamfleet::stream::groups::GroupInfo;
 
 /// Every group of an `XINFO GROUPS` reply.
 pub fn parse_groups(reply: Value) -> anyhow::Result<Vec<GroupInfo>> {
-    let groups: Vec<HashMap<String, Value>> =
-        redis::from_redis_value(reply).context("XINFO GROUPS reply")?;
-    groups
-        .iter()
-        .map(|g| {
-            let name: String = field(g, "name").context("XINFO GROUPS: name")?;
-            let last_delivered = field::<String>(g, "last-delivered-id")
-                .and_then(|s| s.parse().ok())
-                .with_context(|| format!("XINFO GROUPS: last-delivered-id of {name}"))?;
-            Ok(GroupInfo {
-                consumers: field(g, "consumers").unwrap_or(0),
-                pending: field(g, "pending").unwrap_or(0),
-                last_delivered,
-                entries_read: field(g, "entries-read"),
-                lag: field(g, "lag"),
-                name,
-            })
-        })
-        .collect()
+    Ok(streamfleet::stream::groups::parse_groups(&reply)?)
 }
 
 /// The groups of `stream`.

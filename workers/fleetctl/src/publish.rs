@@ -439,13 +439,15 @@ pub async fn run(
         Output::Json => {
             let mut doc = json!({
                 "stream": args.stream,
-                "shards": args.shards,
                 "published": published.count,
                 "first_entry_id": published.first,
                 "last_entry_id": published.last,
             });
             if let Some(id) = event_id {
                 doc["event_id"] = json!(id);
+            }
+            if let Some(n) = args.shards {
+                doc["shards"] = json!(n);
             }
             crate::output::json(&doc);
         }
