@@ -4,15 +4,28 @@ as arguments): core kinds against the Kubernetes schemas of PyPI's kubernetes-va
 with validate-crds.js, then the facts the deployment promises (probes, consumer names, grace
 periods, security context, resources, scaling, setup; per worker: its command and which
 credentials it gets; the worker's FLEET_CONFIG as it ships, and the keys it names against the
-worker's Redis ACL user in deploy/redis/users.acl and its streams' hash slot, and the Pub/Sub
-channels it publishes on against the user's channel patterns). One line per check; exit 1 on a
-failure.
+worker's Redis ACL user and its streams' hash slot, and the Pub/Sub channels it publishes on
+against the user's channel patterns). One line per check; exit 1 on a failure.
 
-    validate.py NODE_MODULES RULES_YML FILE.yaml...
+An overlay whose KEDA triggers are `redis-cluster-streams` deploys on a Redis Cluster, and is held
+to what a cluster needs (deploy/README.md, "Redis Cluster"): every stream it creates has a hash
+tag, the shards' slots spread evenly over the masters (the setup Job's annotation
+`streamfleet/redis-cluster-masters`, slots split as `redis-cli --cluster create` splits them),
+every projector template can keep its keys in its stream's slot (the projector's own start check,
+workers/projector/src/slots.rs, and each key's slot computed here, CRC16 as Redis Cluster does),
+every key a worker touches (its streams, the keys beside them, rate-limit budgets, the projector's
+keys) is inside its ACL user's patterns, the workers' globs match no stream they write, the
+workers log in with several seed nodes, and each worker's triggers cover every shard.
+
+    validate.py NODE_MODULES RULES_YML FILE.yaml[=USERS.acl]...
+
+USERS.acl is the Redis ACL file the overlay's Redis loads (deploy/redis/users.acl by default).
 """
 import base64
 import fnmatch
+import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -26,6 +39,9 @@ import yaml
 K8S_VERSION = "1.32"
 CUSTOM = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
 ACL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "redis", "users.acl")
+# The setup Job's annotation: how many masters the overlay's Redis Cluster has (its slots split
+# evenly among them).
+MASTERS_ANNOTATION = "streamfleet/redis-cluster-masters"
 
 # Every worker each overlay deploys, by its Deployment's name (= its command, its Service, its
 # default group, its Redis ACL user): whether it uses PostgreSQL, whether its FLEET_CONFIG
@@ -41,6 +57,10 @@ WORKERS = {
 DEFAULT_CHANNEL = "fleet:{channel}"
 # A FLEET_CONFIG without any [[route]] routes this (README: "The configuration file").
 DEFAULT_ROUTES = [{"pattern": "user.#", "strict": True}]
+# What a worker keeps beside each stream it reads (shared/src/stream/keys.rs): `<stream><suffix>`;
+# `:dedup:` is followed by the group and a bucket (the projector's dedup window).
+BESIDE = (":dlq", ":trials", ":checkpoints", ":dedup:{group}:")
+SLOTS = 16384
 
 
 def fail(msg):
@@ -56,8 +76,9 @@ def env_of(container):
     return {e["name"]: e for e in container.get("env", [])}
 
 
+@functools.cache
 def acl_users(path=ACL_FILE):
-    """users.acl as {user: [rule, ...]}: the root rule first, then one per selector; a rule is
+    """An ACL file as {user: [rule, ...]}: the root rule first, then one per selector; a rule is
     (key patterns, granted commands, channel patterns) with commands lowercased (`client|list`,
     `@all`)."""
     users = {}
@@ -95,12 +116,43 @@ def acl_users(path=ACL_FILE):
     return users
 
 
+def acl_user(acl, user, where):
+    rules = acl_users(acl).get(user)
+    if not rules:
+        fail(f"{where}: no ACL user {user} in {os.path.relpath(acl)}")
+    return rules
+
+
 def covers(pattern, prefix):
     """Whether the ACL key pattern matches every key that starts with `prefix`."""
     head = re.split(r"[*?\[\\]", pattern, maxsplit=1)[0]
     if pattern == head + "*":
         return prefix.startswith(head)
     return fnmatch.fnmatchcase(prefix, pattern) and not re.search(r"[*?\[]", pattern)
+
+
+def is_glob(item):
+    return bool(re.search(r"[*?\[]", item))
+
+
+def glob_matches(glob, key):
+    """Redis's glob (SCAN MATCH) for the patterns used here: `*`, `?`, `[…]`; a brace is literal."""
+    return fnmatch.fnmatchcase(key, glob.replace("[^", "[!"))
+
+
+def may_match(prefix, glob):
+    """Whether some key starting with `prefix` can match `glob` (conservative: True past a
+    wildcard of the glob)."""
+    i = 0
+    for ch in glob:
+        if ch in "*?[\\":
+            return True
+        if i == len(prefix):
+            return True
+        if prefix[i] != ch:
+            return False
+        i += 1
+    return i == len(prefix)
 
 
 def hash_tag(key):
@@ -111,35 +163,129 @@ def hash_tag(key):
     return key[start + 1:end] if start >= 0 and end > start + 1 else None
 
 
-def template_prefix(template, streams):
-    """The literal start of a key template, braces undoubled (`{{app}}:x:{channel[1]}` gives
-    `{app}:x:`); a template that starts with `{stream}` starts with each stream's name. Returns
-    the prefixes, one per stream when it names the stream."""
-    out, i = "", 0
+def crc16(data):
+    """CRC16-XMODEM (polynomial 0x1021, initial 0): Redis Cluster's key hash."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def slot(key):
+    """The hash slot of a key: CRC16 of its hash tag, or of the whole key without one."""
+    tag = hash_tag(key)
+    return crc16((key if tag is None else tag).encode()) % SLOTS
+
+
+# Redis Cluster's own examples (`CLUSTER KEYSLOT`), and the shards of shared/src/stream/keys.rs.
+assert slot("foo") == 12182 and slot("user1000") == 3443 and slot("{user1000}.following") == 3443
+assert [slot(f"events:{{{t}}}") for t in ("0.1", "1", "2.4")] == [1598, 9842, 14587]
+
+
+def master_ranges(masters):
+    """The slots of each master of a cluster created by `redis-cli --cluster create` (its split:
+    16384 / masters each, rounded half away from zero, the last one up to 16383)."""
+    per, first, cursor, ranges = SLOTS / masters, 0, 0.0, []
+    for i in range(masters):
+        last = math.floor(cursor + per - 1 + 0.5)
+        if last > SLOTS or i == masters - 1:
+            last = SLOTS - 1
+        last = max(last, first)
+        ranges.append((first, last))
+        first, cursor = last + 1, cursor + per
+    return ranges
+
+
+assert master_ranges(3) == [(0, 5460), (5461, 10922), (10923, 16383)]
+
+
+def parse_template(template):
+    """A template's parts as the workers parse them (shared/src/event/template.rs): ("lit", text)
+    with doubled braces undoubled, or ("ph", name); None if it does not parse."""
+    parts, lit, i = [], "", 0
     while i < len(template):
         two = template[i:i + 2]
         if two in ("{{", "}}"):
-            out += two[0]
+            lit += two[0]
             i += 2
         elif template[i] == "{":
-            if not out and template.startswith("{stream}", i):
-                return [st + template_prefix(template[i + len("{stream}"):], [])[0] for st in streams]
-            break
+            end = template.find("}", i + 1)
+            if end < 0 or "{" in template[i + 1:end]:
+                return None
+            if lit:
+                parts.append(("lit", lit))
+                lit = ""
+            parts.append(("ph", template[i + 1:end]))
+            i = end + 1
+        elif template[i] == "}":
+            return None
         else:
-            out += template[i]
+            lit += template[i]
             i += 1
-    return [out]
+    if lit:
+        parts.append(("lit", lit))
+    return parts
+
+
+def render_prefix(parts, stream):
+    """The known start of the keys a template renders for an event of `stream`: its literals,
+    `{stream}` and `{tag}` (the stream's hash tag in braces, or its whole name in braces), up to
+    the first part that depends on the event; and whether that is the whole key."""
+    out = ""
+    for kind, text in parts:
+        if kind == "lit":
+            out += text
+        elif text == "stream":
+            out += stream
+        elif text == "tag":
+            out += "{" + (hash_tag(stream) or stream) + "}"
+        else:
+            return out, False
+    return out, True
+
+
+def copartition_refusal(parts, items):
+    """Why a template cannot keep its keys in their stream's slot, given the consumed FLEET_STREAMS
+    items (keys or globs): the projector's start check on a cluster (workers/projector/src/slots.rs,
+    `refusal`: where the keys' hash tag comes from), None if it can."""
+    hint = "start the key with {tag} (the stream's hash tag, e.g. app:{tag}:flow:{channel[1]}:state)"
+    for kind, text in parts:
+        if kind == "ph" and text == "tag":
+            return None
+        if kind == "ph" and text == "stream":
+            untagged = [s for s in items if hash_tag(s) is None]
+            return (f"{{stream}} keeps a key in its stream's slot only when the stream name has a "
+                    f"hash tag, and {untagged[0]} has none: {hint}") if untagged else None
+        if kind == "lit" and "{" in text:
+            tag = hash_tag(text[text.index("{"):])
+            if tag is None:
+                return f"its hash tag depends on the event: {hint}"
+            other = [s for s in items if hash_tag(s) is None or slot("{" + hash_tag(s) + "}") != slot("{" + tag + "}")]
+            return f"its literal tag {{{tag}}} is not the slot of {other[0]}: {hint}" if other else None
+    return f"it has no hash tag, so its keys land in any slot: {hint}"
 
 
 def action_templates(config):
-    """(kind, template) of every projector action of a parsed FLEET_CONFIG."""
-    for route in config.get("route", []):
+    """(route index, pattern, kind, template) of every projector action of a parsed FLEET_CONFIG."""
+    for i, route in enumerate(config.get("route", [])):
         for action in route.get("actions", []):
             for kind in ("latest", "count", "history"):
                 if kind in action:
-                    yield kind, action[kind]
+                    yield i, route.get("pattern"), kind, action[kind]
             for t in action.get("invalidate", []):
-                yield "invalidate", t
+                yield i, route.get("pattern"), "invalidate", t
+
+
+def budget_prefix(items, group):
+    """Where the rate-limit budget keys of `group` start (shared/src/pipeline/budget.rs,
+    `key_prefix`): after the hash tag every FLEET_STREAMS item shares, else after the group's."""
+    tags = {hash_tag(s) for s in items}
+    if len(tags) == 1 and None not in tags:
+        return f"{{{tags.pop()}}}:rate:{group}:"
+    return f"streamfleet:rate:{{{group}}}:"
 
 
 def worker_config(d, objects, where):
@@ -163,10 +309,9 @@ def worker_config(d, objects, where):
         fail(f"{where}: FLEET_CONFIG {path} (ConfigMap {cm_name}): {e}")
 
 
-def redis_user(var, objects, where):
-    """The user name in the Redis URL of a Secret rendered with the overlay (None if the Secret
-    is not part of it, e.g. made by a secret manager)."""
-    ref = var.get("valueFrom", {}).get("secretKeyRef", {})
+def secret_value(ref, objects, where):
+    """A key of a Secret rendered with the overlay (None if the Secret is not part of it, e.g. made
+    by a secret manager)."""
     for o in objects:
         if o["kind"] == "Secret" and o["metadata"]["name"] == ref.get("name"):
             raw = o.get("stringData", {}).get(ref.get("key"))
@@ -174,53 +319,168 @@ def redis_user(var, objects, where):
                 raw = base64.b64decode(o["data"][ref["key"]]).decode()
             if raw is None:
                 fail(f"{where}: Secret {ref.get('name')} has no key {ref.get('key')}")
-            return urlsplit(raw).username
+            return raw
     return None
 
 
-def check_keys(name, streams, config, user, where):
-    """The worker's keys against its Redis ACL user and its streams' hash slot: its streams (and
-    what the pipeline writes beside them, `<stream>:…`) and every key its actions name."""
-    rules = acl_users().get(user)
-    if not rules:
-        fail(f"{where}: no ACL user {user} in deploy/redis/users.acl")
+def redis_seeds(var, objects, where):
+    """The seed URLs of a FLEET_REDIS_URL from a Secret (comma-separated), each split; None if the
+    Secret is not part of the overlay."""
+    raw = secret_value(var.get("valueFrom", {}).get("secretKeyRef", {}), objects, where)
+    if raw is None:
+        return None
+    return [urlsplit(u.strip()) for u in raw.split(",") if u.strip()]
+
+
+def redis_user(var, objects, where, cluster):
+    """The one ACL user every seed of a FLEET_REDIS_URL logs in as (None if its Secret is not part
+    of the overlay); on a cluster, at least two seeds and no database but 0."""
+    seeds = redis_seeds(var, objects, where)
+    if seeds is None:
+        return None
+    users = {u.username for u in seeds}
+    if len(users) != 1:
+        fail(f"{where}: the seeds of FLEET_REDIS_URL log in as different users ({', '.join(sorted(map(str, users)))})")
+    if cluster:
+        if len(seeds) < 2:
+            fail(f"{where}: FLEET_REDIS_URL names one node of the cluster: give several seeds "
+                 "(comma-separated; any one alive is enough to start)")
+        if any(u.path.strip("/") not in ("", "0") for u in seeds):
+            fail(f"{where}: FLEET_REDIS_URL names a database other than 0: a Redis Cluster has only 0")
+    return users.pop()
+
+
+def setup_creates(objects, source):
+    """The setup Job's `fleetctl groups create`: {group: [streams]}, and the Jobs' commands."""
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    commands = [c.get("command", []) for j in jobs
+                for c in j["spec"]["template"]["spec"].get("initContainers", []) + j["spec"]["template"]["spec"]["containers"]]
+
+    def flag(cmd, name):
+        return cmd[cmd.index(name) + 1] if name in cmd[:-1] else None
+
+    creates = {}
+    for c in commands:
+        if c[:3] == ["fleetctl", "groups", "create"]:
+            streams = [s.strip() for s in (flag(c, "--streams") or "").split(",") if s.strip()]
+            creates.setdefault(flag(c, "--group"), []).extend(streams)
+    return jobs, commands, creates
+
+
+def check_shards(objects, creates, source):
+    """On a cluster: the streams the setup Job creates (the shards) each have a hash tag, in slots
+    of their own, spread evenly over the masters. Returns the shards."""
+    shards = sorted({s for streams in creates.values() for s in streams}, key=slot)
+    untagged = [s for s in shards if hash_tag(s) is None]
+    if untagged:
+        fail(f"{source}: stream {untagged[0]} has no hash tag: on a Redis Cluster the keys beside it "
+             "and the projector's keys cannot share its slot; name each shard <prefix>:{<tag>} "
+             "(`fleetctl shards --stream <prefix> --count N`)")
+    by_slot = {}
+    for s in shards:
+        by_slot.setdefault(slot(s), []).append(s)
+    same = [v for v in by_slot.values() if len(v) > 1]
+    if same:
+        fail(f"{source}: streams {' and '.join(same[0])} share hash slot {slot(same[0][0])}: "
+             "they are one shard of the cluster, never on two masters")
+    annotations = [j["metadata"].get("annotations", {}).get(MASTERS_ANNOTATION)
+                   for j in objects if j["kind"] == "Job"]
+    declared = [a for a in annotations if a is not None]
+    if not declared or not declared[0].isdigit() or int(declared[0]) < 1:
+        fail(f"{source}: the setup Job does not say how many masters the cluster has "
+             f"(annotation {MASTERS_ANNOTATION}: \"3\")")
+    masters = int(declared[0])
+    ranges = master_ranges(masters)
+    owner = {s: next(i for i, (lo, hi) in enumerate(ranges) if lo <= slot(s) <= hi) for s in shards}
+    counts = [sum(1 for s in shards if owner[s] == i) for i in range(masters)]
+    if len(shards) < masters:
+        fail(f"{source}: {len(shards)} shards for {masters} masters: some masters serve no "
+             "shard; shard the input over at least as many streams as masters")
+    if max(counts) - min(counts) > 1:
+        busy = counts.index(max(counts))
+        fail(f"{source}: the shards' slots do not spread over the {masters} masters "
+             f"({'/'.join(map(str, counts))} shards per master; master {busy}, slots "
+             f"{ranges[busy][0]}-{ranges[busy][1]}, holds "
+             f"{', '.join(s for s in shards if owner[s] == busy)}): name shard i of N with the tag "
+             "`fleetctl shards --stream <prefix> --count N` prints")
+    ok(f"{source}: {len(shards)} shards, each with a hash tag, spread "
+       f"{'/'.join(map(str, counts))} over {masters} masters: "
+       + ", ".join(f"{s} (slot {slot(s)}, master {owner[s]})" for s in shards))
+    return shards
+
+
+def check_keys(name, group, items, concrete, config, rules, user, acl, tagged, where):
+    """The worker's keys against its Redis ACL user and, where streams have a hash tag (always on
+    a cluster), its streams' hash slot: its streams and globs, what the pipeline writes beside
+    them, its rate-limit budgets, and every key its actions name. Returns the number of action
+    keys checked and the known starts of the streams it writes (history keys)."""
     root_keys = rules[0][0]
-    for st in streams:
-        if not any(covers(p, st) for p in root_keys):
-            fail(f"{where}: stream {st} (and {st}:dlq, :trials, :checkpoints) is outside the keys "
-                 f"of ACL user {user} ({' '.join(root_keys)})")
-    tags = {hash_tag(st) for st in streams}
-    n = 0
-    for kind, template in action_templates(config):
-        for prefix in template_prefix(template, streams):
+    acl_name = os.path.relpath(acl)
+
+    def inside(key, what):
+        if not any(covers(p, key) for p in root_keys):
+            fail(f"{where}: {what} {key!r} is outside the keys of ACL user {user} "
+                 f"({' '.join('~' + p for p in root_keys)}, {acl_name})")
+
+    for item in items:
+        if is_glob(item):
+            inside(re.split(r"[*?\[\\]", item, maxsplit=1)[0], f"every stream of the glob {item}, starting")
+    for st in concrete:
+        inside(st, "stream")
+        for suffix in BESIDE:
+            inside(st + suffix.format(group=group), "key beside a stream")
+    budgets = 0
+    for rule in config.get("backpressure", []):
+        if rule.get("mode") == "rate_limit" and rule.get("scope", "fleet") != "replica":
+            inside(budget_prefix(items, group) + rule.get("pattern", ""), "rate-limit budget")
+            budgets += 1
+    n, writes = 0, []
+    for i, pattern, kind, template in action_templates(config):
+        parts = parse_template(template)
+        if parts is None:
+            fail(f"{where}: route[{i}] ({pattern}): {kind} key {template!r} does not parse")
+        if tagged:
+            why = copartition_refusal(parts, items)
+            if why:
+                fail(f"{where}: route[{i}] ({pattern}): {kind} key {template!r}: on a Redis Cluster "
+                     "every key a route writes must share its stream's hash slot (its effects and "
+                     f"XACK are one script): {why} (the projector exits 2)")
+        for st in concrete:
+            prefix, whole = render_prefix(parts, st)
             n += 1
-            if not any(covers(p, prefix) for p in root_keys):
-                fail(f"{where}: {kind} key {template!r} (starts {prefix!r}) is outside the keys of "
-                     f"ACL user {user} ({' '.join(root_keys)})")
+            inside(prefix, f"{kind} key {template!r} for {st}, starting")
             if kind == "invalidate" and not any(
                     ("del" in cmds or "@all" in cmds) and any(covers(p, prefix) for p in keys)
                     for keys, cmds, _ in rules):
                 fail(f"{where}: invalidate key {template!r} (starts {prefix!r}): ACL user {user} "
-                     "may not DEL it (deploy/redis/users.acl)")
-            if tags != {None} and hash_tag(prefix) not in tags:
-                fail(f"{where}: {kind} key {template!r} (starts {prefix!r}) does not carry the hash "
-                     f"tag of its stream ({', '.join(streams)}): on Redis Cluster it is in another "
-                     "slot than the script's stream (CROSSSLOT)")
-    return n
+                     f"may not DEL it ({acl_name})")
+            if tagged and (hash_tag(prefix) is None and not whole or slot(prefix) != slot(st)):
+                fail(f"{where}: route[{i}] ({pattern}): {kind} key {template!r} renders "
+                     f"{prefix!r}… for {st}: not in the stream's hash slot ({slot(st)}), so "
+                     "Redis Cluster refuses the script (CROSSSLOT)")
+            if kind == "history":
+                writes.append((prefix, template, st))
+    return n, budgets, writes
 
 
-def check_channels(streams, config, user, where):
+def check_channels(streams, config, rules, user, acl, where):
     """Every Pub/Sub channel the notifier publishes on (each route's `publish` template, else the
-    default) against its ACL user's channel patterns and its PUBLISH grant. Channels are no keys:
-    no hash slot applies (a PUBLISH reaches every node of a cluster)."""
-    rules = acl_users()[user]
-    if not any("publish" in cmds or "@all" in cmds for _, cmds, _ in rules):
-        fail(f"{where}: ACL user {user} may not PUBLISH (deploy/redis/users.acl)")
+    default) against its ACL user's channel patterns and its PUBLISH (or, on a `sharded` route,
+    SPUBLISH) grant. Channels are no keys: PUBLISH reaches every node of a cluster; SPUBLISH the
+    master of the channel's slot (no slot is shared with a stream: it is a command of its own)."""
     channels = [p for _, _, chans in rules for p in chans]
     routes = config.get("route") or DEFAULT_ROUTES
     for route in routes:
+        command = "spublish" if route.get("sharded") else "publish"
+        if not any(command in cmds or "@all" in cmds for _, cmds, _ in rules):
+            fail(f"{where}: route {route.get('pattern')!r} is {'' if route.get('sharded') else 'not '}"
+                 f"sharded, and ACL user {user} may not {command.upper()} ({os.path.relpath(acl)})")
         template = route.get("publish", DEFAULT_CHANNEL)
-        for prefix in template_prefix(template, streams):
+        parts = parse_template(template)
+        if parts is None:
+            fail(f"{where}: route {route.get('pattern')!r}: publish template {template!r} does not parse")
+        for st in streams:
+            prefix, _ = render_prefix(parts, st)
             if any(covers(p, prefix) for p in channels):
                 continue
             fail(f"{where}: route {route.get('pattern')!r} publishes on {template!r} (starts "
@@ -230,7 +490,7 @@ def check_channels(streams, config, user, where):
     return len(routes)
 
 
-def check_worker(d, objects, source):
+def check_worker(d, objects, source, acl, cluster, creates):
     name = d["metadata"]["name"]
     pod = d["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -260,14 +520,33 @@ def check_worker(d, objects, source):
     config = worker_config(d, objects, where)
     if spec["actions"] and not any(r.get("actions") for r in config.get("route", [])):
         fail(f"{where}: no route of its FLEET_CONFIG declares actions (the {name} exits 2)")
-    streams = [st.strip() for st in env.get("FLEET_STREAMS", {}).get("value", "").split(",") if st.strip()]
-    if not streams:
+    items = [st.strip() for st in env.get("FLEET_STREAMS", {}).get("value", "").split(",") if st.strip()]
+    if not items:
         fail(f"{where}: FLEET_STREAMS is not set")
-    user = redis_user(env["FLEET_REDIS_URL"], objects, where) or name
+    group = env.get("FLEET_GROUP", {}).get("value", name)
+    # The streams it reads for certain: the keys it names, and those the setup Job creates for its
+    # group (a glob's, which it finds with SCAN); each must be one it reads.
+    concrete = list(dict.fromkeys([s for s in items if not is_glob(s)] + creates.get(group, [])))
+    for st in concrete:
+        if not any(glob_matches(item, st) for item in items):
+            fail(f"{where}: the setup Job creates {st} for group {group}, which FLEET_STREAMS "
+                 f"({', '.join(items)}) does not read")
+    for item in items:
+        if is_glob(item) and not any(glob_matches(item, st) for st in concrete):
+            fail(f"{where}: the glob {item} matches none of the streams the setup Job creates "
+                 f"for group {group} ({', '.join(concrete) or 'none'})")
+    if cluster:
+        untagged = [s for s in concrete if hash_tag(s) is None]
+        if untagged:
+            fail(f"{where}: stream {untagged[0]} has no hash tag: on a Redis Cluster the keys "
+                 "beside it and the projector's keys cannot share its slot")
+    user = redis_user(env["FLEET_REDIS_URL"], objects, where, cluster) or name
     if user != name:
         fail(f"{where}: FLEET_REDIS_URL logs in as {user}, not as its own ACL user {name}")
-    keys = check_keys(name, streams, config, user, where)
-    publishes = check_channels(streams, config, user, where) if spec["publish"] else 0
+    rules = acl_user(acl, user, where)
+    tagged = cluster or any(hash_tag(s) is not None for s in items)
+    keys, budgets, writes = check_keys(name, group, items, concrete, config, rules, user, acl, tagged, where)
+    publishes = check_channels(concrete, config, rules, user, acl, where) if spec["publish"] else 0
     psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
     if not (psc.get("runAsNonRoot") and csc.get("readOnlyRootFilesystem")
             and csc.get("allowPrivilegeEscalation") is False):
@@ -287,44 +566,98 @@ def check_worker(d, objects, source):
     scaled = [o for o in objects if o["kind"] == "ScaledObject" and o["spec"]["scaleTargetRef"]["name"] == name]
     if not scaled:
         fail(f"{where}: no ScaledObject")
-    group = env.get("FLEET_GROUP", {}).get("value", name)
+    triggered = []
     for t in scaled[0]["spec"]["triggers"]:
         m = t["metadata"]
-        if t["type"] not in ("redis-streams", "redis-cluster-streams"):
-            fail(f"{where}: trigger {t['type']}")
+        wanted = "redis-cluster-streams" if cluster else "redis-streams"
+        if t["type"] != wanted:
+            fail(f"{where}: trigger {t['type']}, not {wanted} (every trigger of the overlay must be "
+                 "of one kind: one Redis, or one cluster)")
         if m.get("consumerGroup") != group or "lagCount" not in m or "activationLagCount" not in m:
             fail(f"{where}: the trigger must use lagCount and activationLagCount on group {group}")
-        if m.get("stream") not in streams:
-            fail(f"{where}: the trigger's stream {m.get('stream')} is not one of FLEET_STREAMS ({', '.join(streams)})")
+        if not any(glob_matches(item, m.get("stream", "")) for item in items):
+            fail(f"{where}: the trigger's stream {m.get('stream')} is not one FLEET_STREAMS reads ({', '.join(items)})")
+        if m.get("stream") in triggered:
+            fail(f"{where}: two triggers on {m.get('stream')}")
+        if cluster and not (m.get("addresses") or m.get("hosts")):
+            fail(f"{where}: the trigger on {m.get('stream')} names no cluster nodes (addresses)")
         if not all(isinstance(v, str) for v in m.values()):
             fail(f"{where}: trigger metadata values must be strings")
+        triggered.append(m.get("stream"))
+    if cluster:
+        missing = [s for s in concrete if s not in triggered]
+        if missing:
+            fail(f"{where}: no trigger on {', '.join(missing)}: KEDA scales on the largest lag of "
+                 "its triggers, one per shard (redis-cluster-streams reads one stream), so a "
+                 "shard without one never scales the worker")
     ok(f"{where}: command, probes, pod-name consumer, grace period, "
        f"{'Redis and PostgreSQL' if spec['database'] else 'Redis only (no database)'} Secret, "
        f"ConfigMap, security, resources, PDB, ServiceMonitor, "
-       f"ScaledObject ({scaled[0]['spec']['triggers'][0]['type']}), keys inside ACL user {user}"
-       + (f" and their stream's hash slot ({keys} action keys)" if spec["actions"] else "")
+       f"ScaledObject ({len(triggered)} {scaled[0]['spec']['triggers'][0]['type']} trigger"
+       f"{'s' if len(triggered) > 1 else ''}{', one per shard' if cluster else ''}), "
+       f"keys of {len(concrete)} stream{'s' if len(concrete) > 1 else ''} (and beside them) inside ACL user {user}"
+       f" ({os.path.relpath(acl)})"
+       + (f", {budgets} rate-limit budget{'s' if budgets > 1 else ''} too" if budgets else "")
+       + (f", {keys} action keys inside it and in their stream's hash slot" if spec["actions"] else "")
        + (f", channels inside its channel patterns ({publishes} routes' publish)" if spec["publish"] else ""))
-    return {"name": name, "group": group, "streams": streams}
+    return {"name": name, "group": group, "items": items, "streams": concrete, "writes": writes,
+            "triggered": triggered}
 
 
-def check_setup(objects, workers, source):
-    jobs = [o for o in objects if o["kind"] == "Job"]
-    commands = [c.get("command", []) for j in jobs
-                for c in j["spec"]["template"]["spec"].get("initContainers", []) + j["spec"]["template"]["spec"]["containers"]]
+def check_globs(workers, source):
+    """No worker's FLEET_STREAMS matches a stream another one writes (the projector's histories):
+    it would read it as input. Dead letters (`<stream>:dlq`) are never read; the other keys beside
+    a stream are no streams (SCAN … TYPE stream skips them)."""
+    items = {item for w in workers for item in w["items"]}
+    n = 0
+    for w in workers:
+        for prefix, template, st in w["writes"]:
+            n += 1
+            for item in items:
+                if may_match(prefix, item):
+                    fail(f"{source}: the {w['name']}'s history {template!r} (for {st}, starting "
+                         f"{prefix!r}) may match FLEET_STREAMS {item}: a worker would read it as input")
+    ok(f"{source}: the workers' streams ({', '.join(sorted(items))}) match none of the projector's "
+       f"histories ({n} keys checked)"
+       + ("; the dead letters a glob matches are never read" if any(map(is_glob, items)) else ""))
+
+
+def check_setup(objects, workers, creates, commands, acl, cluster, source):
     if ["fleetctl", "migrate"] not in commands:
         fail(f"{source}: no Job running `fleetctl migrate`")
-
-    def flag(cmd, name):
-        return cmd[cmd.index(name) + 1] if name in cmd[:-1] else None
-
-    creates = [c for c in commands if c[:3] == ["fleetctl", "groups", "create"]]
     for w in workers:
-        made = [set((flag(c, "--streams") or "").split(",")) for c in creates if flag(c, "--group") == w["group"]]
-        if not any(set(w["streams"]) <= m for m in made):
+        made = set(creates.get(w["group"], []))
+        if not made or not set(w["streams"]) <= made:
             fail(f"{source}: no setup Job runs `fleetctl groups create --streams {','.join(w['streams'])} "
                  f"--group {w['group']}` (the {w['name']}'s group; KEDA misreads a missing group)")
+    # The setup Job's and KEDA's ACL users reach every stream (and the Job the checkpoints).
+    users = []
+    for j in (o for o in objects if o["kind"] == "Job"):
+        for c in j["spec"]["template"]["spec"]["containers"]:
+            var = env_of(c).get("FLEET_REDIS_URL")
+            if var and c.get("command", [])[:3] == ["fleetctl", "groups", "create"]:
+                users.append((redis_user(var, objects, f"{source}: Job {j['metadata']['name']} container {c['name']}", cluster),
+                              [s for s in c["command"][c["command"].index("--streams") + 1].split(",")], True))
+    for auth in (o for o in objects if o["kind"] == "TriggerAuthentication"):
+        for p in auth["spec"].get("secretTargetRef", []):
+            if p.get("parameter") == "username":
+                user = secret_value(p, objects, f"{source}: TriggerAuthentication {auth['metadata']['name']}")
+                streams = [t["metadata"].get("stream") for o in objects if o["kind"] == "ScaledObject"
+                           for t in o["spec"]["triggers"]
+                           if t.get("authenticationRef", {}).get("name") == auth["metadata"]["name"]]
+                users.append((user, streams, False))
+    for user, streams, checkpoints in users:
+        if user is None:
+            continue
+        root_keys = acl_user(acl, user, source)[0][0]
+        for st in streams:
+            for key in [st] + ([st + ":checkpoints"] if checkpoints else []):
+                if not any(covers(p, key) for p in root_keys):
+                    fail(f"{source}: {key} is outside the keys of ACL user {user} "
+                         f"({' '.join('~' + p for p in root_keys)}, {os.path.relpath(acl)})")
     ok(f"{source}: setup Job migrates and creates the groups of "
-       + ", ".join(f"{w['name']} ({w['group']})" for w in workers))
+       + ", ".join(f"{w['name']} ({w['group']}, {len(w['streams'])} stream{'s' if len(w['streams']) > 1 else ''})" for w in workers)
+       + "; the setup and KEDA ACL users reach them")
 
 
 def check_rules(objects, rules_file, source):
@@ -338,7 +671,9 @@ def check_rules(objects, rules_file, source):
 
 def main():
     modules, rules_file, files = sys.argv[1], sys.argv[2], sys.argv[3:]
-    for source in files:
+    for arg in files:
+        source, _, acl = arg.partition("=")
+        acl = os.path.abspath(acl) if acl else ACL_FILE
         with open(source) as f:
             objects = [o for o in yaml.safe_load_all(f) if o]
         custom = []
@@ -362,8 +697,14 @@ def main():
         missing = set(WORKERS) - {d["metadata"]["name"] for d in deployments}
         if missing:
             fail(f"{source}: no Deployment of {', '.join(sorted(missing))}")
-        workers = [check_worker(d, objects, source) for d in deployments]
-        check_setup(objects, workers, source)
+        kinds = {t["type"] for o in objects if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]}
+        cluster = "redis-cluster-streams" in kinds
+        jobs, commands, creates = setup_creates(objects, source)
+        if cluster:
+            check_shards(objects, creates, source)
+        workers = [check_worker(d, objects, source, acl, cluster, creates) for d in deployments]
+        check_globs(workers, source)
+        check_setup(objects, workers, creates, commands, acl, cluster, source)
         check_rules(objects, rules_file, source)
 
 
