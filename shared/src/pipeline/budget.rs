@@ -237,9 +237,8 @@ impl Budgets {
     }
 
     /// The commands the fleet's budgets need that the ACL user may not run, or keys it may not
-    /// touch: checked at start (a refusal while running would leave rate-limited events waiting
-    /// for ever). Each command is queued in a `MULTI` then discarded: Redis checks permissions as
-    /// it queues, and runs nothing.
+    /// touch (`runtime::grants`): checked at start, since a refusal while running would leave
+    /// rate-limited events waiting for ever.
     pub async fn refused(&self) -> redis::RedisResult<Vec<String>> {
         let Some(conn) = &self.conn else {
             return Ok(Vec::new());
@@ -268,23 +267,8 @@ impl Budgets {
             ("EVALSHA", BUDGET_SCRIPT.call().arg(0).clone()),
             ("SCRIPT LOAD", BUDGET_SCRIPT.load()),
         ];
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors().cmd("MULTI");
-        for (_, cmd) in &checks {
-            pipe.add_command(cmd.clone());
-        }
-        pipe.cmd("DISCARD");
         let mut conn = conn.clone();
-        let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut conn).await?;
-        Ok(checks
-            .iter()
-            .zip(replies.iter().skip(1))
-            .filter(|(_, reply)| matches!(reply, Err(e) if e.code() == Some("NOPERM")))
-            .map(|((name, _), reply)| match reply {
-                Err(e) if e.to_string().contains("key") => format!("{name} on {probe}"),
-                _ => (*name).to_owned(),
-            })
-            .collect())
+        crate::runtime::grants::refused(&mut conn, &checks).await
     }
 
     /// Grants what `asks` (with the units each asks for) can have now: the fleet's budgets in one

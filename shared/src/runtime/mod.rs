@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod connect;
+pub mod grants;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod logging;

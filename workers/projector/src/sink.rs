@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::{RedisError, Value};
 use streamfleet::runtime::conn::Conn;
 use streamfleet::runtime::connect::RedisTarget;
+use streamfleet::runtime::grants;
 use streamfleet::runtime::scripts::query_loading;
 use streamfleet::store::redis_checkpoints;
 use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected};
@@ -78,37 +79,27 @@ const SCRIPT_COMMANDS: &[&[&str]] = &[
 ];
 const PROBE_KEY: &str = "streamfleet:acl-probe";
 
-/// The commands of `effects.lua` the ACL user may not run. A script refused a command half-way
-/// would keep what it did before, entries acknowledged included, and lose the rest of their
-/// effects; so a missing grant stops the worker at start instead. Each command is queued in a
-/// `MULTI` that is then discarded: Redis checks the user's permission as it queues, and runs
-/// nothing. (A key outside the user's patterns is refused for the whole script before it runs.)
+/// The commands of `effects.lua` the ACL user may not run (`runtime::grants`): a script refused
+/// a command half-way would keep what it did before, entries acknowledged included, and lose the
+/// rest of their effects; so a missing grant stops the worker at start instead. (A key outside
+/// the user's patterns is refused for the whole script before it runs: that is the batch's, not
+/// a start error, so the probe key's own refusals are not counted.)
 async fn refused_commands(conn: &mut Conn) -> Result<Vec<String>, RedisError> {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    pipe.cmd("MULTI");
-    for command in SCRIPT_COMMANDS {
-        let mut cmd = redis::cmd(command[0]);
-        for arg in &command[1..] {
-            cmd.arg(*arg);
-        }
-        pipe.add_command(cmd);
-    }
-    pipe.cmd("DISCARD");
-    let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(conn).await?;
-    Ok(SCRIPT_COMMANDS
+    let checks: Vec<(&str, redis::Cmd)> = SCRIPT_COMMANDS
         .iter()
-        .zip(replies.iter().skip(1))
-        .filter(|(_, reply)| matches!(reply, Err(e) if is_refused_command(e)))
-        .map(|(command, _)| command[0].to_owned())
+        .map(|command| {
+            let mut cmd = redis::cmd(command[0]);
+            for arg in &command[1..] {
+                cmd.arg(*arg);
+            }
+            (command[0], cmd)
+        })
+        .collect();
+    Ok(grants::refused(conn, &checks)
+        .await?
+        .into_iter()
+        .filter(|refused| !refused.contains(" on "))
         .collect())
-}
-
-/// Whether Redis refused a command to the user (not a key: that is `NOPERM` with "access a key"),
-/// as a command or inside a script, whose errors carry no code.
-fn is_refused_command(e: &RedisError) -> bool {
-    let text = e.to_string().to_lowercase();
-    text.contains("no permissions to run") || text.contains("can't run this command")
 }
 
 /// What a Redis error means for the batch.
