@@ -22,17 +22,20 @@
 -- checkpoint is 1 when written (or already further), 0 when none was asked, -1 when the
 -- checkpoints key holds another type than a hash; or {-1, error} when the group is gone.
 --
--- Nothing that can fail runs after an entry's XACK. Before it, the entry's effects are judged
--- the way Redis will judge them, without writing anything: the type of every key it writes (read
--- once per key per call, latest keys with their stored version), a counter's value as `INCRBY`
--- parses it and whether the call's increments overflow it (counter.lua), the dedup set's type.
--- An entry that fails a check is rejected whole (nothing written, left pending for a dead letter
--- naming the key and the reason). After its XACK come only writes that cannot fail on keys of the
--- checked types: its history appends, then, once per key after every entry, the gathered
--- counters, latest states and deletions. One append can still fail: `XADD *` on a stream whose
--- last id is the largest possible one has no id left. That entry is then put back whole: its
--- earlier appends deleted (`XDEL`) and the entry pending again (`XCLAIM ... FORCE`), neither of
--- which can fail on a stream and a group that exist, and rejected.
+-- Nothing that can fail runs after an entry's XACK but its history appends, which are undone if
+-- they fail. Before the XACK, the entry's effects are judged the way Redis will judge them,
+-- without writing anything: the type of every latest key (read with its stored version) and
+-- counter (once per key per call), a counter's value as `INCRBY` parses it and whether the call's
+-- increments overflow it (counter.lua), the dedup set's type. An entry that fails a check is
+-- rejected whole (nothing written, left pending for a dead letter naming the key and the reason).
+-- After its XACK come its history appends, then, once per key after every entry, the gathered
+-- counters, latest states and deletions, which cannot fail on keys of the checked types. An
+-- append can fail (a key of another type: its type is left to the append, as a TYPE per history
+-- key per call cost about as much as the append; or a stream whose last id is the largest
+-- possible one, with no id left for `XADD *`): the entry is then put back whole, its earlier
+-- appends deleted (`XDEL`) and the entry pending again (`XCLAIM ... FORCE`), neither of which can
+-- fail on a stream and a group that exist, and rejected; the key's type is then known, and the
+-- call's later entries on it are refused before their XACK.
 --
 -- Versions (`latest`) compare as strings of one format: a mode letter and fixed-width digits
 -- (plan.rs). A stored version of another mode or format (the route's `version` changed, or an
@@ -81,11 +84,13 @@ local i = 6 + plain
 local shapes = {}
 for n = 1, tonumber(ARGV[i]) do
   local letters = ARGV[i + 1]
-  local shape = {width = 0}
+  local shape = {width = 0, counts = 0, histories = 0}
   for o = 1, #letters do
     local op = string.sub(letters, o, o)
     shape[o] = {op, ARGV[i + 1 + o]}
     shape.width = shape.width + (op == 'L' and 2 or 1)
+    if op == 'C' then shape.counts = shape.counts + 1 end
+    if op == 'H' then shape.histories = shape.histories + 1 end
   end
   shapes[n] = shape
   i = i + 1 + #letters
@@ -133,10 +138,10 @@ local function latest_type(k)
   return 'hash'
 end
 
--- Whether version `v` replaces `than`: by their order within one format, else always.
+-- Whether version `v` replaces `than`: by their order within one format, else always. (Called
+-- as `v > than or newer(v, than)`: the comparison alone decides the usual case.)
 local function newer(v, than)
-  if #v ~= #than or string.byte(v) ~= string.byte(than) then return true end
-  return v > than
+  return #v ~= #than or string.byte(v) ~= string.byte(than) or v > than
 end
 
 -- Event ids the dedup window has seen (a producer's retry at a new entry), asked once per set.
@@ -175,8 +180,7 @@ end
 
 -- Why the entry starting at `s` cannot be applied, or nil and the types its new keys take (nil
 -- when it creates none). Writes nothing.
-local function check(s, shape)
-  local d = tonumber(ARGV[s + 1])
+local function check(s, shape, d)
   if d > 0 and types[d] ~= 'set' then
     return KEYS[d] .. ' holds a ' .. type_of(d) .. ', not the dedup set'
   end
@@ -187,7 +191,11 @@ local function check(s, shape)
     local want = WANT[op]
     if want then
       local t = (created and created[k]) or types[k]
-      if not t then t = op == 'L' and latest_type(k) or type_of(k) end
+      if not t then
+        -- A history key's type is left to its append (a TYPE per key would cost about as much
+        -- as the append): see the header.
+        if op == 'H' then t = 'none' elseif op == 'L' then t = latest_type(k) else t = type_of(k) end
+      end
       if t == 'none' then
         created = created or {}
         created[k] = want
@@ -202,10 +210,13 @@ local function check(s, shape)
       end
       if op == 'C' then
         -- This entry's increments of the key (one per count action naming it), on top of the call's.
-        local add, w = 1, s + 5
-        for p = 1, o - 1 do
-          if shape[p][1] == 'C' and ARGV[w] == ARGV[j] then add = add + 1 end
-          w = w + (shape[p][1] == 'L' and 2 or 1)
+        local add = 1
+        if shape.counts > 1 then
+          local w = s + 5
+          for p = 1, o - 1 do
+            if shape[p][1] == 'C' and ARGV[w] == ARGV[j] then add = add + 1 end
+            w = w + (shape[p][1] == 'L' and 2 or 1)
+          end
         end
         if (counts[k] or 0) + add > room[k] then
           return KEYS[k] .. ' holds ' .. call('GET', KEYS[k]) .. ': adding '
@@ -218,9 +229,11 @@ local function check(s, shape)
   return nil, created
 end
 
--- Its history appends; on a failure, what it appended is deleted: nil and the reason.
+-- Its history appends; on a failure, what it appended is deleted: nil and the reason. (The
+-- appends to undo are kept in one table reused by every entry: nothing is allocated per append.)
+local undo = {}
 local function append(s, shape, id)
-  local j, written = s + 5, nil
+  local j, done = s + 5, 0
   for o = 1, #shape do
     local op = shape[o][1]
     if op == 'H' then
@@ -228,11 +241,19 @@ local function append(s, shape, id)
       local r = try('XADD', KEYS[k], 'MAXLEN', '~', shape[o][2], '*', 'event', ARGV[s + 3],
         'stream', stream, 'entry_id', id)
       if type(r) == 'table' and r.err then
-        for _, w in ipairs(written or {}) do call('XDEL', w[1], w[2]) end
+        for w = 1, done do call('XDEL', KEYS[undo[2 * w - 1]], undo[2 * w]) end
+        -- Later entries of the call are refused before their XACK.
+        local kind = call('TYPE', KEYS[k]).ok
+        types[k] = kind
+        if kind ~= 'stream' and kind ~= 'none' then
+          return nil, KEYS[k] .. ' holds a ' .. kind .. ', not a stream (history)'
+        end
         return nil, KEYS[k] .. ': ' .. r.err .. ' (history)'
       end
-      written = written or {}
-      written[#written + 1] = {KEYS[k], r}
+      if shape.histories > 1 then
+        done = done + 1
+        undo[2 * done - 1], undo[2 * done] = k, r
+      end
     end
     j = j + (op == 'L' and 2 or 1)
   end
@@ -247,14 +268,15 @@ for n, s in ipairs(starts) do
     settled[#settled + 1] = id
     result[2] = result[2] + 1
   else
-    local why, created = check(s, shape)
+    local why, created = check(s, shape, d)
     if why then
       reject(n, why)
     elseif call('XACK', stream, group, id) == 0 then
       -- Not pending: applied already (or another consumer's, settled).
       result[2] = result[2] + 1
     else
-      local ok, failed = append(s, shape, id)
+      local ok, failed = true, nil
+      if shape.histories > 0 then ok, failed = append(s, shape, id) end
       if not ok then
         call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
         reject(n, failed)
@@ -268,7 +290,7 @@ for n, s in ipairs(starts) do
           local op, k = shape[o][1], tonumber(ARGV[j])
           if op == 'L' then
             local c = latest[k]
-            if not c or newer(ARGV[j + 1], ARGV[c]) then
+            if not c or ARGV[j + 1] > ARGV[c] or newer(ARGV[j + 1], ARGV[c]) then
               latest[k], latest_entry[k] = j + 1, s
             end
             j = j + 2
@@ -300,7 +322,7 @@ if #deleted > 0 then must('DEL', {}, deleted) end
 for k, at in pairs(latest) do
   local was, version, s = stored[k], ARGV[at], latest_entry[k]
   if dels[KEYS[k]] then was = false end
-  if not was or newer(version, was) then
+  if not was or version > was or newer(version, was) then
     call('HSET', KEYS[k], 'event', ARGV[s + 3], 'stream', stream, 'entry_id', ARGV[s],
       'version', version)
   end
