@@ -451,6 +451,90 @@ impl Drop for PrivatePostgres {
 pub struct PrivateCluster {
     dir: PathBuf,
     nodes: Vec<ClusterNode>,
+    /// How the nodes are reached (TLS, the admin user) by this harness and redis-cli.
+    access: NodeAccess,
+    /// Extra server arguments of every node (TLS files, the ACL file, replication's user).
+    server_args: Vec<String>,
+}
+
+/// The ACL user a TLS [`PrivateCluster`] has for the harness itself (`~* &* +@all`): its checks,
+/// `redis-cli --cluster create`, the replicas' sync with their masters (`masteruser`), and the
+/// tests' own reads. The default user is off.
+pub const CLUSTER_ADMIN: &str = "admin";
+/// [`CLUSTER_ADMIN`]'s password.
+pub const CLUSTER_ADMIN_PASSWORD: &str = "pw-admin-3c7e";
+
+/// How to reach a node: plain TCP with the default user, or TLS verified against a CA file and
+/// an ACL user.
+#[derive(Clone, Debug, Default)]
+struct NodeAccess {
+    /// The CA file that signed the nodes' certificate: TLS when set.
+    ca: Option<PathBuf>,
+    /// The certificate and key presented to a node that asks for one (`tls-auth-clients yes`).
+    client: Option<(PathBuf, PathBuf)>,
+    /// User and password, when the default user is off.
+    user: Option<(String, String)>,
+}
+
+impl NodeAccess {
+    /// The URL of the node at `addr` (`127.0.0.1:<port>`), credentials included.
+    fn url(&self, addr: &str) -> String {
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        match &self.user {
+            Some((user, password)) => format!("{scheme}://{user}:{password}@{addr}"),
+            None => format!("{scheme}://{addr}"),
+        }
+    }
+
+    fn client(&self, addr: &str) -> Option<redis::Client> {
+        match &self.ca {
+            None => redis::Client::open(self.url(addr)).ok(),
+            Some(ca) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let client_tls = match &self.client {
+                    Some((cert, key)) => Some(redis::ClientTlsConfig {
+                        client_cert: std::fs::read(cert).ok()?,
+                        client_key: std::fs::read(key).ok()?,
+                    }),
+                    None => None,
+                };
+                redis::Client::build_with_tls(
+                    self.url(addr),
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert: Some(std::fs::read(ca).ok()?),
+                    },
+                )
+                .ok()
+            }
+        }
+    }
+
+    /// redis-cli's arguments to reach a node this way.
+    fn cli_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(ca) = &self.ca {
+            args.extend(["--tls".into(), "--cacert".into(), ca.display().to_string()]);
+        }
+        if let Some((cert, key)) = &self.client {
+            args.extend([
+                "--cert".into(),
+                cert.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        if let Some((user, password)) = &self.user {
+            args.extend([
+                "--user".into(),
+                user.clone(),
+                "--pass".into(),
+                password.clone(),
+                "--no-auth-warning".into(),
+            ]);
+        }
+        args
+    }
 }
 
 /// One redis-server of a [`PrivateCluster`].
@@ -484,9 +568,10 @@ pub struct ClusterMember {
     pub failed: bool,
 }
 
-/// One command to the node at `addr`; None when it does not answer as asked (killed, loading).
-fn ask<T: redis::FromRedisValue>(addr: &str, args: &[&str]) -> Option<T> {
-    let client = redis::Client::open(format!("redis://{addr}")).ok()?;
+/// One command to the node at `addr`, reached as `access` says (TLS, an ACL user); None when it
+/// does not answer as asked (killed, loading).
+fn ask_as<T: redis::FromRedisValue>(access: &NodeAccess, addr: &str, args: &[&str]) -> Option<T> {
+    let client = access.client(addr)?;
     let mut conn = client
         .get_connection_with_timeout(Duration::from_secs(1))
         .ok()?;
@@ -526,6 +611,88 @@ impl PrivateCluster {
     /// waits until every node says `cluster_state:ok`, all agree on roles and slots, and every
     /// replica's link is up. The first node is the first master.
     pub fn start(masters: usize) -> Self {
+        Self::create(
+            scratch("cluster-"),
+            masters,
+            NodeAccess::default(),
+            Vec::new(),
+        )
+    }
+
+    /// Like [`PrivateCluster::start`], but TLS only and with ACL users, as a production cluster
+    /// runs: every node listens on a TLS port alone (`--port 0`), its cluster bus and its
+    /// replication over TLS too (`tls-cluster`, `tls-replication`), with `certs`' server
+    /// certificate (for `localhost` / 127.0.0.1, the address the nodes announce) and no client
+    /// certificate asked. Each node loads one ACL file: the default user off, [`CLUSTER_ADMIN`]
+    /// for the harness (and the replicas' sync: `masteruser`), and `users` (ACL file lines, e.g.
+    /// deploy's users with their key patterns renamed). The certificate files are copied into the
+    /// cluster's folder, so a node restarts on them whatever became of `certs`.
+    pub fn start_tls(masters: usize, certs: &Certs, users: &str) -> Self {
+        Self::start_secure(masters, certs, users, false)
+    }
+
+    /// Like [`PrivateCluster::start_tls`], but every node asks each client for a certificate
+    /// signed by the CA (`tls-auth-clients yes`) and refuses a connection without one. `certs`'
+    /// server certificate serves as the client certificate too (it has no extended key usage
+    /// that would restrict it to servers): the harness presents it, the nodes to each other, and
+    /// the workers are given it (`FLEET_REDIS_CLIENT_CERT` / `FLEET_REDIS_CLIENT_KEY`).
+    pub fn start_mtls(masters: usize, certs: &Certs, users: &str) -> Self {
+        Self::start_secure(masters, certs, users, true)
+    }
+
+    fn start_secure(masters: usize, certs: &Certs, users: &str, client_auth: bool) -> Self {
+        let dir = scratch("cluster-tls-");
+        let copy = |from: &Path, name: &str| {
+            let to = dir.join(name);
+            std::fs::copy(from, &to).expect("copy a certificate file");
+            to.display().to_string()
+        };
+        let (ca, cert, key) = (
+            copy(&certs.ca, "ca.crt"),
+            copy(&certs.cert, "server.crt"),
+            copy(&certs.key, "server.key"),
+        );
+        let acl = dir.join("users.acl");
+        std::fs::write(
+            &acl,
+            format!(
+                "user default off\n\
+                 user {CLUSTER_ADMIN} on >{CLUSTER_ADMIN_PASSWORD} ~* &* +@all\n{users}\n"
+            ),
+        )
+        .expect("the ACL file");
+        let server_args = [
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--tls-auth-clients",
+            if client_auth { "yes" } else { "no" },
+            "--aclfile",
+            &acl.display().to_string(),
+            "--masteruser",
+            CLUSTER_ADMIN,
+            "--masterauth",
+            CLUSTER_ADMIN_PASSWORD,
+        ]
+        .map(String::from)
+        .to_vec();
+        let access = NodeAccess {
+            ca: Some(PathBuf::from(ca)),
+            client: client_auth.then(|| (PathBuf::from(cert), PathBuf::from(key))),
+            user: Some((CLUSTER_ADMIN.into(), CLUSTER_ADMIN_PASSWORD.into())),
+        };
+        Self::create(dir, masters, access, server_args)
+    }
+
+    /// Starts the nodes in `dir`, reached as `access` says, and joins them into a cluster.
+    fn create(dir: PathBuf, masters: usize, access: NodeAccess, server_args: Vec<String>) -> Self {
         assert!(
             masters >= 3,
             "a Redis Cluster needs 3 masters: redis-cli creates no fewer, and electing a replica \
@@ -539,7 +706,9 @@ impl PrivateCluster {
             }
         }
         let mut cluster = PrivateCluster {
-            dir: scratch("cluster-"),
+            dir,
+            access,
+            server_args,
             nodes: ports
                 .chunks(2)
                 .map(|p| ClusterNode {
@@ -551,9 +720,10 @@ impl PrivateCluster {
                 .collect(),
         };
         for i in 0..cluster.nodes.len() {
-            cluster.spawn(i);
+            cluster.spawn_new(i);
         }
         let out = Command::new("redis-cli")
+            .args(cluster.access.cli_args())
             .args(["--cluster", "create"])
             .args(cluster.nodes.iter().map(ClusterNode::addr))
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -572,11 +742,61 @@ impl PrivateCluster {
 
     /// Starts node `i` on its folder: a fresh one, or the nodes.conf and AOF it left when killed.
     fn spawn(&mut self, i: usize) {
+        if let Err(why) = self.try_spawn(i) {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts node `i` of a cluster being created. A port picked free may be taken before the
+    /// node binds it (an outgoing connection's ephemeral port, another test's server: they come
+    /// from the same range), more often as a test's nodes start one after the other over seconds:
+    /// then the node gets two other free ports and starts again.
+    fn spawn_new(&mut self, i: usize) {
+        for _ in 0..5 {
+            match self.try_spawn(i) {
+                Ok(()) => return,
+                Err(why) if why.contains("Address already in use") => {
+                    let node = &self.nodes[i];
+                    let _ = std::fs::remove_dir_all(self.dir.join(node.port.to_string()));
+                    let taken: Vec<u16> = self
+                        .nodes
+                        .iter()
+                        .flat_map(|n| [n.port, n.bus_port])
+                        .collect();
+                    let mut fresh =
+                        std::iter::repeat_with(free_port).filter(|p| !taken.contains(p));
+                    let (port, bus_port) = (fresh.next().unwrap(), fresh.next().unwrap());
+                    let node = &mut self.nodes[i];
+                    (node.port, node.bus_port) = (port, bus_port);
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("no free ports for a node after 5 tries");
+    }
+
+    /// Starts node `i` and waits until it answers; if it exits first, why (its log's end).
+    fn try_spawn(&mut self, i: usize) -> Result<(), String> {
+        let access = self.access.clone();
         let node = &mut self.nodes[i];
         let (addr, dir) = (node.addr(), self.dir.join(node.port.to_string()));
         std::fs::create_dir_all(&dir).expect("the node's folder");
+        // Its log, for why it exited if it does (appended to: a restart keeps the earlier runs').
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("redis.log"))
+            .expect("the node's log");
+        let port = node.port.to_string();
+        // Over TLS, the TLS port alone: the node announces it to the cluster and its clients.
+        let listen = match access.ca {
+            None => vec!["--port", &port],
+            Some(_) => vec!["--port", "0", "--tls-port", &port],
+        };
         let mut child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &node.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(listen)
+            .args(&self.server_args)
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-port", &node.bus_port.to_string()])
             .args(["--cluster-config-file", "nodes.conf"])
@@ -593,16 +813,27 @@ impl PrivateCluster {
             .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&dir)
-            .stdout(Stdio::null())
+            .stdout(log)
             .spawn()
             .expect("redis-server");
+        let mut exited = None;
         wait_for(&format!("redis-server on {addr}"), || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("redis-server on {addr} exited with {status} (port taken?)");
+                exited = Some(status);
+                return true;
             }
-            ask::<String>(&addr, &["PING"]).as_deref() == Some("PONG")
+            ask_as::<String>(&access, &addr, &["PING"]).as_deref() == Some("PONG")
         });
+        if let Some(status) = exited {
+            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(format!(
+                "redis-server on {addr} exited with {status}: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
         node.child = Some(child);
+        Ok(())
     }
 
     /// The addresses of the nodes that run (not killed).
@@ -615,9 +846,10 @@ impl PrivateCluster {
     }
 
     /// CLUSTER NODES as the node at `addr` sees the cluster, sorted by address.
-    fn view(addr: &str) -> Result<Vec<ClusterMember>, String> {
-        let text: String =
-            ask(addr, &["CLUSTER", "NODES"]).ok_or(format!("{addr} does not answer"))?;
+    fn view(&self, addr: &str) -> Result<Vec<ClusterMember>, String> {
+        let text: String = self
+            .ask(addr, &["CLUSTER", "NODES"])
+            .ok_or(format!("{addr} does not answer"))?;
         let mut view = parse_cluster_nodes(&text);
         view.sort();
         Ok(view)
@@ -630,11 +862,11 @@ impl PrivateCluster {
         let live = self.live();
         let mut agreed: Option<(String, Vec<ClusterMember>)> = None;
         for addr in &live {
-            let info: String = ask(addr, &["CLUSTER", "INFO"]).unwrap_or_default();
+            let info: String = self.ask(addr, &["CLUSTER", "INFO"]).unwrap_or_default();
             if !info.contains("cluster_state:ok") {
                 return Err(format!("{addr}: cluster_state is not ok"));
             }
-            let view = Self::view(addr)?;
+            let view = self.view(addr)?;
             if view
                 .iter()
                 .any(|m| !live.contains(&m.addr) && !m.slots.is_empty())
@@ -655,7 +887,7 @@ impl PrivateCluster {
                 Some(_) => {}
                 None => agreed = Some((addr.clone(), running)),
             }
-            let replication: String = ask(addr, &["INFO", "replication"]).unwrap_or_default();
+            let replication: String = self.ask(addr, &["INFO", "replication"]).unwrap_or_default();
             if !replication.contains("role:master")
                 && !replication.contains("master_link_status:up")
             {
@@ -680,6 +912,11 @@ impl PrivateCluster {
         }
     }
 
+    /// One command to the node at `addr`, as [`ask_as`] with this cluster's access.
+    fn ask<T: redis::FromRedisValue>(&self, addr: &str, args: &[&str]) -> Option<T> {
+        ask_as(&self.access, addr, args)
+    }
+
     fn index(&self, addr: &str) -> usize {
         self.nodes
             .iter()
@@ -687,17 +924,33 @@ impl PrivateCluster {
             .unwrap_or_else(|| panic!("{addr} is no node of this cluster"))
     }
 
-    /// The URL of the first running node: the first master, until it is killed.
+    /// `rediss` for a TLS cluster, else `redis`.
+    fn scheme(&self) -> &'static str {
+        if self.access.ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        }
+    }
+
+    /// The URL of the first running node: the first master, until it is killed. No credentials
+    /// (see [`PrivateCluster::url_as`]).
     pub fn url(&self) -> String {
         let addr = self.live().into_iter().next().expect("a running node");
-        format!("redis://{addr}")
+        format!("{}://{addr}", self.scheme())
+    }
+
+    /// [`PrivateCluster::url`] with an ACL user's credentials.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        let addr = self.live().into_iter().next().expect("a running node");
+        format!("{}://{user}:{password}@{addr}", self.scheme())
     }
 
     /// The URLs of all the nodes, killed ones included (seeds for a cluster client).
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|n| format!("redis://{}", n.addr()))
+            .map(|n| format!("{}://{}", self.scheme(), n.addr()))
             .collect()
     }
 
@@ -720,7 +973,8 @@ impl PrivateCluster {
     /// The nodes not failed, as the first running node sees them, in the order of the nodes.
     fn members(&self) -> Result<Vec<ClusterMember>, String> {
         let addr = self.live().into_iter().next().ok_or("no node runs")?;
-        let mut members: Vec<ClusterMember> = Self::view(&addr)?
+        let mut members: Vec<ClusterMember> = self
+            .view(&addr)?
             .into_iter()
             .filter(|m| !m.failed)
             .collect();
@@ -731,7 +985,8 @@ impl PrivateCluster {
     /// The address of the master serving `key`'s slot.
     pub fn master_of(&self, key: &str) -> String {
         let addr = self.live().into_iter().next().expect("a running node");
-        let slot: u16 = ask(&addr, &["CLUSTER", "KEYSLOT", key])
+        let slot: u16 = self
+            .ask(&addr, &["CLUSTER", "KEYSLOT", key])
             .unwrap_or_else(|| panic!("CLUSTER KEYSLOT {key} on {addr}"));
         self.master_of_slot(slot)
             .unwrap_or_else(|e| panic!("the master of {key}: {e}"))
@@ -774,7 +1029,7 @@ impl PrivateCluster {
             if new == old_master {
                 return Err(format!("{old_master} still serves slot {slot}"));
             }
-            let info: String = ask(&new, &["INFO", "replication"]).unwrap_or_default();
+            let info: String = self.ask(&new, &["INFO", "replication"]).unwrap_or_default();
             if info.contains("role:master") {
                 Ok(new)
             } else {
