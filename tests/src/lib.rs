@@ -319,6 +319,28 @@ impl WorkerEnv {
         )
     }
 
+    /// Publishes `lines` to `stream` with the real fleetctl under these settings (a URL, TLS
+    /// files, a user): what a producer with the same settings would write.
+    pub async fn publish(&self, stream: &str, lines: &[String]) {
+        let file = std::env::temp_dir().join(format!("{}.jsonl", unique("pub")));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (status, stderr) = self
+            .run_to_end_with_args(
+                "fleetctl",
+                &[
+                    "publish",
+                    "--no-validate",
+                    "--stream",
+                    stream,
+                    "--file",
+                    &file.display().to_string(),
+                ],
+            )
+            .await;
+        let _ = std::fs::remove_file(file);
+        assert!(status.success(), "fleetctl publish to {stream}: {stderr}");
+    }
+
     /// Starts `binary` and waits for `/readyz`.
     pub async fn start(&self, binary: &str) -> Worker {
         let mut worker = self.spawn(binary).await;

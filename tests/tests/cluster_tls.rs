@@ -148,27 +148,6 @@ impl Secure {
     }
 }
 
-/// Publishes `lines` to `stream` with the real fleetctl, as `env` says (user, TLS files).
-async fn publish(env: &WorkerEnv, stream: &str, lines: &[String]) {
-    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("tls-pub")));
-    std::fs::write(&file, lines.join("\n")).unwrap();
-    let (status, stderr) = env
-        .run_to_end_with_args(
-            "fleetctl",
-            &[
-                "publish",
-                "--no-validate",
-                "--stream",
-                stream,
-                "--file",
-                &file.display().to_string(),
-            ],
-        )
-        .await;
-    let _ = std::fs::remove_file(file);
-    assert!(status.success(), "fleetctl publish to {stream}: {stderr}");
-}
-
 fn flow_line(flow: &str, i: usize) -> String {
     json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "flow.progress",
         "channel": format!("flow.{flow}.progress"), "source": "tests",
@@ -189,7 +168,7 @@ async fn persist_on_every_master(secure: &Secure, prefix: &str, tags: &[String])
         .collect();
     let corpora: Vec<corpus::Corpus> = streams.iter().map(|_| corpus::mixed(1_500, 5, 1)).collect();
     for (stream, c) in streams.iter().zip(&corpora) {
-        publish(&secure.operator(), stream, &c.lines).await;
+        secure.operator().publish(stream, &c.lines).await;
     }
     let persister = secure
         .as_user("persister", &format!("{prefix}:events:*"), &db)
@@ -247,7 +226,7 @@ async fn tls_and_acl_users_work_on_every_node_of_a_cluster() {
         let lines: Vec<String> = (0..per_stream)
             .map(|i| flow_line(&format!("f{}", i % 7), i))
             .collect();
-        publish(&secure.operator(), stream, &lines).await;
+        secure.operator().publish(stream, &lines).await;
     }
     let mut projector = secure
         .as_user("projector", &format!("{prefix}:flows:*"), "")

@@ -56,22 +56,7 @@ async fn persister_over_tls_with_acl_user_and_verified_postgres_tls() {
         .set("FLEET_REDIS_CA_FILE", &certs.ca.display().to_string());
 
     // fleetctl publishes over the same TLS connection settings.
-    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("tls")));
-    std::fs::write(&file, corpus.lines.join("\n")).unwrap();
-    let (status, stderr) = env
-        .run_to_end_with_args(
-            "fleetctl",
-            &[
-                "publish",
-                "--no-validate",
-                "--stream",
-                &stream,
-                "--file",
-                &file.display().to_string(),
-            ],
-        )
-        .await;
-    assert!(status.success(), "fleetctl over TLS: {stderr}");
+    env.publish(&stream, &corpus.lines).await;
 
     let mut worker = env.start("persister").await;
     let conn = tls_redis(&redis_url, &certs).await;
