@@ -76,3 +76,90 @@ async fn sigterm_in_the_first_milliseconds_drains_and_exits_0() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The contract's sketch is one file: every worker reads its own route settings from it and
+/// leaves the others' to them, and a field no worker owns stops every worker with exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_file_serves_the_whole_fleet_and_a_typo_stops_every_worker() {
+    let database = fresh_database().await;
+    let stream = unique("one-file:");
+    let routes = |actions: &str| {
+        format!(
+            "[[route]]\npattern = \"user.#\"\nstrict = true\n\
+             [[route]]\npattern = \"flow.*.progress\"\n\
+             {actions} = [{{ latest = \"{stream}:state:{{channel[1]}}\" }}]\n\
+             publish = \"{stream}:{{channel}}\"\nsharded = false\n\
+             [[backpressure]]\npattern = \"flow.*.progress\"\nmode = \"coalesce\"\nwindow_ms = 50"
+        )
+    };
+    let env = WorkerEnv::new(&stream, &database).set("FLEET_CONFIG", &config(&routes("actions")));
+    let received = subscriber_at(&redis_url(), &format!("{stream}:*")).await;
+    let mut workers = Vec::new();
+    for binary in ["persister", "projector", "notifier"] {
+        let env = env.clone().set("FLEET_HTTP_ADDR", &free_addr());
+        workers.push(env.start(binary).await);
+    }
+    let user = uuid::Uuid::new_v4();
+    publish_lines(
+        &stream,
+        &[
+            serde_json::json!({"v": 1, "id": user.to_string(), "type": "user.signed_up",
+                "channel": "user.42", "source": "tests", "time": "2026-12-07T00:00:00Z",
+                "data": {"n": 1}})
+            .to_string(),
+            streamfleet_tests::projector::flow_event(
+                uuid::Uuid::new_v4(),
+                "f1",
+                "2026-12-07T00:00:00Z",
+                serde_json::json!({"step": 3}),
+            ),
+        ],
+    )
+    .await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    let mut conn = redis().await;
+    let state = format!("{stream}:state:f1");
+    wait_until(Duration::from_secs(30), "every worker's effect", || {
+        let (pool, mut conn, received) = (pool.clone(), conn.clone(), received.clone());
+        let state = state.clone();
+        async move {
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = $1")
+                .bind(user)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            let event: Option<String> = redis::cmd("HGET")
+                .arg(&state)
+                .arg("event")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let projected = event.is_some_and(|e| e.contains(r#""step":3"#));
+            rows == 1 && projected && !received.lock().unwrap().is_empty()
+        }
+    })
+    .await;
+    assert_eq!(
+        received.lock().unwrap()[0].0,
+        format!("{stream}:flow.f1.progress")
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&state)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for w in &mut workers {
+        w.stop_cleanly().await;
+    }
+
+    let typo = env.set("FLEET_CONFIG", &config(&routes("acitons")));
+    for binary in ["persister", "projector", "notifier"] {
+        let (status, stderr) = typo.run_to_end(binary).await;
+        assert_eq!(status.code(), Some(2), "{binary}: {stderr}");
+        assert!(
+            stderr.contains("route[1] (flow.*.progress): unknown field `acitons`"),
+            "{binary}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{binary}: {stderr}");
+    }
+}

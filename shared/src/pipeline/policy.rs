@@ -427,9 +427,7 @@ mod tests {
         let route = Route {
             pattern: "user.#".parse().unwrap(),
             strict: true,
-            actions: Vec::new(),
-            publish: None,
-            sharded: false,
+            index: 0,
         };
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {
@@ -659,9 +657,7 @@ mod tests {
         let route = Route {
             pattern: "user.#".parse().unwrap(),
             strict: true,
-            actions: Vec::new(),
-            publish: None,
-            sharded: false,
+            index: 0,
         };
         let stream: Arc<str> = Arc::from("s");
         let batch = Batch {

@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::event::pattern::{ChannelPattern, PatternTable};
-use crate::event::template::Template;
 
 /// A configuration problem; its message is one line naming the setting.
 #[derive(Debug, thiserror::Error)]
@@ -106,200 +106,76 @@ impl Default for Tuning {
     }
 }
 
-/// How `latest` decides which of two events of a key is newer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VersionBy {
-    /// Stream order: the later entry id wins (what the producer appended last).
-    #[default]
-    EntryId,
-    /// The event's `time` (the producer's clock); equal times fall back to the entry id.
-    Time,
-}
-
-/// Default cap of a `history` stream (`MAXLEN ~`).
-pub const DEFAULT_HISTORY_MAXLEN: u64 = 10_000;
-/// Default TTL of counters and history streams: a day.
-pub const DEFAULT_EFFECT_TTL_S: u64 = 86_400;
 /// Longest TTL (and dedup window) accepted: ten years. Redis refuses an `EXPIRE` past its range,
 /// and inside the projector's script a refusal would come after acknowledgements.
 pub const MAX_TTL_S: u64 = 10 * 365 * 86_400;
 
-/// A projector action: an effect in Redis declared per route (the templates name the keys).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// The newest state per key: a hash of the event's `data` fields, written only if the event
-    /// is newer than the stored one.
-    Latest { key: Template, version: VersionBy },
-    /// Cache keys deleted when such an event arrives.
-    Invalidate { keys: Vec<Template> },
-    /// A counter per key (per time bucket when the template names one), expiring after `ttl_s`.
-    Count { key: Template, ttl_s: u64 },
-    /// A capped stream of the key's events, expiring `ttl_s` after the last one.
-    History {
-        key: Template,
-        maxlen: u64,
-        ttl_s: u64,
-    },
-}
-
-impl Action {
-    /// Every template of the action.
-    pub fn templates(&self) -> Vec<&Template> {
-        match self {
-            Action::Latest { key, .. }
-            | Action::Count { key, .. }
-            | Action::History { key, .. } => {
-                vec![key]
-            }
-            Action::Invalidate { keys } => keys.iter().collect(),
-        }
-    }
-}
-
-/// An action as written: exactly one of `latest`, `invalidate`, `count`, `history`, with the
-/// settings of that kind only.
+/// `[[route]]` as written: what every worker reads of it; the rest is the worker's own
+/// (`RouteSettings`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAction {
-    latest: Option<Template>,
-    version: Option<VersionBy>,
-    invalidate: Option<Vec<Template>>,
-    count: Option<Template>,
-    history: Option<Template>,
-    maxlen: Option<u64>,
-    ttl_s: Option<u64>,
-}
-
-impl RawAction {
-    fn validate(self, name: &dyn Fn(&str) -> String) -> Result<Action, String> {
-        let kinds = [
-            self.latest.is_some(),
-            self.invalidate.is_some(),
-            self.count.is_some(),
-            self.history.is_some(),
-        ];
-        if kinds.iter().filter(|k| **k).count() != 1 {
-            return Err(format!(
-                "{} must name exactly one of latest, invalidate, count, history",
-                name("")
-            ));
-        }
-        let forbid = |present: bool, field: &str, kind: &str| {
-            if present {
-                Err(format!("{} does not apply to {kind}", name(field)))
-            } else {
-                Ok(())
-            }
-        };
-        if let Some(ttl) = self.ttl_s.filter(|t| *t > MAX_TTL_S) {
-            return Err(format!(
-                "{} ({ttl}) must be at most {MAX_TTL_S} (ten years)",
-                name("ttl_s")
-            ));
-        }
-        if let Some(maxlen) = self.maxlen.filter(|m| *m > i64::MAX as u64) {
-            return Err(format!("{} ({maxlen}) is out of range", name("maxlen")));
-        }
-        Ok(if let Some(key) = self.latest {
-            forbid(self.maxlen.is_some(), "maxlen", "latest")?;
-            forbid(self.ttl_s.is_some(), "ttl_s", "latest")?;
-            Action::Latest {
-                key,
-                version: self.version.unwrap_or_default(),
-            }
-        } else if let Some(keys) = self.invalidate {
-            forbid(self.version.is_some(), "version", "invalidate")?;
-            forbid(self.maxlen.is_some(), "maxlen", "invalidate")?;
-            forbid(self.ttl_s.is_some(), "ttl_s", "invalidate")?;
-            if keys.is_empty() {
-                return Err(format!("{} names no key", name("invalidate")));
-            }
-            Action::Invalidate { keys }
-        } else if let Some(key) = self.count {
-            forbid(self.version.is_some(), "version", "count")?;
-            forbid(self.maxlen.is_some(), "maxlen", "count")?;
-            Action::Count {
-                key,
-                ttl_s: self.ttl_s.unwrap_or(DEFAULT_EFFECT_TTL_S),
-            }
-        } else {
-            forbid(self.version.is_some(), "version", "history")?;
-            let maxlen = self.maxlen.unwrap_or(DEFAULT_HISTORY_MAXLEN);
-            if maxlen == 0 {
-                return Err(format!("{} must be at least 1", name("maxlen")));
-            }
-            Action::History {
-                key: self.history.expect("one kind is set"),
-                maxlen,
-                ttl_s: self.ttl_s.unwrap_or(DEFAULT_EFFECT_TTL_S),
-            }
-        })
-    }
-}
-
-/// `[[route]]` as written; validated into [`Route`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRoute {
-    pattern: ChannelPattern,
+    pattern: Option<ChannelPattern>,
     #[serde(default)]
     strict: bool,
-    #[serde(default)]
-    actions: Vec<RawAction>,
-    publish: Option<Template>,
-    #[serde(default)]
-    sharded: bool,
+    #[serde(flatten)]
+    rest: toml::Table,
 }
 
-/// `[[route]]`: what a worker does with events on matching channels.
+/// `[[route]]`: what every worker knows of the events on matching channels. What a worker does
+/// with them is its own settings of the route (`RouteSettings`: the projector's actions, the
+/// notifier's channel), found by the route's `index`.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub pattern: ChannelPattern,
-    /// User events: acknowledged only after they are committed to PostgreSQL.
+    /// User events: acknowledged only after they are committed to PostgreSQL; never dropped or
+    /// coalesced by backpressure.
     pub strict: bool,
-    /// The projector's effects.
-    pub actions: Vec<Action>,
-    /// The notifier's Pub/Sub channel for these events (default `fleet:{channel}`).
-    pub publish: Option<Template>,
-    /// The notifier publishes with `SPUBLISH` (sharded Pub/Sub, Redis 7): on a cluster a
-    /// channel's messages reach the nodes of its slot only, not every node; its subscribers
-    /// `SSUBSCRIBE` to exact channels (sharded Pub/Sub has no patterns).
-    pub sharded: bool,
+    /// Its place in the file: `route[index]`.
+    pub index: usize,
 }
 
-impl RawRoute {
-    /// Checks every action and template against the route's pattern; errors name
-    /// `route[i] (pattern).actions[j].field`.
-    fn validate(self, i: usize) -> Result<Route, String> {
-        let mut actions = Vec::with_capacity(self.actions.len());
-        for (j, raw) in self.actions.into_iter().enumerate() {
-            let name = |field: &str| {
-                let field = if field.is_empty() {
-                    String::new()
-                } else {
-                    format!(".{field}")
-                };
-                format!("route[{i}] ({}).actions[{j}]{field}", self.pattern)
-            };
-            let action = raw.validate(&name)?;
-            for t in action.templates() {
-                t.check(&self.pattern)
-                    .map_err(|e| format!("{}: {e}", name("")))?;
-            }
-            actions.push(action);
+impl Route {
+    /// How errors name one of the route's fields: `route[i] (pattern).field`.
+    pub fn name(&self, field: &str) -> String {
+        if field.is_empty() {
+            format!("route[{}] ({})", self.index, self.pattern)
+        } else {
+            format!("route[{}] ({}).{field}", self.index, self.pattern)
         }
-        if let Some(t) = &self.publish {
-            t.check(&self.pattern)
-                .map_err(|e| format!("route[{i}] ({}).publish: {e}", self.pattern))?;
-        }
-        Ok(Route {
-            pattern: self.pattern,
-            strict: self.strict,
-            actions,
-            publish: self.publish,
-            sharded: self.sharded,
-        })
+    }
+}
+
+/// The route fields each worker owns. One file can serve the whole fleet (the contract's sketch
+/// is one file): a worker reads its own fields, leaves another worker's to that worker (which
+/// checks them when it starts), and refuses a field no worker owns, a typo. A new worker adds
+/// its line here; the types and checks of its settings stay in its own crate.
+pub const WORKER_ROUTE_FIELDS: &[(&str, &[&str])] = &[
+    ("projector", &["actions"]),
+    ("notifier", &["publish", "sharded"]),
+];
+
+/// A worker's own settings of a `[[route]]`, read from the route's fields other than `pattern`,
+/// `strict` and the other workers' (see [`WORKER_ROUTE_FIELDS`]; anything else the worker's
+/// deserializer does not know is refused: each worker owns its settings, as each Vector component
+/// owns its config), then checked against the route (its templates against its pattern, say)
+/// into what the worker keeps.
+pub trait RouteSettings: DeserializeOwned {
+    /// What the worker keeps of one route.
+    type Checked;
+    /// Checks the settings read for `route`; errors name the field with `route.name(field)`.
+    fn check(self, route: &Route) -> Result<Self::Checked, String>;
+}
+
+/// The settings of a worker that has none of its own per route (the persister): any field but
+/// `pattern` and `strict` is refused.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoRouteSettings {}
+
+impl RouteSettings for NoRouteSettings {
+    type Checked = ();
+    fn check(self, _: &Route) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -388,6 +264,10 @@ pub struct FileConfig {
     pub tuning: Tuning,
     pub routes: PatternTable<Route>,
     pub backpressure: PatternTable<Backpressure>,
+    /// Each route's fields other than the runtime's, by index: the worker's own settings.
+    route_fields: Vec<toml::Table>,
+    /// Where the configuration came from, for errors.
+    origin: String,
 }
 
 impl Default for FileConfig {
@@ -472,20 +352,31 @@ impl FileConfig {
         if t.max_data_bytes == 0 {
             return Err(fail("tuning.max_data_bytes must be at least 1".into()));
         }
+        let mut route_fields = Vec::new();
         let routes = match raw.route {
             Some(routes) => routes
                 .into_iter()
                 .enumerate()
-                .map(|(i, r)| r.validate(i))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(fail)?,
-            None => vec![Route {
-                pattern: DEFAULT_STRICT_PATTERN.parse().expect("valid pattern"),
-                strict: true,
-                actions: Vec::new(),
-                publish: None,
-                sharded: false,
-            }],
+                .map(|(index, r)| {
+                    let pattern = r
+                        .pattern
+                        .ok_or_else(|| fail(format!("route[{index}]: missing field `pattern`")))?;
+                    route_fields.push(r.rest);
+                    Ok(Route {
+                        pattern,
+                        strict: r.strict,
+                        index,
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?,
+            None => {
+                route_fields.push(toml::Table::new());
+                vec![Route {
+                    pattern: DEFAULT_STRICT_PATTERN.parse().expect("valid pattern"),
+                    strict: true,
+                    index: 0,
+                }]
+            }
         };
         let mut rules = Vec::new();
         for (i, r) in raw.backpressure.into_iter().enumerate() {
@@ -498,7 +389,35 @@ impl FileConfig {
             tuning: raw.tuning,
             routes: PatternTable::new(routes.into_iter().map(|r| (r.pattern.clone(), r))),
             backpressure: PatternTable::new(rules),
+            route_fields,
+            origin: origin.to_owned(),
         })
+    }
+
+    /// `worker`'s own settings of every route, by index, read and checked; the first problem
+    /// names the route and the field.
+    pub fn route_settings<T: RouteSettings>(
+        &self,
+        worker: &str,
+    ) -> Result<Vec<T::Checked>, ConfigError> {
+        let others: Vec<&str> = WORKER_ROUTE_FIELDS
+            .iter()
+            .filter(|(w, _)| *w != worker)
+            .flat_map(|(_, fields)| fields.iter().copied())
+            .collect();
+        let mut routes: Vec<&Route> = self.routes.iter().map(|(_, r)| r).collect();
+        routes.sort_by_key(|r| r.index);
+        routes
+            .into_iter()
+            .map(|route| {
+                let mut fields = self.route_fields[route.index].clone();
+                fields.retain(|k, _| !others.contains(&k));
+                let settings = T::deserialize(toml::Value::Table(fields))
+                    .map_err(|e| format!("{}: {}", route.name(""), e.message().trim()))
+                    .and_then(|t| t.check(route));
+                settings.map_err(|e| ConfigError(format!("FLEET_CONFIG {}: {e}", self.origin)))
+            })
+            .collect()
     }
 
     /// Whether any route is strict, i.e. whether PostgreSQL is required.
@@ -615,7 +534,26 @@ over_limit = "block"
         let c = FileConfig::parse(CONTRACT_SKETCH, "sketch").unwrap();
         assert!(c.has_strict_route());
         let (_, flow) = c.routes.lookup("flow.7f3c.progress").unwrap();
-        assert_eq!(flow.actions.len(), 3);
+        assert_eq!(flow.index, 1);
+        // The projector's actions are its own settings: the persister, which has none, leaves
+        // them to the projector, and refuses a field no worker owns, naming the route.
+        assert_eq!(
+            c.route_settings::<NoRouteSettings>("persister")
+                .unwrap()
+                .len(),
+            2
+        );
+        let typo = FileConfig::parse(
+            "[[route]]\npattern = \"a\"\n[[route]]\npattern = \"b.*\"\naction = []",
+            "f.toml",
+        )
+        .unwrap();
+        let err = typo.route_settings::<NoRouteSettings>("persister");
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains("f.toml: route[1] (b.*): unknown field `action`"),
+            "{err}"
+        );
         assert_eq!(
             c.backpressure.lookup("user.1").unwrap().1,
             &Backpressure::RateLimit {
@@ -625,58 +563,6 @@ over_limit = "block"
                 scope: LimitScope::Fleet,
             }
         );
-    }
-
-    #[test]
-    fn actions_are_checked_against_their_route() {
-        let route = |actions: &str| {
-            FileConfig::parse(
-                &format!("[[route]]\npattern = \"flow.*.progress\"\nactions = [{actions}]"),
-                "f.toml",
-            )
-        };
-        let c = route(
-            r#"{ latest = "{{t}}:{channel[1]}" }, { history = "h:{key}", maxlen = 5 }, { count = "c:{minute}" }"#,
-        )
-        .unwrap();
-        let (_, r) = c.routes.lookup("flow.a.progress").unwrap();
-        assert!(matches!(
-            &r.actions[0],
-            Action::Latest {
-                version: VersionBy::EntryId,
-                ..
-            }
-        ));
-        assert!(matches!(
-            &r.actions[1],
-            Action::History {
-                maxlen: 5,
-                ttl_s: DEFAULT_EFFECT_TTL_S,
-                ..
-            }
-        ));
-        for (actions, expected) in [
-            (
-                r#"{ latest = "s:{channel[3]}" }"#,
-                "route[0] (flow.*.progress).actions[0]: template \"s:{channel[3]}\"",
-            ),
-            (r#"{ count = "c:{nope}" }"#, "unknown placeholder {nope}"),
-            (
-                r#"{ count = "c", maxlen = 3 }"#,
-                "actions[0].maxlen does not apply to count",
-            ),
-            (r#"{ latest = "a", count = "b" }"#, "exactly one of"),
-            (r#"{ latest = "a", version = "clock" }"#, "clock"),
-            (r#"{ invalidate = [] }"#, "names no key"),
-            (
-                r#"{ count = "c", ttl_s = 18446744073709551615 }"#,
-                "actions[0].ttl_s",
-            ),
-        ] {
-            let err = route(actions).unwrap_err().to_string();
-            assert!(err.contains(expected), "{actions}: {err}");
-            assert!(!err.contains('\n'), "one line: {err}");
-        }
     }
 
     #[test]

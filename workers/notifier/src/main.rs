@@ -2,6 +2,7 @@
 //! WebSocket servers receive it; at least once, acknowledged after the publish. All logic lives
 //! in the `streamfleet` library and `sink`; this file wires it.
 
+mod channel;
 mod sink;
 
 use std::process::ExitCode;
@@ -37,6 +38,13 @@ async fn main() -> ExitCode {
         Ok(w) => w,
         Err(e) => return cli::config_exit(NAME, &e),
     };
-    let sink = PubSubSink::new(worker.redis_target().clone());
+    let channels = match worker
+        .config()
+        .route_settings::<channel::NotifierRoute>(NAME)
+    {
+        Ok(channels) => channels,
+        Err(e) => return cli::config_exit(NAME, &e),
+    };
+    let sink = PubSubSink::new(worker.redis_target().clone(), channels);
     cli::finish(NAME, worker.run(sink).await)
 }

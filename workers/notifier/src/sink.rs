@@ -6,11 +6,11 @@
 //! checkpoint script all publish again), and a subscriber drops an `entry_id` of a stream it has
 //! already seen.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{RedisError, Value};
-use streamfleet::event::template::{Scope, Template};
+use streamfleet::event::template::Scope;
 use streamfleet::runtime::conn::Conn;
 use streamfleet::runtime::connect::RedisTarget;
 use streamfleet::runtime::scripts::query_loading;
@@ -18,23 +18,24 @@ use streamfleet::store::redis_checkpoints::{self, FORWARD_SCRIPT};
 use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected, Routed};
 use tokio::sync::OnceCell;
 
-/// The Pub/Sub channel of a route that names none (contract section 6).
-pub static DEFAULT_CHANNEL: LazyLock<Template> =
-    LazyLock::new(|| "fleet:{channel}".parse().expect("a valid template"));
+use crate::channel::Channel;
 
 /// Publishes on the Redis the streams live on.
 #[derive(Clone)]
 pub struct PubSubSink {
     target: RedisTarget,
+    /// Each route's channel, by the route's index.
+    channels: Arc<[Channel]>,
     /// Shared by every clone (lanes, the checkpoint reader): connected once.
     conn: Arc<OnceCell<Conn>>,
 }
 
 impl PubSubSink {
-    /// A sink on the Redis `target` names.
-    pub fn new(target: RedisTarget) -> Self {
+    /// A sink on the Redis `target` names, publishing each route's events on its channel.
+    pub fn new(target: RedisTarget, channels: Vec<Channel>) -> Self {
         PubSubSink {
             target,
+            channels: channels.into(),
             conn: Arc::new(OnceCell::new()),
         }
     }
@@ -95,8 +96,11 @@ impl Handler for PubSubSink {
         let mut channel = String::new();
         let mut stream = (None, String::new());
         for r in &batch.events {
-            let template = r.route.publish.as_ref().unwrap_or(&DEFAULT_CHANNEL);
-            if let Err(e) = template.render(&mut Scope::new(r.event, r.stream), &mut channel) {
+            let route = &self.channels[r.route.index];
+            if let Err(e) = route
+                .template
+                .render(&mut Scope::new(r.event, r.stream), &mut channel)
+            {
                 applied.rejected.push(Rejected {
                     stream: r.stream.clone(),
                     entry_id: r.entry_id,
@@ -104,13 +108,9 @@ impl Handler for PubSubSink {
                 });
                 continue;
             }
-            pipe.cmd(if r.route.sharded {
-                "SPUBLISH"
-            } else {
-                "PUBLISH"
-            })
-            .arg(&channel)
-            .arg(message(r, stream_json(&mut stream, r.stream)));
+            pipe.cmd(if route.sharded { "SPUBLISH" } else { "PUBLISH" })
+                .arg(&channel)
+                .arg(message(r, stream_json(&mut stream, r.stream)));
             published.push(r);
         }
         for c in &batch.checkpoints {

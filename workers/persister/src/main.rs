@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use sink::StrictSink;
 use streamfleet::runtime::cli::{self, WorkerArgs};
+use streamfleet::runtime::config::NoRouteSettings;
 use streamfleet::store::EventStore;
 use streamfleet::Worker;
 
@@ -43,6 +44,10 @@ async fn main() -> ExitCode {
         Ok(w) => w,
         Err(e) => return cli::config_exit(NAME, &e),
     };
+    // The persister has no settings of its own per route: a field no worker owns is refused.
+    if let Err(e) = worker.config().route_settings::<NoRouteSettings>(NAME) {
+        return cli::config_exit(NAME, &e);
+    }
     let store = match worker
         .database_url()
         .and_then(|url| EventStore::connect_lazy(url, "FLEET_DATABASE_URL"))

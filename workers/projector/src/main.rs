@@ -2,6 +2,7 @@
 //! counters, history), each entry's effects and its acknowledgement in one atomic script. All
 //! logic lives in the `streamfleet` library and `sink`; this file wires it.
 
+mod actions;
 mod plan;
 mod sink;
 mod slots;
@@ -41,7 +42,11 @@ async fn main() -> ExitCode {
         Err(e) => return cli::config_exit(NAME, &e),
     };
     let config = worker.config();
-    if !config.routes.iter().any(|(_, r)| !r.actions.is_empty()) {
+    let actions = match config.route_settings::<actions::ProjectorRoute>(NAME) {
+        Ok(actions) => actions,
+        Err(e) => return cli::config_exit(NAME, &e),
+    };
+    if actions.iter().all(Vec::is_empty) {
         let e = ConfigError(
             "FLEET_CONFIG: no route declares actions: the projector would acknowledge every event with no effect".into(),
         );
@@ -49,11 +54,12 @@ async fn main() -> ExitCode {
     }
     // On a Redis Cluster (found out when connecting) every key must share its stream's slot.
     let streams: Vec<&str> = worker.streams().collect();
-    let co_partitioned = slots::check(config, &streams);
+    let co_partitioned = slots::check(config, &actions, &streams);
     let sink = RedisSink::new(
         worker.redis_target().clone(),
         config.tuning.dedup_window_s,
         co_partitioned,
+        std::sync::Arc::new(actions),
     );
     cli::finish(NAME, worker.run(sink).await)
 }

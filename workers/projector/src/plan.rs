@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::actions::{Action, VersionBy};
 use streamfleet::event::template::{Scope, Template};
-use streamfleet::runtime::config::{Action, Route, VersionBy};
 use streamfleet::runtime::scripts::Lua;
 use streamfleet::{EntryId, Routed};
 
@@ -34,7 +34,7 @@ pub struct Call {
     /// bench instead of 15: 1.0–1.5 µs of its CPU per event less in a micro-benchmark, ~3 % on
     /// the drain, inside its noise; docs/performance.md).
     shapes: Vec<Vec<u8>>,
-    /// The shape number of each route (by address: routes live as long as the configuration).
+    /// The shape number of each route (by its index).
     shape_of: HashMap<usize, usize>,
     /// History streams whose TTL this call refreshes: (KEYS index, TTL).
     expire: HashMap<usize, u64>,
@@ -120,6 +120,8 @@ pub struct Settings<'a> {
     pub dedup_window_s: u64,
     /// On a cluster every key must share its stream's slot (`slots`).
     pub cluster: bool,
+    /// Each route's actions, by route index.
+    pub actions: &'a [Vec<Action>],
 }
 
 impl Call {
@@ -149,19 +151,16 @@ impl Call {
 
     /// The number of the shape of `route`'s `ops` in this call (from 1), added on first use: the
     /// ops' letters, then each op's constant (a counter's TTL, a history's cap, else 0).
-    fn shape(&mut self, route: &Route, ops: &[(u8, String, [u64; 2], String)]) -> usize {
+    fn shape(&mut self, route: usize, ops: &[(u8, String, [u64; 2], String)]) -> usize {
         let next = self.shape_of.len() + 1;
-        *self
-            .shape_of
-            .entry(std::ptr::from_ref(route) as usize)
-            .or_insert_with(|| {
-                self.shapes.push(ops.iter().map(|(op, ..)| *op).collect());
-                self.shapes.extend(ops.iter().map(|(op, _, [a, _], _)| {
-                    let constant = if matches!(op, b'C' | b'H') { *a } else { 0 };
-                    constant.to_string().into_bytes()
-                }));
-                next
-            })
+        *self.shape_of.entry(route).or_insert_with(|| {
+            self.shapes.push(ops.iter().map(|(op, ..)| *op).collect());
+            self.shapes.extend(ops.iter().map(|(op, _, [a, _], _)| {
+                let constant = if matches!(op, b'C' | b'H') { *a } else { 0 };
+                constant.to_string().into_bytes()
+            }));
+            next
+        })
     }
 
     /// Adds one event with its route's actions; an event a template cannot be rendered for is
@@ -186,9 +185,9 @@ impl Call {
         };
         // Rendered first, so that a failure leaves nothing behind.
         let mut ops: Vec<(u8, String, [u64; 2], String)> =
-            Vec::with_capacity(r.route.actions.len());
+            Vec::with_capacity(settings.actions[r.route.index].len());
         let mut dedup = false;
-        for action in &r.route.actions {
+        for action in &settings.actions[r.route.index] {
             match action {
                 Action::Latest { key, version } => {
                     let key = render(key, &mut scope)?;
@@ -230,7 +229,7 @@ impl Call {
         } else {
             0
         };
-        let shape = self.shape(r.route, &ops);
+        let shape = self.shape(r.route.index, &ops);
         self.args.push(r.entry_id.to_string().into_bytes());
         self.args.push(dedup_index.to_string().into_bytes());
         self.args.push(e.id.as_bytes().to_vec());
@@ -315,6 +314,7 @@ const TIME_VERSION_OFFSET_S: i64 = 62_167_219_200 + 86_400;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actions::ProjectorRoute;
     use std::borrow::Cow;
     use streamfleet::event::Event;
     use streamfleet::runtime::config::FileConfig;
@@ -431,11 +431,13 @@ pattern = "user.#""#,
         let (_, route) = c.routes.lookup("flow.a.progress").unwrap();
         let (_, plain) = c.routes.lookup("user.1").unwrap();
         let stream: Arc<str> = "s".into();
+        let actions = c.route_settings::<ProjectorRoute>("projector").unwrap();
         let settings = Settings {
             group: "g",
             consumer: "c",
             dedup_window_s: 300,
             cluster: false,
+            actions: &actions,
         };
         let refreshes = Refreshes::default();
         let mut plan = refreshes.plan();

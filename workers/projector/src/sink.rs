@@ -17,6 +17,7 @@ use streamfleet::store::redis_checkpoints;
 use streamfleet::{Applied, Batch, EntryId, Handler, HandlerError, Rejected};
 use tokio::sync::OnceCell;
 
+use crate::actions::Action;
 use crate::plan::{Call, Refreshes, Settings, EFFECTS};
 
 /// Effects in Redis, acknowledged with them.
@@ -29,6 +30,8 @@ pub struct RedisSink {
     /// Whether every route's keys can share their stream's slot (`slots::check`): a start
     /// error on a cluster when not.
     co_partitioned: Result<(), String>,
+    /// Each route's actions, by route index (the projector's own settings of the routes).
+    actions: Arc<Vec<Vec<Action>>>,
     /// Shared by the lanes: each plans under the lock, and records what its batch did.
     refreshes: Arc<std::sync::Mutex<Refreshes>>,
 }
@@ -36,17 +39,19 @@ pub struct RedisSink {
 impl RedisSink {
     /// A sink on the Redis `target` names; `dedup_window_s` (0: off) is how long a producer's retry
     /// of an event is recognised; `co_partitioned` says whether the routes' keys can share their
-    /// streams' slots (required on a cluster).
+    /// streams' slots (required on a cluster); `actions` are each route's, by route index.
     pub fn new(
         target: RedisTarget,
         dedup_window_s: u64,
         co_partitioned: Result<(), String>,
+        actions: Arc<Vec<Vec<Action>>>,
     ) -> Self {
         RedisSink {
             target,
             conn: Arc::new(OnceCell::new()),
             dedup_window_s,
             co_partitioned,
+            actions,
             refreshes: Arc::default(),
         }
     }
@@ -171,6 +176,7 @@ impl Handler for RedisSink {
             consumer: batch.consumer,
             dedup_window_s: self.dedup_window_s,
             cluster: self.conn().await?.is_cluster(),
+            actions: &self.actions,
         };
         let (mut calls, rejected, refreshed) = self.plan(batch, &settings);
         for c in &batch.checkpoints {

@@ -6,8 +6,9 @@
 //! rendered is checked again as it is planned (a stream with another tag than expected): the event
 //! is then dead-lettered, naming the key.
 
+use crate::actions::Action;
 use streamfleet::event::template::{TagSource, Template};
-use streamfleet::runtime::config::{Action, FileConfig};
+use streamfleet::runtime::config::FileConfig;
 use streamfleet::stream::keys::{hash_tag, slot};
 
 /// Why a template cannot keep its keys in their stream's slot, given the consumed `streams`
@@ -33,9 +34,10 @@ fn refusal(template: &Template, streams: &[&str]) -> Option<String> {
 
 /// Checks every template of every route against the consumed `streams`, on a Redis Cluster: the
 /// first that cannot keep its keys in their stream's slot, named as the configuration names it.
-pub fn check(config: &FileConfig, streams: &[&str]) -> Result<(), String> {
-    for (i, (pattern, route)) in config.routes.iter().enumerate() {
-        for (j, action) in route.actions.iter().enumerate() {
+pub fn check(config: &FileConfig, actions: &[Vec<Action>], streams: &[&str]) -> Result<(), String> {
+    for (_, route) in config.routes.iter() {
+        let (i, pattern) = (route.index, &route.pattern);
+        for (j, action) in actions[route.index].iter().enumerate() {
             let templates: Vec<&Template> = match action {
                 Action::Latest { key, .. } | Action::Count { key, .. } => vec![key],
                 Action::History { key, .. } => vec![key],
@@ -65,12 +67,20 @@ pub fn misplaced(key: &str, stream: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn config(actions: &str) -> FileConfig {
-        FileConfig::parse(
+    fn config(actions: &str) -> (FileConfig, Vec<Vec<Action>>) {
+        let c = FileConfig::parse(
             &format!("[[route]]\npattern = \"flow.*.progress\"\nactions = [{actions}]"),
             "t",
         )
-        .unwrap()
+        .unwrap();
+        let actions = c
+            .route_settings::<crate::actions::ProjectorRoute>("projector")
+            .unwrap();
+        (c, actions)
+    }
+
+    fn check(c: &(FileConfig, Vec<Vec<Action>>), streams: &[&str]) -> Result<(), String> {
+        super::check(&c.0, &c.1, streams)
     }
 
     #[test]
