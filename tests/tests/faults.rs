@@ -305,7 +305,18 @@ async fn sigterm_under_load_exits_0_and_leaves_everything_acknowledged_or_pendin
         )
         .set("FLEET_SHUTDOWN_GRACE_MS", "5000");
     let mut worker = env.start("persister").await;
-    tokio::time::sleep(Duration::from_millis(random_between(200, 800))).await;
+    // Stop on progress, not on a clock: a fast machine drains 30 000 events in under a second.
+    let target = random_between(500, 5_000);
+    let mut conn = redis().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while 30_000 - lag(&mut conn, &stream, GROUP).await.unwrap_or(30_000) < target {
+        assert!(
+            Instant::now() < deadline,
+            "no progress:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     worker.signal("TERM").await;
     let asked = Instant::now();
     assert!(
@@ -319,7 +330,6 @@ async fn sigterm_under_load_exits_0_and_leaves_everything_acknowledged_or_pendin
     );
 
     // Everything delivered is either settled (row or dead letter) or still pending.
-    let mut conn = redis().await;
     let mid = measure(&mut conn, &pool, &stream, GROUP, &corpus).await;
     assert_eq!(mid.doubled, 0);
     let missing = acknowledged_but_missing(&mut conn, &pool, &stream, GROUP, &corpus).await;
