@@ -8,6 +8,7 @@ pub mod outcome;
 pub mod projector;
 pub mod scenario;
 pub mod servers;
+pub mod sse;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

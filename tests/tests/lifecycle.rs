@@ -89,16 +89,24 @@ async fn one_file_serves_the_whole_fleet_and_a_typo_stops_every_worker() {
              [[route]]\npattern = \"flow.*.progress\"\n\
              {actions} = [{{ latest = \"{stream}:state:{{channel[1]}}\" }}]\n\
              publish = \"{stream}:{{channel}}\"\nsharded = false\n\
+             gateway = {{ latest = \"{stream}:state:{{channel[1]}}\" }}\n\
              [[backpressure]]\npattern = \"flow.*.progress\"\nmode = \"coalesce\"\nwindow_ms = 50"
         )
     };
-    let env = WorkerEnv::new(&stream, &database).set("FLEET_CONFIG", &config(&routes("actions")));
+    let env = WorkerEnv::new(&stream, &database)
+        .set("FLEET_CONFIG", &config(&routes("actions")))
+        .set("FLEET_GATEWAY_ANONYMOUS_TOPICS", "flow.#");
     let received = subscriber_at(&redis_url(), &format!("{stream}:*")).await;
     let mut workers = Vec::new();
-    for binary in ["persister", "projector", "notifier"] {
+    for binary in ["persister", "projector", "notifier", "gateway"] {
         let env = env.clone().set("FLEET_HTTP_ADDR", &free_addr());
         workers.push(env.start(binary).await);
     }
+    let mut browser =
+        streamfleet_tests::sse::connect(&workers[3].http, "/events?topic=flow.f1.progress", &[])
+            .await
+            .unwrap();
+    assert_eq!(browser.status, 200);
     let user = uuid::Uuid::new_v4();
     publish_lines(
         &stream,
@@ -143,6 +151,12 @@ async fn one_file_serves_the_whole_fleet_and_a_typo_stops_every_worker() {
         received.lock().unwrap()[0].0,
         format!("{stream}:flow.f1.progress")
     );
+    let sent = browser
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the gateway's message");
+    assert_eq!(sent.json()["data"]["step"], 3);
+    drop(browser);
     let _: () = redis::cmd("DEL")
         .arg(&state)
         .query_async(&mut conn)
@@ -153,7 +167,7 @@ async fn one_file_serves_the_whole_fleet_and_a_typo_stops_every_worker() {
     }
 
     let typo = env.set("FLEET_CONFIG", &config(&routes("acitons")));
-    for binary in ["persister", "projector", "notifier"] {
+    for binary in ["persister", "projector", "notifier", "gateway"] {
         let (status, stderr) = typo.run_to_end(binary).await;
         assert_eq!(status.code(), Some(2), "{binary}: {stderr}");
         assert!(

@@ -112,6 +112,85 @@ impl ChannelPattern {
         (fixed, (!open).then_some(fixed))
     }
 
+    /// Segment `n` of every matching channel when the pattern fixes it (a literal with no `#`
+    /// before it): what a gateway can name a key by, given a topic.
+    pub fn literal_segment(&self, n: usize) -> Option<&str> {
+        for (i, s) in self.segments.iter().enumerate() {
+            match s {
+                Segment::Many => return None,
+                Segment::Literal(l) if i == n => return Some(l),
+                _ if i == n => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Whether it matches one channel only.
+    pub fn is_exact(&self) -> bool {
+        self.segments
+            .iter()
+            .all(|s| matches!(s, Segment::Literal(_)))
+    }
+
+    /// A Redis glob (`PSUBSCRIBE`) matching every channel the pattern matches, and perhaps more:
+    /// a `#` becomes a `*` that also takes the dot on one side (`a.#` is `a*`, so that `a` itself
+    /// matches; `#.a` is `*a`). Segments hold no glob character, so nothing needs escaping.
+    pub fn redis_glob(&self) -> String {
+        let mut glob = String::with_capacity(self.text.len());
+        for (i, s) in self.segments.iter().enumerate() {
+            let first_is_many = matches!(self.segments[0], Segment::Many);
+            if i > 0 && !matches!(s, Segment::Many) && !(i == 1 && first_is_many) {
+                glob.push('.');
+            }
+            match s {
+                Segment::Literal(l) => glob.push_str(l),
+                Segment::One | Segment::Many => glob.push('*'),
+            }
+        }
+        glob
+    }
+
+    /// Whether every channel `other` matches, this pattern matches too: a JWT that grants
+    /// `flow.#` grants the topic `flow.*.progress`. (A `#` of `other` is covered only by a `#`:
+    /// conservative where only the empty channel, never valid, would differ.)
+    pub fn covers(&self, other: &ChannelPattern) -> bool {
+        fn go(p: &[Segment], t: &[Segment]) -> bool {
+            match p.split_first() {
+                None => t.is_empty(),
+                Some((Segment::Many, rest)) => (0..=t.len()).any(|k| go(rest, &t[k..])),
+                Some((Segment::One, rest)) => {
+                    matches!(t.first(), Some(Segment::One | Segment::Literal(_)))
+                        && go(rest, &t[1..])
+                }
+                Some((Segment::Literal(a), rest)) => {
+                    matches!(t.first(), Some(Segment::Literal(b)) if a == b) && go(rest, &t[1..])
+                }
+            }
+        }
+        go(&self.segments, &other.segments)
+    }
+
+    /// Whether some channel matches both patterns: the routes a topic can receive events of.
+    pub fn overlaps(&self, other: &ChannelPattern) -> bool {
+        fn go(a: &[Segment], b: &[Segment]) -> bool {
+            match (a.first(), b.first()) {
+                (None, None) => true,
+                (Some(Segment::Many), _) => go(&a[1..], b) || (!b.is_empty() && go(a, &b[1..])),
+                (_, Some(Segment::Many)) => go(a, &b[1..]) || (!a.is_empty() && go(&a[1..], b)),
+                (None, _) | (_, None) => false,
+                (Some(x), Some(y)) => {
+                    let fits = match (x, y) {
+                        (Segment::Literal(x), Segment::Literal(y)) => x == y,
+                        _ => true,
+                    };
+                    fits && go(&a[1..], &b[1..])
+                }
+            }
+        }
+        go(&self.segments, &other.segments)
+    }
+
     /// Sort key: smaller is more specific (fewest wildcards, then most segments).
     fn specificity(&self) -> (usize, std::cmp::Reverse<usize>) {
         let wildcards = self
@@ -227,6 +306,58 @@ mod tests {
                 "{pattern} vs {channel}"
             );
         }
+    }
+
+    #[test]
+    fn coverage_overlap_and_globs() {
+        // (grant, topic, covers)
+        for (grant, topic, expected) in [
+            ("flow.#", "flow.*.progress", true),
+            ("flow.#", "flow", true),
+            ("flow.#", "flows.1", false),
+            ("#", "#", true),
+            ("flow.*.progress", "flow.42.progress", true),
+            ("flow.*.progress", "flow.*.progress", true),
+            ("flow.42.progress", "flow.*.progress", false),
+            ("flow.*.progress", "flow.#", false),
+            ("flow.*", "flow.#", false),
+            ("a.#.z", "a.b.#.z", true),
+            ("#.z", "a.*.z", true),
+            ("*.z", "#.z", false),
+        ] {
+            assert_eq!(
+                p(grant).covers(&p(topic)),
+                expected,
+                "{grant} covers {topic}"
+            );
+        }
+        for (a, b, expected) in [
+            ("flow.*.progress", "flow.42.progress", true),
+            ("flow.*.progress", "flow.#", true),
+            ("flow.*.progress", "user.#", false),
+            ("#.end", "a.#", true),
+            ("a.*", "a.b.c", false),
+            ("a.#", "b.#", false),
+            ("#", "x.y", true),
+        ] {
+            assert_eq!(p(a).overlaps(&p(b)), expected, "{a} overlaps {b}");
+            assert_eq!(p(b).overlaps(&p(a)), expected, "{b} overlaps {a}");
+        }
+        for (pattern, glob) in [
+            ("flow.*.progress", "flow.*.progress"),
+            ("user.#", "user*"),
+            ("#.end", "*end"),
+            ("#.mid.#", "*mid*"),
+            ("a.#.z", "a*.z"),
+            ("#", "*"),
+            ("exact", "exact"),
+        ] {
+            assert_eq!(p(pattern).redis_glob(), glob, "{pattern}");
+        }
+        assert_eq!(p("flow.42.#").literal_segment(1), Some("42"));
+        assert_eq!(p("flow.*.x").literal_segment(1), None);
+        assert_eq!(p("#.x").literal_segment(1), None);
+        assert!(p("a.b").is_exact() && !p("a.*").is_exact());
     }
 
     #[test]

@@ -16,11 +16,17 @@
 //! what depends on the event (a missing `data` field) is a [`RenderError`] for that event alone.
 
 use std::fmt::{self, Write};
+use std::sync::LazyLock;
 
 use time::OffsetDateTime;
 
 use crate::event::pattern::ChannelPattern;
 use crate::event::Event;
+
+/// The Pub/Sub channel of a route that names none (contract section 6): where the notifier
+/// publishes and a gateway subscribes.
+pub static DEFAULT_CHANNEL: LazyLock<Template> =
+    LazyLock::new(|| "fleet:{channel}".parse().expect("a valid template"));
 
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +274,53 @@ impl Template {
         Ok(())
     }
 
+    /// Whether it names nothing but the channel and its segments: a key a gateway can name from
+    /// the topic a browser asks for.
+    pub fn names_channel_only(&self) -> bool {
+        self.parts
+            .iter()
+            .all(|p| matches!(p, Part::Literal(_) | Part::Channel | Part::Segment(_)))
+    }
+
+    /// The key it names for every channel of `topic`, when the topic fixes everything it needs
+    /// (`flow:{channel[1]}` and `flow.42.#` give `flow:42`); `None` when a wildcard or another
+    /// placeholder leaves it open.
+    pub fn render_topic(&self, topic: &ChannelPattern) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Channel if topic.is_exact() => out.push_str(topic.as_str()),
+                Part::Segment(n) => out.push_str(topic.literal_segment(*n)?),
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// A Redis glob (`PSUBSCRIBE`) matching everything it renders for the channels of `topic`:
+    /// what the topic fixes is written out, the rest is `*` (glob characters of the literal text
+    /// escaped).
+    pub fn glob_for(&self, topic: &ChannelPattern) -> String {
+        let mut glob = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => {
+                    for c in s.chars() {
+                        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                            glob.push('\\');
+                        }
+                        glob.push(c);
+                    }
+                }
+                Part::Channel => glob.push_str(&topic.redis_glob()),
+                Part::Segment(n) => glob.push_str(topic.literal_segment(*n).unwrap_or("*")),
+                _ => glob.push('*'),
+            }
+        }
+        glob
+    }
+
     /// Renders the template for one event into `out` (cleared first).
     pub fn render(&self, scope: &mut Scope<'_>, out: &mut String) -> Result<(), RenderError> {
         out.clear();
@@ -356,6 +409,34 @@ fn bucket(part: &Part, time: OffsetDateTime, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_and_globs_from_a_topic() {
+        let t = |s: &str| s.parse::<Template>().unwrap();
+        let p = |s: &str| s.parse::<ChannelPattern>().unwrap();
+        assert_eq!(
+            t("flow:{channel[1]}").render_topic(&p("flow.42.#")),
+            Some("flow:42".into())
+        );
+        assert_eq!(
+            t("h:{channel}").render_topic(&p("a.b")),
+            Some("h:a.b".into())
+        );
+        assert_eq!(t("h:{channel}").render_topic(&p("a.*")), None);
+        assert_eq!(t("flow:{channel[1]}").render_topic(&p("flow.*")), None);
+        assert_eq!(t("h:{type}").render_topic(&p("a")), None);
+        assert!(t("{{x}}:{channel[0]}").names_channel_only());
+        assert!(!t("x:{data.id}").names_channel_only());
+        assert_eq!(
+            t("fleet:{channel}").glob_for(&p("flow.*.progress")),
+            "fleet:flow.*.progress"
+        );
+        assert_eq!(t("fleet:{channel}").glob_for(&p("user.#")), "fleet:user*");
+        assert_eq!(t("o:{channel[1]}").glob_for(&p("order.7")), "o:7");
+        assert_eq!(t("o:{channel[1]}").glob_for(&p("order.*")), "o:*");
+        assert_eq!(t("x?[{type}]").glob_for(&p("a")), "x\\?\\[*\\]");
+        assert_eq!(DEFAULT_CHANNEL.as_str(), "fleet:{channel}");
+    }
     use std::borrow::Cow;
 
     fn event() -> Event<'static> {

@@ -145,13 +145,15 @@ impl Route {
     }
 }
 
-/// The route fields each worker owns. One file can serve the whole fleet (the contract's sketch
+/// The route fields each worker reads. One file can serve the whole fleet (the contract's sketch
 /// is one file): a worker reads its own fields, leaves another worker's to that worker (which
-/// checks them when it starts), and refuses a field no worker owns, a typo. A new worker adds
-/// its line here; the types and checks of its settings stay in its own crate.
+/// checks them when it starts), and refuses a field no worker reads, a typo. A new worker adds
+/// its line here; the types and checks of its settings stay in its own crate. A field may be
+/// read by two: the gateway subscribes where the notifier publishes.
 pub const WORKER_ROUTE_FIELDS: &[(&str, &[&str])] = &[
     ("projector", &["actions"]),
     ("notifier", &["publish", "sharded"]),
+    ("gateway", &["publish", "sharded", "gateway"]),
 ];
 
 /// A worker's own settings of a `[[route]]`, read from the route's fields other than `pattern`,
@@ -400,10 +402,14 @@ impl FileConfig {
         &self,
         worker: &str,
     ) -> Result<Vec<T::Checked>, ConfigError> {
+        let own: &[&str] = WORKER_ROUTE_FIELDS
+            .iter()
+            .find(|(w, _)| *w == worker)
+            .map_or(&[], |(_, fields)| fields);
         let others: Vec<&str> = WORKER_ROUTE_FIELDS
             .iter()
-            .filter(|(w, _)| *w != worker)
             .flat_map(|(_, fields)| fields.iter().copied())
+            .filter(|f| !own.contains(f))
             .collect();
         let mut routes: Vec<&Route> = self.routes.iter().map(|(_, r)| r).collect();
         routes.sort_by_key(|r| r.index);

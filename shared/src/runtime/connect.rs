@@ -92,6 +92,12 @@ pub fn redis_target(args: &RedisArgs) -> Result<RedisTarget, ConfigError> {
 }
 
 impl RedisTarget {
+    /// A client per URL of `FLEET_REDIS_URL`, in order (a Pub/Sub subscriber tries the next
+    /// when one fails).
+    pub fn seeds(&self) -> &[redis::Client] {
+        &self.seeds
+    }
+
     /// The first seed's client: its address, credentials and database are every node's.
     pub fn first(&self) -> &redis::Client {
         &self.seeds[0]

@@ -3,16 +3,16 @@
 //! and logging. Nothing here knows of the pipeline, so a binary that reads no consumer group (a
 //! gateway) runs on the runtime alone.
 
-pub(crate) mod backoff;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod connect;
 pub mod grants;
-pub(crate) mod health;
+pub mod health;
 pub(crate) mod http;
-pub(crate) mod logging;
+pub mod logging;
 pub(crate) mod metrics;
 pub mod process;
 pub mod scripts;
-pub(crate) mod shutdown;
+pub mod shutdown;

@@ -6,6 +6,7 @@ mod checkpoints;
 mod dlq;
 mod duration;
 mod entry_ids;
+mod gateways;
 mod groups;
 mod groups_info;
 mod lag;

@@ -32,6 +32,16 @@ pub struct StatusArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::parse)]
     dead_after: Duration,
 
+    /// The gateways' connection registry (their FLEET_GATEWAY_REGISTRY_KEY): live instances and
+    /// their connections per topic are shown when there are any.
+    #[arg(
+        long,
+        env = "FLEET_GATEWAY_REGISTRY_KEY",
+        value_name = "KEY",
+        default_value = "streamfleet:gateways"
+    )]
+    gateway_registry: String,
+
     /// A pending entry older than this (by its id's time, on Redis's clock) needs attention.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration::parse)]
     max_pending_age: Duration,
@@ -178,6 +188,11 @@ pub async fn run(
             };
         }
     }
+    // Without read access to the registry (an ACL user for the streams only), the rest is shown.
+    let gateways = crate::gateways::read(&mut conn, &args.gateway_registry)
+        .await
+        .unwrap_or_default();
+    json["gateways"] = crate::gateways::to_json(&gateways);
     json["problems"] = json!(problems);
     json["healthy"] = json!(problems.is_empty());
 
@@ -238,6 +253,10 @@ pub async fn run(
         }
     }
     print(output, &json, &table, "no streams");
+    if output == Output::Table && !gateways.is_empty() {
+        println!();
+        print!("{}", crate::gateways::table(&gateways).render());
+    }
     if output == Output::Table {
         if let Some(note) = snap.without_groups_note(args.select.group.as_deref()) {
             println!("{note}");

@@ -2,15 +2,9 @@
 //! template checked against the route's pattern; `fleet:{channel}` when absent) and whether it
 //! is a sharded channel (`sharded`).
 
-use std::sync::LazyLock;
-
 use serde::Deserialize;
-use streamfleet::event::template::Template;
+use streamfleet::event::template::{Template, DEFAULT_CHANNEL};
 use streamfleet::runtime::config::{Route, RouteSettings};
-
-/// The Pub/Sub channel of a route that names none (contract section 6).
-pub static DEFAULT_CHANNEL: LazyLock<Template> =
-    LazyLock::new(|| "fleet:{channel}".parse().expect("a valid template"));
 
 /// The notifier's fields of a `[[route]]`, as written.
 #[derive(Debug, Clone, Deserialize)]
