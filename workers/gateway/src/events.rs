@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -17,16 +17,16 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use streamfleet::event::pattern::ChannelPattern;
 use streamfleet::runtime::conn::Conn;
 use streamfleet::runtime::shutdown::Shutdown;
-use streamfleet::EntryId;
 use tokio::sync::OnceCell;
 
 use crate::auth::{Auth, Denied};
 use crate::cursor;
-use crate::hub::{Frame, Hub, Subscription};
+use crate::hub::Hub;
+use crate::live::{Live, Seam};
 use crate::metrics as m;
 use crate::resume::{self, Resumed};
 use crate::routes::Routes;
@@ -34,8 +34,6 @@ use crate::sse;
 
 /// How long a new connection waits for Redis to confirm its subscriptions.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bytes written at once when events are waiting.
-const WRITE_BATCH: usize = 64 * 1024;
 
 /// Which browser pages may read the streams.
 #[derive(Debug, Clone, Default)]
@@ -234,12 +232,15 @@ async fn events(
     let mut stream = Live {
         sub: subscription,
         seen: HashMap::new(),
+        seen_keys: 0,
         first: VecDeque::from([sse::retry(app.retry_ms)]),
         keepalive: tokio::time::interval_at(
             tokio::time::Instant::now() + app.keepalive,
             app.keepalive,
         ),
         shutdown: app.shutdown.clone(),
+        seams: Vec::new(),
+        redis: redis.clone(),
     };
     if let Some(text) = last_event_id {
         let cursor = cursor::parse(text);
@@ -248,8 +249,8 @@ async fn events(
             let keys = app.routes.resume_keys(topic);
             let resumed =
                 resume::resume(&mut conn, topic, &keys, cursor.as_ref(), app.max_resume).await;
-            match resumed {
-                Ok(Resumed::Events(frames)) => {
+            let end = match resumed {
+                Ok(Resumed::Events(frames, end)) => {
                     metrics::counter!(m::RESUMES).increment(1);
                     let before = stream.first.len();
                     for f in frames {
@@ -259,13 +260,15 @@ async fn events(
                     }
                     metrics::counter!(m::MESSAGES_SENT, "origin" => "history")
                         .increment((stream.first.len() - before) as u64);
+                    end
                 }
-                Ok(Resumed::Reset(frame)) => {
+                Ok(Resumed::Reset(frame, end)) => {
                     metrics::counter!(m::RESETS).increment(1);
                     if !frame.stream.is_empty() {
                         stream.fresh(&frame);
                     }
                     stream.first.push_back(frame.bytes);
+                    end
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %topic, "resume failed");
@@ -275,6 +278,15 @@ async fn events(
                         format!("resume of {topic} failed: {e}"),
                     );
                 }
+            };
+            if let Some(history) = keys.history {
+                stream.seams.push(Seam {
+                    topic: topic.clone(),
+                    history,
+                    latest: keys.latest,
+                    after: end,
+                    opened: Instant::now(),
+                });
             }
         }
     }
@@ -298,80 +310,4 @@ async fn events(
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     app.cors.headers(origin, h);
     response
-}
-
-/// One browser's stream: what was missed first, then the live events, keep-alives when idle.
-struct Live {
-    sub: Subscription,
-    /// The last entry id sent per stream: an entry not after it is a duplicate (the seam between
-    /// history and live, a topic matched twice, a notifier's redelivery).
-    seen: HashMap<Arc<str>, EntryId>,
-    first: VecDeque<Bytes>,
-    keepalive: tokio::time::Interval,
-    shutdown: Shutdown,
-}
-
-impl Live {
-    /// Whether `f` comes after everything sent of its stream; it then counts as sent.
-    fn fresh(&mut self, f: &Frame) -> bool {
-        match self.seen.get_mut(&f.stream) {
-            Some(last) if *last >= f.entry_id => false,
-            Some(last) => {
-                *last = f.entry_id;
-                true
-            }
-            None => {
-                self.seen.insert(f.stream.clone(), f.entry_id);
-                true
-            }
-        }
-    }
-
-    /// The next bytes to write; `None` ends the stream (the drain, a slow client, a lost
-    /// subscription).
-    async fn next(&mut self) -> Option<Bytes> {
-        if let Some(b) = self.first.pop_front() {
-            return Some(b);
-        }
-        loop {
-            if self.sub.dropped.load(std::sync::atomic::Ordering::Relaxed) {
-                return None;
-            }
-            tokio::select! {
-                biased;
-                _ = self.shutdown.triggered() => return None,
-                frame = self.sub.rx.recv() => {
-                    let frame = frame?;
-                    let mut parts: Vec<Bytes> = Vec::new();
-                    let mut size = 0;
-                    if self.fresh(&frame) {
-                        size += frame.bytes.len();
-                        parts.push(frame.bytes.clone());
-                    }
-                    // Events already waiting go out in one write.
-                    while size < WRITE_BATCH {
-                        let Ok(f) = self.sub.rx.try_recv() else { break };
-                        if self.fresh(&f) {
-                            size += f.bytes.len();
-                            parts.push(f.bytes.clone());
-                        }
-                    }
-                    if !parts.is_empty() {
-                        metrics::counter!(m::MESSAGES_SENT, "origin" => "live")
-                            .increment(parts.len() as u64);
-                        self.keepalive.reset();
-                        if parts.len() == 1 {
-                            return parts.pop();
-                        }
-                        let mut joined = BytesMut::with_capacity(size);
-                        for p in parts {
-                            joined.extend_from_slice(&p);
-                        }
-                        return Some(joined.freeze());
-                    }
-                }
-                _ = self.keepalive.tick() => return Some(Bytes::from_static(sse::KEEPALIVE)),
-            }
-        }
-    }
 }

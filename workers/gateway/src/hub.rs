@@ -22,9 +22,13 @@ use crate::cursor;
 use crate::metrics as m;
 use crate::sse;
 
-/// One event, framed, with what deduplicates it per connection.
+/// One event, framed, with what routes it to topics and deduplicates it per connection.
 #[derive(Debug)]
 pub struct Frame {
+    pub channel: Box<str>,
+    /// Its order key (the channel unless the event names one): events of one key come in stream
+    /// order; of two keys, in any order (the notifier's lanes publish keys side by side).
+    pub key: Box<str>,
     pub stream: Arc<str>,
     pub entry_id: EntryId,
     pub bytes: Bytes,
@@ -37,6 +41,8 @@ struct Live<'a> {
     event_type: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     channel: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    key: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     stream: std::borrow::Cow<'a, str>,
     entry_id: &'a str,
@@ -44,18 +50,17 @@ struct Live<'a> {
 
 /// Frames a notifier message (or a history entry completed the same way): `None` for a payload
 /// that is not one.
-pub fn frame(payload: &str) -> Option<(Frame, String)> {
+pub fn frame(payload: &str) -> Option<Frame> {
     let live: Live<'_> = serde_json::from_str(payload).ok()?;
     let entry_id: EntryId = live.entry_id.parse().ok()?;
     let id = cursor::format(&live.stream, live.entry_id);
-    Some((
-        Frame {
-            stream: Arc::from(&*live.stream),
-            entry_id,
-            bytes: sse::message(Some(&id), &live.event_type, payload),
-        },
-        live.channel.into_owned(),
-    ))
+    Some(Frame {
+        key: live.key.as_deref().unwrap_or(&live.channel).into(),
+        channel: live.channel.into(),
+        stream: Arc::from(&*live.stream),
+        entry_id,
+        bytes: sse::message(Some(&id), &live.event_type, payload),
+    })
 }
 
 /// A connection's end of the fan-out.
@@ -247,7 +252,7 @@ impl Hub {
 
     /// Delivers one message received on `glob` to every connection whose topic matches it.
     pub fn dispatch(&self, glob: &str, payload: &[u8]) {
-        let Some((frame, channel)) = std::str::from_utf8(payload).ok().and_then(frame) else {
+        let Some(frame) = std::str::from_utf8(payload).ok().and_then(frame) else {
             metrics::counter!(m::UNREADABLE).increment(1);
             return;
         };
@@ -259,7 +264,7 @@ impl Hub {
             let Some(topic) = topics.get_mut(key) else {
                 continue;
             };
-            if !topic.pattern.matches(&channel) {
+            if !topic.pattern.matches(&frame.channel) {
                 continue;
             }
             topic
@@ -375,8 +380,8 @@ mod tests {
 
     #[test]
     fn frames_carry_the_cursor_and_the_type() {
-        let (f, channel) = frame(&payload("flow.1.progress", "5-1")).unwrap();
-        assert_eq!(channel, "flow.1.progress");
+        let f = frame(&payload("flow.1.progress", "5-1")).unwrap();
+        assert_eq!(&*f.channel, "flow.1.progress");
         let text = std::str::from_utf8(&f.bytes).unwrap();
         assert!(
             text.starts_with("id: 5-1@events\nevent: progress\ndata: {\"v\":1"),

@@ -7,6 +7,7 @@ mod auth;
 mod cursor;
 mod events;
 mod hub;
+mod live;
 mod metrics;
 mod registry;
 mod resume;

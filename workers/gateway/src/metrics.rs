@@ -5,7 +5,7 @@ use metrics::{counter, describe_counter, describe_gauge, gauge};
 
 /// Open SSE connections on this instance (KEDA scales the gateway on it).
 pub const CONNECTIONS: &str = "fleet_gateway_connections";
-/// Pub/Sub patterns subscribed (one per distinct pattern the connected topics need).
+/// Pub/Sub subscriptions (one per distinct channel or pattern the connected topics need).
 pub const SUBSCRIPTIONS: &str = "fleet_gateway_subscriptions";
 /// Events written to browsers (labels: origin = live | history).
 pub const MESSAGES_SENT: &str = "fleet_gateway_messages_sent_total";
@@ -25,7 +25,7 @@ pub const UNREADABLE: &str = "fleet_gateway_unreadable_messages_total";
 /// the series to exist before it).
 pub fn register() {
     describe_gauge!(CONNECTIONS, "Open SSE connections on this instance.");
-    describe_gauge!(SUBSCRIPTIONS, "Pub/Sub patterns subscribed.");
+    describe_gauge!(SUBSCRIPTIONS, "Pub/Sub channels and patterns subscribed.");
     describe_counter!(MESSAGES_SENT, "Events written to browsers, by origin.");
     describe_counter!(RESUMES, "Resumes answered from a history.");
     describe_counter!(RESETS, "Resets sent instead of a resume.");

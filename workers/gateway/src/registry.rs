@@ -68,9 +68,12 @@ impl Registry {
         if !gone.is_empty() {
             pipe.hdel(&key, gone).ignore();
         }
-        let mut fields: Vec<(String, usize)> = topics;
-        fields.push((TOTAL_FIELD.to_owned(), total));
-        pipe.hset_multiple(&key, &fields).ignore();
+        // HSET with many pairs (not redis-rs's `hset_multiple`, an HMSET the ACL would need).
+        let hset = pipe.cmd("HSET").arg(&key).arg(TOTAL_FIELD).arg(total);
+        for (topic, n) in &topics {
+            hset.arg(topic).arg(n);
+        }
+        hset.ignore();
         pipe.pexpire(&key, ttl_ms as i64).ignore();
         pipe.zadd(&self.key, &self.instance, now_ms).ignore();
         // Instances silent for an hour are long gone: their names leave the set.

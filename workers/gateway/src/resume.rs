@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use redis::Value;
-use serde_json::value::RawValue;
 use streamfleet::event::pattern::ChannelPattern;
 use streamfleet::runtime::conn::Conn;
 
@@ -17,15 +16,16 @@ use crate::routes::ResumeKeys;
 use crate::sse;
 
 /// Entries read per round trip while looking for the cursor.
-const PAGE: usize = 1000;
+pub const PAGE: usize = 1000;
 
 /// The outcome for one topic.
 #[derive(Debug)]
 pub enum Resumed {
-    /// The missed events, oldest first.
-    Events(Vec<Frame>),
-    /// `event: reset` and the entry of the state it carries, if any.
-    Reset(Frame),
+    /// The missed events, oldest first, and the history's newest entry when it was read.
+    Events(Vec<Frame>, Option<String>),
+    /// `event: reset` and the entry of the state it carries, if any, and the history's newest
+    /// entry when it was read.
+    Reset(Frame, Option<String>),
 }
 
 /// Reads what `topic` missed after `cursor`: at most `max` events, or a reset.
@@ -36,27 +36,47 @@ pub async fn resume(
     cursor: Option<&Cursor>,
     max: usize,
 ) -> redis::RedisResult<Resumed> {
-    if let (Some(history), Some(cursor)) = (&keys.history, cursor) {
-        if let Some(events) = after(conn, history, cursor, max).await? {
-            return Ok(Resumed::Events(events));
+    let mut end = None;
+    if let Some(history) = &keys.history {
+        if let Some(cursor) = cursor {
+            let (events, newest) = after(conn, history, cursor, max).await?;
+            if let Some(events) = events {
+                return Ok(Resumed::Events(events, newest));
+            }
+            end = newest;
+        } else {
+            end = newest(conn, history).await?;
         }
     }
-    reset(conn, topic, keys.latest.as_deref())
-        .await
-        .map(Resumed::Reset)
+    let frame = reset(conn, topic, keys.latest.as_deref()).await?;
+    Ok(Resumed::Reset(frame, end))
 }
 
-/// The events after `cursor` in `history`, oldest first; `None` when it is not there, or more
-/// than `max` events behind.
+/// The id of the newest entry of `history`, if any.
+async fn newest(conn: &mut Conn, history: &str) -> redis::RedisResult<Option<String>> {
+    let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+        .arg(history)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(page.into_iter().next().map(|(id, _)| id))
+}
+
+/// The events after `cursor` in `history`, oldest first (`None` when it is not there, or more
+/// than `max` events behind), and the id of the history's newest entry.
 async fn after(
     conn: &mut Conn,
     history: &str,
     cursor: &Cursor,
     max: usize,
-) -> redis::RedisResult<Option<Vec<Frame>>> {
+) -> redis::RedisResult<(Option<Vec<Frame>>, Option<String>)> {
     let target = cursor.entry_id.to_string();
     let mut newer: Vec<Frame> = Vec::new();
     let mut end = "+".to_owned();
+    let mut newest = None;
     loop {
         let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
             .arg(history)
@@ -68,6 +88,7 @@ async fn after(
             .await?;
         let last_page = page.len() < PAGE;
         for (id, fields) in &page {
+            newest.get_or_insert_with(|| id.clone());
             end = format!("({id}");
             let (Some(stream), Some(entry_id), Some(event)) = (
                 fields.get("stream"),
@@ -78,26 +99,58 @@ async fn after(
             };
             if *stream == cursor.stream && *entry_id == target {
                 newer.reverse();
-                return Ok(Some(newer));
+                return Ok((Some(newer), newest));
             }
             if newer.len() == max {
-                return Ok(None);
+                return Ok((None, newest));
             }
             if let Some(frame) = completed(event, stream, entry_id) {
                 newer.push(frame);
             }
         }
         if last_page {
-            return Ok(None);
+            return Ok((None, newest));
         }
     }
+}
+
+/// The entries of `history` after the entry `from` (exclusive; `None`: from the start), oldest
+/// first, at most `PAGE`, with their history ids: what the projector appended since it was read.
+pub async fn since(
+    conn: &mut Conn,
+    history: &str,
+    from: Option<&str>,
+) -> redis::RedisResult<Vec<(String, Option<Frame>)>> {
+    let start = from.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+    let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(history)
+        .arg(start)
+        .arg("+")
+        .arg("COUNT")
+        .arg(PAGE)
+        .query_async(conn)
+        .await?;
+    Ok(page
+        .into_iter()
+        .map(|(id, fields)| {
+            let frame = match (
+                fields.get("stream"),
+                fields.get("entry_id"),
+                fields.get("event"),
+            ) {
+                (Some(stream), Some(entry_id), Some(event)) => completed(event, stream, entry_id),
+                _ => None,
+            };
+            (id, frame)
+        })
+        .collect())
 }
 
 /// A history entry framed as the live message of the same event would be: the event's JSON with
 /// `stream` and `entry_id` added.
 fn completed(event: &str, stream: &str, entry_id: &str) -> Option<Frame> {
     let json = with_source(event, stream, entry_id)?;
-    hub::frame(&json).map(|(frame, _)| frame)
+    hub::frame(&json)
 }
 
 fn with_source(event: &str, stream: &str, entry_id: &str) -> Option<String> {
@@ -111,7 +164,7 @@ fn with_source(event: &str, stream: &str, entry_id: &str) -> Option<String> {
 
 /// `event: reset` for `topic`: `{"topic": …, "latest": <event or null>}`, with the state's id
 /// (so that the next resume starts after it) when there is a state.
-async fn reset(
+pub async fn reset(
     conn: &mut Conn,
     topic: &ChannelPattern,
     latest: Option<&str>,
@@ -132,33 +185,30 @@ async fn reset(
         state.get("stream"),
         state.get("entry_id"),
     ) {
-        (Some(event), Some(stream), Some(entry_id)) => with_source(event, stream, entry_id)
-            .and_then(|json| Some((json, stream.clone(), entry_id.parse().ok()?, entry_id))),
+        (Some(event), Some(stream), Some(entry_id)) => {
+            with_source(event, stream, entry_id).and_then(|json| Some((hub::frame(&json)?, json)))
+        }
         _ => None,
     };
     let topic_json = serde_json::to_string(topic.as_str()).unwrap_or_default();
     Ok(match source {
-        Some((json, stream, entry_id, text)) => {
-            let latest: &RawValue = serde_json::from_str(&json).map_err(|e| {
-                redis::RedisError::from((redis::ErrorKind::Parse, "latest state", e.to_string()))
-            })?;
-            let id = cursor::format(&stream, text);
-            Frame {
-                bytes: sse::message(
-                    Some(&id),
-                    "reset",
-                    &format!(r#"{{"topic":{topic_json},"latest":{latest}}}"#),
-                ),
-                stream: stream.into(),
-                entry_id,
-            }
-        }
+        // The state's entry: the id, and what the live events after it are compared with.
+        Some((state, json)) => Frame {
+            bytes: sse::message(
+                Some(&cursor::format(&state.stream, &state.entry_id.to_string())),
+                "reset",
+                &format!(r#"{{"topic":{topic_json},"latest":{json}}}"#),
+            ),
+            ..state
+        },
         None => Frame {
             bytes: sse::message(
                 None,
                 "reset",
                 &format!(r#"{{"topic":{topic_json},"latest":null}}"#),
             ),
+            channel: topic.as_str().into(),
+            key: "".into(),
             stream: "".into(),
             entry_id: streamfleet::EntryId { ms: 0, seq: 0 },
         },

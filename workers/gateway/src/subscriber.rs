@@ -1,7 +1,14 @@
-//! The gateway's one Pub/Sub connection: it subscribes to the patterns the hub asks for, hands
-//! every message to the hub, and notices its own loss (a closed connection, or a `PING` left
+//! The gateway's one Pub/Sub connection: it subscribes to what the hub asks for, hands every
+//! message to the hub, and notices its own loss (a closed connection, or a `PING` left
 //! unanswered) so that the hub ends every stream. On a Redis Cluster, `PUBLISH` reaches every
 //! node, so any node of `FLEET_REDIS_URL` serves; the next one is tried when one fails.
+//!
+//! A subscription without a wildcard (an exact topic under a `fleet:{channel}` template) is a
+//! `SUBSCRIBE`: Redis finds its subscribers of a `PUBLISH` by a hash lookup, whereas it matches
+//! every `PSUBSCRIBE` pattern of every client against each channel published, so ten thousand
+//! browsers on ten thousand flows would cost each `PUBLISH` ten thousand glob matches. (An ACL
+//! user's channel patterns also admit any channel they match, but a `PSUBSCRIBE` pattern only
+//! when granted literally.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,16 +68,18 @@ pub async fn run(
                     _ = shutdown.triggered() => return Ok(()),
                     msg = messages.next() => match msg {
                         Some(msg) => {
-                            let glob: String = msg.get_pattern().unwrap_or_default();
-                            hub.dispatch(&glob, msg.get_payload_bytes());
+                            let key: String = if msg.from_pattern() {
+                                msg.get_pattern().unwrap_or_default()
+                            } else {
+                                msg.get_channel_name().to_owned()
+                            };
+                            hub.dispatch(&key, msg.get_payload_bytes());
                         }
                         None => return Err("connection closed".into()),
                     },
                     command = commands.recv() => match command {
                         Some(Command::Subscribe(glob)) => subscribe(&hub, &mut sink, &glob).await?,
-                        Some(Command::Unsubscribe(glob)) => {
-                            sink.punsubscribe(&glob).await.map_err(|e| e.to_string())?
-                        }
+                        Some(Command::Unsubscribe(glob)) => unsubscribe(&mut sink, &glob).await?,
                         None => return Ok(()),
                     },
                     _ = ping.tick() => {
@@ -100,12 +109,31 @@ pub async fn run(
     }
 }
 
-/// Subscribes to `glob` and tells the hub; a pattern no connection needs any more by then is
+/// Whether `glob` has a wildcard (an escaped character counts: it is a pattern's syntax).
+fn is_pattern(glob: &str) -> bool {
+    glob.contains(['*', '?', '[', '\\'])
+}
+
+/// Subscribes to `glob` and tells the hub; one no connection needs any more by then is
 /// unsubscribed again.
 async fn subscribe(hub: &Hub, sink: &mut PubSubSink, glob: &str) -> Result<(), String> {
-    sink.psubscribe(glob).await.map_err(|e| e.to_string())?;
+    let done = if is_pattern(glob) {
+        sink.psubscribe(glob).await
+    } else {
+        sink.subscribe(glob).await
+    };
+    done.map_err(|e| e.to_string())?;
     if !hub.confirmed(glob) {
-        sink.punsubscribe(glob).await.map_err(|e| e.to_string())?;
+        unsubscribe(sink, glob).await?;
     }
     Ok(())
+}
+
+async fn unsubscribe(sink: &mut PubSubSink, glob: &str) -> Result<(), String> {
+    let done = if is_pattern(glob) {
+        sink.punsubscribe(glob).await
+    } else {
+        sink.unsubscribe(glob).await
+    };
+    done.map_err(|e| e.to_string())
 }

@@ -1,0 +1,185 @@
+//! One browser's stream, after its start (`events`): what was missed first, then the live
+//! events, each once per stream entry, keep-alives when idle; ended by the drain, a full buffer
+//! or a lost subscription.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use streamfleet::event::pattern::ChannelPattern;
+use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::shutdown::Shutdown;
+use streamfleet::EntryId;
+
+use crate::hub::{Frame, Subscription};
+use crate::metrics as m;
+use crate::resume;
+use crate::sse;
+
+/// Most keys a connection remembers the last entry of.
+const SEEN_MAX: usize = 4096;
+
+/// Most bytes written at once when events are waiting.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// A resumed topic whose history has not yet been seen to reach the live events. The projector
+/// and the notifier read the stream independently: an event the notifier published before this
+/// connection subscribed may not be in the history yet when it was read. Until a live event of
+/// the topic is found in the history, each one waits for the history to reach it, and what the
+/// history gained meanwhile goes out first; a projector further behind than `SEAM_WAIT` is a
+/// reset, never a silent gap.
+pub struct Seam {
+    pub topic: ChannelPattern,
+    pub history: String,
+    pub latest: Option<String>,
+    /// The history entry read last.
+    pub after: Option<String>,
+    pub opened: Instant,
+}
+
+/// Longest a live event waits for the projector's history to reach it after a resume.
+const SEAM_WAIT: Duration = Duration::from_secs(5);
+
+/// One browser's stream: what was missed first, then the live events, keep-alives when idle.
+pub struct Live {
+    pub sub: Subscription,
+    /// The last entry id sent per stream and key: an entry not after it is a duplicate (the seam
+    /// between history and live, a topic matched twice, a notifier's redelivery). Bounded: past
+    /// `SEEN_MAX` keys it starts again, so a duplicate may then pass, never an event be dropped.
+    pub seen: HashMap<Arc<str>, HashMap<Box<str>, EntryId>>,
+    pub seen_keys: usize,
+    /// What goes out before the live events: `retry:`, the missed events, resets.
+    pub first: VecDeque<Bytes>,
+    pub keepalive: tokio::time::Interval,
+    pub shutdown: Shutdown,
+    pub seams: Vec<Seam>,
+    pub redis: Conn,
+}
+
+impl Live {
+    /// Whether `f` comes after everything sent of its stream and key; it then counts as sent.
+    pub fn fresh(&mut self, f: &Frame) -> bool {
+        if self.sent(f) {
+            return false;
+        }
+        if self.seen_keys >= SEEN_MAX {
+            self.seen.clear();
+            self.seen_keys = 0;
+        }
+        let keys = self.seen.entry(f.stream.clone()).or_default();
+        if keys.insert(f.key.clone(), f.entry_id).is_none() {
+            self.seen_keys += 1;
+        }
+        true
+    }
+
+    fn sent(&self, f: &Frame) -> bool {
+        self.seen
+            .get(&f.stream)
+            .and_then(|keys| keys.get(&*f.key))
+            .is_some_and(|last| *last >= f.entry_id)
+    }
+
+    /// Adds a live frame to `out`, after what its topic's history holds before it if the topic
+    /// is still at its seam.
+    async fn admit(&mut self, f: &Frame, out: &mut Vec<Bytes>) {
+        if let Some(i) = self.seams.iter().position(|s| s.topic.matches(&f.channel)) {
+            self.close_seam(i, f, out).await;
+        }
+        if self.fresh(f) {
+            metrics::counter!(m::MESSAGES_SENT, "origin" => "live").increment(1);
+            out.push(f.bytes.clone());
+        }
+    }
+
+    async fn close_seam(&mut self, i: usize, f: &Frame, out: &mut Vec<Bytes>) {
+        loop {
+            let seam = &mut self.seams[i];
+            let read = resume::since(&mut self.redis, &seam.history, seam.after.as_deref()).await;
+            let page = match read {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, history = %seam.history, "history unreadable at the seam");
+                    break;
+                }
+            };
+            let full = page.len() >= resume::PAGE;
+            for (id, frame) in page {
+                self.seams[i].after = Some(id);
+                if let Some(frame) = frame {
+                    if self.fresh(&frame) {
+                        metrics::counter!(m::MESSAGES_SENT, "origin" => "history").increment(1);
+                        out.push(frame.bytes);
+                    }
+                }
+            }
+            if full {
+                continue;
+            }
+            if self.sent(f) {
+                // The history reached the live events: from now on they follow directly.
+                break;
+            }
+            let seam = &self.seams[i];
+            if seam.opened.elapsed() > SEAM_WAIT {
+                tracing::warn!(topic = %seam.topic, "the history is behind the live events: reset");
+                let (topic, latest) = (seam.topic.clone(), seam.latest.clone());
+                if let Ok(reset) = resume::reset(&mut self.redis, &topic, latest.as_deref()).await {
+                    metrics::counter!(m::RESETS).increment(1);
+                    if !reset.stream.is_empty() {
+                        self.fresh(&reset);
+                    }
+                    out.push(reset.bytes);
+                }
+                break;
+            }
+            if !self.shutdown.sleep(Duration::from_millis(10)).await {
+                break;
+            }
+        }
+        self.seams.remove(i);
+    }
+
+    /// The next bytes to write; `None` ends the stream (the drain, a slow client, a lost
+    /// subscription).
+    pub async fn next(&mut self) -> Option<Bytes> {
+        if let Some(b) = self.first.pop_front() {
+            return Some(b);
+        }
+        loop {
+            if self.sub.dropped.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.triggered() => return None,
+                frame = self.sub.rx.recv() => {
+                    let frame = frame?;
+                    let mut parts: Vec<Bytes> = Vec::new();
+                    self.admit(&frame, &mut parts).await;
+                    // Events already waiting go out in one write.
+                    let mut size: usize = parts.iter().map(Bytes::len).sum();
+                    while size < WRITE_BATCH {
+                        let Ok(f) = self.sub.rx.try_recv() else { break };
+                        let before = parts.len();
+                        self.admit(&f, &mut parts).await;
+                        size += parts[before..].iter().map(Bytes::len).sum::<usize>();
+                    }
+                    if !parts.is_empty() {
+                        self.keepalive.reset();
+                        if parts.len() == 1 {
+                            return parts.pop();
+                        }
+                        let mut joined = BytesMut::with_capacity(size);
+                        for p in parts {
+                            joined.extend_from_slice(&p);
+                        }
+                        return Some(joined.freeze());
+                    }
+                }
+                _ = self.keepalive.tick() => return Some(Bytes::from_static(sse::KEEPALIVE)),
+            }
+        }
+    }
+}
