@@ -5,7 +5,12 @@ with validate-crds.js, then the facts the deployment promises (probes, consumer 
 periods, security context, resources, scaling, setup; per worker: its command and which
 credentials it gets; the worker's FLEET_CONFIG as it ships, and the keys it names against the
 worker's Redis ACL user and its streams' hash slot, and the Pub/Sub channels it publishes on
-against the user's channel patterns). One line per check; exit 1 on a failure.
+against the user's channel patterns). The gateway (server-sent events to browsers: no consumer
+group) is held to its own: its routes subscribe where the notifier publishes and resume from keys
+the projector writes, its ACL user reads those keys, writes its registry and may subscribe to any
+channel but publish on none, its preStop sleep and grace period, its Service without affinity,
+its Ingress (only /events, the annotations a stream needs), its KEDA trigger on its connections.
+One line per check; exit 1 on a failure.
 
 An overlay whose KEDA triggers are `redis-cluster-streams` deploys on a Redis Cluster, and is held
 to what a cluster needs (deploy/README.md, "Redis Cluster"): every stream it creates has a hash
@@ -53,6 +58,18 @@ WORKERS = {
     "projector": {"database": False, "actions": True, "publish": False},
     "notifier": {"database": False, "actions": False, "publish": True},
 }
+# The gateway: no consumer group, no stream, no database (check_gateway).
+GATEWAY = "gateway"
+# What the gateway sends to Redis (workers/gateway/src: its subscription, SUBSCRIBE for an exact
+# topic and PSUBSCRIBE for a wildcard one; registry.rs, one HSET); XREVRANGE, XRANGE (the seam
+# after a resume) and HGETALL only where a route names a `history` or a `latest` key.
+GATEWAY_COMMANDS = ("auth", "hello", "ping", "select", "cluster|slots", "client|setname", "subscribe",
+                    "unsubscribe", "psubscribe", "punsubscribe", "hset", "hdel", "pexpire", "del",
+                    "zadd", "zrem", "zremrangebyscore")
+# Its registry key when FLEET_GATEWAY_REGISTRY_KEY is not set (workers/gateway/src/args.rs).
+GATEWAY_REGISTRY = "streamfleet:gateways"
+# ingress-nginx's annotations.
+NGINX = "nginx.ingress.kubernetes.io/"
 # The notifier's channel for a route without `publish` (workers/notifier/src/sink.rs).
 DEFAULT_CHANNEL = "fleet:{channel}"
 # A FLEET_CONFIG without any [[route]] routes this (README: "The configuration file").
@@ -79,8 +96,9 @@ def env_of(container):
 @functools.cache
 def acl_users(path=ACL_FILE):
     """An ACL file as {user: [rule, ...]}: the root rule first, then one per selector; a rule is
-    (key patterns, granted commands, channel patterns) with commands lowercased (`client|list`,
-    `@all`)."""
+    (key patterns, granted commands, channel patterns, partial key patterns) with commands
+    lowercased (`client|list`, `@all`); key patterns grant both reads and writes (`~p`, `%RW~p`),
+    partial ones are (perm, pattern) for `%R~p` (reads only) and `%W~p` (writes only)."""
     users = {}
     with open(path) as f:
         for line in f:
@@ -89,10 +107,10 @@ def acl_users(path=ACL_FILE):
                 continue
             rules = []
             for text in [re.sub(r"\([^)]*\)", " ", m.group(2))] + re.findall(r"\(([^)]*)\)", m.group(2)):
-                keys, cmds, channels = [], set(), []
+                keys, cmds, channels, partial = [], set(), [], []
                 for tok in text.split():
                     if tok == "resetkeys":
-                        keys = []
+                        keys, partial = [], []
                     elif tok == "resetchannels":
                         channels = []
                     elif tok == "allchannels":
@@ -101,8 +119,14 @@ def acl_users(path=ACL_FILE):
                         channels.append(tok[1:])
                     elif tok in ("allkeys", "~*"):
                         keys.append("*")
-                    elif tok.startswith("~") or tok.startswith("%"):
-                        keys.append(tok.split("~", 1)[1])
+                    elif tok.startswith("%") and "~" in tok:
+                        perm, pattern = tok[1:].split("~", 1)
+                        if {"R", "W"} <= set(perm.upper()):
+                            keys.append(pattern)
+                        else:
+                            partial.append((perm.upper(), pattern))
+                    elif tok.startswith("~"):
+                        keys.append(tok[1:])
                     elif tok in ("-@all", "nocommands"):
                         cmds = set()
                     elif tok in ("+@all", "allcommands"):
@@ -111,7 +135,7 @@ def acl_users(path=ACL_FILE):
                         cmds.add(tok[1:].lower())
                     elif tok.startswith("-"):
                         cmds.discard(tok[1:].lower())
-                rules.append((keys, cmds, channels))
+                rules.append((keys, cmds, channels, partial))
             users[m.group(1)] = rules
     return users
 
@@ -129,6 +153,25 @@ def covers(pattern, prefix):
     if pattern == head + "*":
         return prefix.startswith(head)
     return fnmatch.fnmatchcase(prefix, pattern) and not re.search(r"[*?\[]", pattern)
+
+
+def key_access(rule, key, perm):
+    """Whether an ACL rule grants `perm` ("R" or "W") on every key `key` stands for: a NUL in
+    `key` stands for any text (a placeholder of a template). Sound for patterns whose only
+    wildcard is `*` (a NUL, which no pattern's literal holds, can only fall inside a `*`)."""
+    keys, _, _, partial = rule
+    patterns = keys + [p for perms, p in partial if perm in perms]
+    for pattern in patterns:
+        if re.search(r"[?\[\\]", pattern) and "\0" in key:
+            continue
+        if fnmatch.fnmatchcase(key, pattern):
+            return True
+    return False
+
+
+def template_key(parts):
+    """A template's key with every placeholder as a NUL (see key_access)."""
+    return "".join(text if kind == "lit" else "\0" for kind, text in parts)
 
 
 def is_glob(item):
@@ -451,7 +494,7 @@ def check_keys(name, group, items, concrete, config, rules, user, acl, tagged, w
             inside(prefix, f"{kind} key {template!r} for {st}, starting")
             if kind == "invalidate" and not any(
                     ("del" in cmds or "@all" in cmds) and any(covers(p, prefix) for p in keys)
-                    for keys, cmds, _ in rules):
+                    for keys, cmds, _, _ in rules):
                 fail(f"{where}: invalidate key {template!r} (starts {prefix!r}): ACL user {user} "
                      f"may not DEL it ({acl_name})")
             if tagged and (hash_tag(prefix) is None and not whole or slot(prefix) != slot(st)):
@@ -468,11 +511,11 @@ def check_channels(streams, config, rules, user, acl, where):
     default) against its ACL user's channel patterns and its PUBLISH (or, on a `sharded` route,
     SPUBLISH) grant. Channels are no keys: PUBLISH reaches every node of a cluster; SPUBLISH the
     master of the channel's slot (no slot is shared with a stream: it is a command of its own)."""
-    channels = [p for _, _, chans in rules for p in chans]
+    channels = [p for _, _, chans, _ in rules for p in chans]
     routes = config.get("route") or DEFAULT_ROUTES
     for route in routes:
         command = "spublish" if route.get("sharded") else "publish"
-        if not any(command in cmds or "@all" in cmds for _, cmds, _ in rules):
+        if not any(command in cmds or "@all" in cmds for _, cmds, _, _ in rules):
             fail(f"{where}: route {route.get('pattern')!r} is {'' if route.get('sharded') else 'not '}"
                  f"sharded, and ACL user {user} may not {command.upper()} ({os.path.relpath(acl)})")
         template = route.get("publish", DEFAULT_CHANNEL)
@@ -490,30 +533,66 @@ def check_channels(streams, config, rules, user, acl, where):
     return len(routes)
 
 
-def check_worker(d, objects, source, acl, cluster, creates):
-    name = d["metadata"]["name"]
+def pre_stop_sleep(container):
+    """The seconds of the container's preStop sleep action (0 without one)."""
+    return container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+
+
+def check_pod(d, objects, name, where):
+    """What every Deployment of the fleet promises: its command is its name, /livez and /readyz
+    probes, the drain (its preStop sleep, then FLEET_SHUTDOWN_GRACE_MS) within the grace period,
+    FLEET_REDIS_URL from a Secret, non-root with a read-only root filesystem, a memory request and
+    limit, a PodDisruptionBudget and a ServiceMonitor. Returns the pod, its container and its env."""
     pod = d["spec"]["template"]["spec"]
     c = pod["containers"][0]
     env = env_of(c)
-    where = f"{source}: Deployment {name}"
-    spec = WORKERS.get(name)
-    if spec is None:
-        fail(f"{where}: not a known worker ({', '.join(WORKERS)}): add it to validate.py's WORKERS")
     if c.get("command") != [name]:
         fail(f"{where}: command is {c.get('command')}, not [{name!r}]")
     probes = (c.get("livenessProbe", {}).get("httpGet", {}).get("path"),
               c.get("readinessProbe", {}).get("httpGet", {}).get("path"))
     if probes != ("/livez", "/readyz"):
         fail(f"{where}: probes are {probes}, not /livez and /readyz")
+    grace_ms = int(env.get("FLEET_SHUTDOWN_GRACE_MS", {}).get("value", "25000"))
+    if pod.get("terminationGracePeriodSeconds", 30) * 1000 <= pre_stop_sleep(c) * 1000 + grace_ms:
+        fail(f"{where}: terminationGracePeriodSeconds must exceed the preStop sleep plus FLEET_SHUTDOWN_GRACE_MS")
+    if "secretKeyRef" not in env.get("FLEET_REDIS_URL", {}).get("valueFrom", {}):
+        fail(f"{where}: FLEET_REDIS_URL does not come from a Secret")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    if not (psc.get("runAsNonRoot") and csc.get("readOnlyRootFilesystem")
+            and csc.get("allowPrivilegeEscalation") is False):
+        fail(f"{where}: not non-root, read-only root filesystem, no privilege escalation")
+    res = c.get("resources", {})
+    if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
+        fail(f"{where}: memory request and limit missing")
+    kinds = {o["kind"] for o in objects
+             if o["kind"] in ("PodDisruptionBudget", "ServiceMonitor") and selects(o, d)}
+    if kinds != {"PodDisruptionBudget", "ServiceMonitor"}:
+        fail(f"{where}: missing {sorted({'PodDisruptionBudget', 'ServiceMonitor'} - kinds)}")
+    return pod, c, env
+
+
+def selects(o, d):
+    """Whether object `o`'s label selector selects the pods of Deployment `d`."""
+    labels = d["spec"]["selector"]["matchLabels"]
+    sel = o.get("spec", {}).get("selector", {})
+    if o["kind"] != "Service":  # a Service's selector is the labels themselves
+        sel = sel.get("matchLabels", {})
+    return bool(sel) and all(labels.get(k) == v for k, v in sel.items())
+
+
+def check_worker(d, objects, source, acl, cluster, creates):
+    name = d["metadata"]["name"]
+    where = f"{source}: Deployment {name}"
+    spec = WORKERS.get(name)
+    if spec is None:
+        fail(f"{where}: not a known worker ({', '.join(list(WORKERS) + [GATEWAY])}): add it to "
+             "validate.py's WORKERS")
+    pod, c, env = check_pod(d, objects, name, where)
     consumer = env.get("FLEET_CONSUMER", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
     if consumer != "metadata.name":
         fail(f"{where}: FLEET_CONSUMER is not the pod name (downward API)")
-    grace_ms = int(env.get("FLEET_SHUTDOWN_GRACE_MS", {}).get("value", "25000"))
-    if pod.get("terminationGracePeriodSeconds", 30) * 1000 <= grace_ms:
-        fail(f"{where}: terminationGracePeriodSeconds must exceed FLEET_SHUTDOWN_GRACE_MS")
-    for var in ("FLEET_REDIS_URL", "FLEET_DATABASE_URL") if spec["database"] else ("FLEET_REDIS_URL",):
-        if "secretKeyRef" not in env.get(var, {}).get("valueFrom", {}):
-            fail(f"{where}: {var} does not come from a Secret")
+    if spec["database"] and "secretKeyRef" not in env.get("FLEET_DATABASE_URL", {}).get("valueFrom", {}):
+        fail(f"{where}: FLEET_DATABASE_URL does not come from a Secret")
     if not spec["database"] and "FLEET_DATABASE_URL" in env:
         fail(f"{where}: FLEET_DATABASE_URL is set, but the {name} uses no database: "
              "no database credentials in its pod")
@@ -547,22 +626,6 @@ def check_worker(d, objects, source, acl, cluster, creates):
     tagged = cluster or any(hash_tag(s) is not None for s in items)
     keys, budgets, writes = check_keys(name, group, items, concrete, config, rules, user, acl, tagged, where)
     publishes = check_channels(concrete, config, rules, user, acl, where) if spec["publish"] else 0
-    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
-    if not (psc.get("runAsNonRoot") and csc.get("readOnlyRootFilesystem")
-            and csc.get("allowPrivilegeEscalation") is False):
-        fail(f"{where}: not non-root, read-only root filesystem, no privilege escalation")
-    res = c.get("resources", {})
-    if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
-        fail(f"{where}: memory request and limit missing")
-    labels = d["spec"]["selector"]["matchLabels"]
-
-    def selects(o):
-        sel = o["spec"].get("selector", {}).get("matchLabels", {})
-        return sel and all(labels.get(k) == v for k, v in sel.items())
-
-    kinds = {o["kind"] for o in objects if o["kind"] in ("PodDisruptionBudget", "ServiceMonitor") and selects(o)}
-    if kinds != {"PodDisruptionBudget", "ServiceMonitor"}:
-        fail(f"{where}: missing {sorted({'PodDisruptionBudget', 'ServiceMonitor'} - kinds)}")
     scaled = [o for o in objects if o["kind"] == "ScaledObject" and o["spec"]["scaleTargetRef"]["name"] == name]
     if not scaled:
         fail(f"{where}: no ScaledObject")
@@ -602,6 +665,183 @@ def check_worker(d, objects, source, acl, cluster, creates):
        + (f", channels inside its channel patterns ({publishes} routes' publish)" if spec["publish"] else ""))
     return {"name": name, "group": group, "items": items, "streams": concrete, "writes": writes,
             "triggered": triggered}
+
+
+def deployment(objects, name):
+    return next((o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name), None)
+
+
+def check_gateway(d, objects, source, acl, cluster):
+    """The gateway's promises (deploy/README.md, "The gateway"): the shared pod checks; no consumer
+    settings; its registry name unique per pod; its token secret from a Secret; its routes
+    subscribe where the notifier publishes (PUBLISH: it PSUBSCRIBEs) and resume from keys the
+    projector writes; its ACL user; its Service, Ingress and KEDA trigger."""
+    name = d["metadata"]["name"]
+    where = f"{source}: Deployment {name}"
+    pod, c, env = check_pod(d, objects, name, where)
+    for var in ("FLEET_STREAMS", "FLEET_GROUP", "FLEET_CONSUMER", "FLEET_DATABASE_URL"):
+        if var in env:
+            fail(f"{where}: {var} is set, but the gateway reads no stream and no database")
+    instance = env.get("FLEET_GATEWAY_INSTANCE")
+    if instance is not None and instance.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        fail(f"{where}: FLEET_GATEWAY_INSTANCE is not the pod name (downward API): two pods of one "
+             "name share their registry entries, and the drain of one deletes the other's")
+    jwt, jwks = env.get("FLEET_GATEWAY_JWT_SECRET"), env.get("FLEET_GATEWAY_JWKS_FILE", {}).get("value")
+    if jwt is not None and "secretKeyRef" not in jwt.get("valueFrom", {}):
+        fail(f"{where}: FLEET_GATEWAY_JWT_SECRET does not come from a Secret")
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
+    if jwks and not any(jwks.startswith(m) for m in mounts):
+        fail(f"{where}: FLEET_GATEWAY_JWKS_FILE {jwks} is not in a volume mounted in the pod")
+    if jwt is None and not jwks and "FLEET_GATEWAY_ANONYMOUS_TOPICS" not in env:
+        fail(f"{where}: neither FLEET_GATEWAY_JWT_SECRET, FLEET_GATEWAY_JWKS_FILE nor "
+             "FLEET_GATEWAY_ANONYMOUS_TOPICS: every browser would be refused")
+    if pre_stop_sleep(c) < 1:
+        fail(f"{where}: no preStop sleep: SIGTERM would end the streams while the pod is still an "
+             "endpoint of the Service and an upstream of the ingress, and reconnects could come back to it")
+
+    # Its routes, against the notifier's (where it publishes) and the projector's (what it writes).
+    config = worker_config(d, objects, where)
+    routes = config.get("route", [])
+    if not routes:
+        fail(f"{where}: its FLEET_CONFIG has no route: the gateway would serve nothing")
+    notifier, projector = deployment(objects, "notifier"), deployment(objects, "projector")
+    published = {r.get("pattern"): r for r in
+                 (worker_config(notifier, objects, where).get("route") or DEFAULT_ROUTES if notifier else [])}
+    written = {}
+    for _, pattern, kind, template in (action_templates(worker_config(projector, objects, where)) if projector else []):
+        written.setdefault((pattern, kind), []).append(template)
+    reads, channels = [], []
+    for route in routes:
+        pattern = route.get("pattern")
+        theirs = published.get(pattern)
+        if theirs is None:
+            fail(f"{where}: route {pattern!r}: the notifier has no route {pattern!r}, so nothing is "
+                 "published for it")
+        mine = (route.get("publish", DEFAULT_CHANNEL), bool(route.get("sharded")))
+        if mine != (theirs.get("publish", DEFAULT_CHANNEL), bool(theirs.get("sharded"))):
+            fail(f"{where}: route {pattern!r} subscribes to {mine[0]!r} (sharded {str(mine[1]).lower()}), "
+                 f"the notifier publishes on {theirs.get('publish', DEFAULT_CHANNEL)!r} (sharded "
+                 f"{str(bool(theirs.get('sharded'))).lower()}): give both files the same")
+        if mine[1]:
+            fail(f"{where}: route {pattern!r} is published with SPUBLISH (sharded): the gateway "
+                 "subscribes by pattern (PSUBSCRIBE) and gets none of its events; publish it with "
+                 "PUBLISH (sharded = false) in the notifier's file and the gateway's")
+        channels.append(mine[0])
+        for kind, template in (route.get("gateway") or {}).items():
+            parts = parse_template(template) if kind in ("history", "latest") else None
+            if parts is None:
+                fail(f"{where}: route {pattern!r}: gateway.{kind} = {template!r}: not a history or "
+                     "latest template that parses")
+            named = [text for k, text in parts if k == "ph" and not re.fullmatch(r"channel(\[\d+\])?", text)]
+            if named:
+                fail(f"{where}: route {pattern!r}: gateway.{kind} {template!r} names {{{named[0]}}}: a "
+                     "gateway names keys from the topic alone ({channel}, {channel[N]}), it exits 2"
+                     + ("; on a Redis Cluster the projector's keys carry the stream's {tag}, which no "
+                        "topic names: leave the gateway table out (no resume)" if cluster else ""))
+            if template not in written.get((pattern, kind), []):
+                fail(f"{where}: route {pattern!r}: gateway.{kind} {template!r} is no {kind} key of the "
+                     f"projector's route {pattern!r} ({', '.join(written.get((pattern, kind), [])) or 'none'}): "
+                     "a resume would read a key nothing writes")
+            reads.append((kind, template, parts))
+
+    # Its ACL user: subscribes to anything, publishes nothing, reads those keys, writes its registry.
+    user = redis_user(env["FLEET_REDIS_URL"], objects, where, cluster) or name
+    if user != name:
+        fail(f"{where}: FLEET_REDIS_URL logs in as {user}, not as its own ACL user {name}")
+    rules = acl_user(acl, user, where)
+    root, acl_name = rules[0], os.path.relpath(acl)
+    if "*" not in root[2]:
+        fail(f"{where}: ACL user {user} may subscribe to {' '.join('&' + p for p in root[2]) or 'no channel'} "
+             f"({acl_name}): the gateway PSUBSCRIBEs one pattern per topic (e.g. "
+             f"{render_prefix(parse_template(channels[0]), '')[0]}flow.42.progress), which Redis compares "
+             "literally with the user's & patterns; only allchannels admits them")
+    cmds = set().union(*(r[1] for r in rules))
+    if cmds & {"publish", "spublish", "@all"}:
+        fail(f"{where}: ACL user {user} may publish ({acl_name}): with every channel readable, it "
+             "must publish on none")
+    needed = list(GATEWAY_COMMANDS) + [cmd for cmd, kind in (("xrevrange", "history"), ("hgetall", "latest"))
+                                       if any(k == kind for k, _, _ in reads)]
+    missing = [cmd for cmd in needed if cmd not in cmds]
+    if missing:
+        fail(f"{where}: ACL user {user} may not run {', '.join(missing)} ({acl_name})")
+    for kind, template, parts in reads:
+        if not key_access(root, template_key(parts), "R"):
+            fail(f"{where}: gateway.{kind} key {template!r}: ACL user {user} may not read every key "
+                 f"it names ({acl_name})")
+    registry = env.get("FLEET_GATEWAY_REGISTRY_KEY", {}).get("value", GATEWAY_REGISTRY)
+    for key in (registry, registry + ":\0"):
+        if not key_access(root, key, "W"):
+            fail(f"{where}: registry key {key.replace(chr(0), '<instance>')!r}: ACL user {user} may not "
+                 f"write it ({acl_name})")
+
+    # Its Service (no affinity), its Ingress (/events alone, what a stream needs), its scaling.
+    services = [o for o in objects if o["kind"] == "Service" and selects(o, d)
+                and any(p.get("targetPort") == "http" for p in o["spec"].get("ports", []))]
+    if not services:
+        fail(f"{where}: no Service sends traffic to its http port")
+    service = services[0]["metadata"]["name"]
+    if services[0]["spec"].get("sessionAffinity", "None") != "None":
+        fail(f"{where}: Service {service} has session affinity: a browser resumes on any pod, and "
+             "affinity sends the reconnects of a stopping pod back to it")
+    ingresses = [o for o in objects if o["kind"] == "Ingress" and any(
+        p["backend"].get("service", {}).get("name") == service
+        for r in o["spec"].get("rules", []) for p in r.get("http", {}).get("paths", []))]
+    if not ingresses:
+        fail(f"{where}: no Ingress routes to Service {service}")
+    ingress = ingresses[0]
+    paths = [p["path"] for r in ingress["spec"]["rules"] for p in r.get("http", {}).get("paths", [])
+             if p["backend"].get("service", {}).get("name") == service]
+    if paths != ["/events"] * len(paths):
+        fail(f"{where}: Ingress {ingress['metadata']['name']} routes {', '.join(paths)} to the "
+             "gateway: only /events (/metrics, /livez and /readyz share its port)")
+    ann = ingress["metadata"].get("annotations", {})
+    keepalive_s = int(env.get("FLEET_GATEWAY_KEEPALIVE_MS", {}).get("value", "15000")) / 1000
+    wanted = {"proxy-buffering": "off", "proxy-http-version": "1.1"}
+    for key, value in wanted.items():
+        if ann.get(NGINX + key) != value:
+            fail(f"{where}: Ingress {ingress['metadata']['name']}: {NGINX}{key} is "
+                 f"{ann.get(NGINX + key)!r}, not {value!r}")
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        value = ann.get(NGINX + key, "")
+        if not value.isdigit() or int(value) < 2 * keepalive_s:
+            fail(f"{where}: Ingress {ingress['metadata']['name']}: {NGINX}{key} is {value or 'unset'}: "
+                 f"at least twice the keep-alive interval ({keepalive_s:g} s, FLEET_GATEWAY_KEEPALIVE_MS), "
+                 "or nginx cuts idle streams")
+    for key in ("enable-cors", "affinity"):
+        if NGINX + key in ann:
+            fail(f"{where}: Ingress {ingress['metadata']['name']}: {NGINX}{key}: "
+                 + ("the gateway answers CORS itself (FLEET_GATEWAY_CORS_ORIGINS)" if key == "enable-cors"
+                    else "no affinity: a browser resumes on any pod"))
+    scaled = [o for o in objects if o["kind"] == "ScaledObject" and o["spec"]["scaleTargetRef"]["name"] == name]
+    if not scaled:
+        fail(f"{where}: no ScaledObject")
+    triggers = scaled[0]["spec"]["triggers"]
+    namespace = d["metadata"].get("namespace", "default")
+    query = triggers[0]["metadata"].get("query", "") if len(triggers) == 1 else ""
+    if [t["type"] for t in triggers] != ["prometheus"] or "fleet_gateway_connections" not in query:
+        fail(f"{where}: its ScaledObject must have one prometheus trigger whose query sums "
+             "fleet_gateway_connections (it has no consumer group, hence no lag), not "
+             + ", ".join(f"{t['type']} {t['metadata'].get('query', '')!r}".strip() for t in triggers))
+    for label, value in (("namespace", namespace), ("job", services[0]["metadata"]["name"])):
+        if not re.search(rf'{label}\s*=\s*"{re.escape(value)}"', query):
+            fail(f"{where}: the trigger's query {query!r} does not select {label}=\"{value}\": it "
+                 "would scale on another deployment's connections, or none")
+    if not triggers[0]["metadata"].get("threshold", "").isdigit():
+        fail(f"{where}: the trigger's threshold (connections per pod) must be a whole number, as a string")
+    if scaled[0]["spec"].get("minReplicaCount", 0) < 2:
+        fail(f"{where}: minReplicaCount below 2: a stopping pod's browsers need another pod to go to")
+    ok(f"{where}: command, probes, preStop sleep {pre_stop_sleep(c)} s and grace period, Redis "
+       f"and token Secrets, ConfigMap, security, resources, PDB, ServiceMonitor; {len(routes)} "
+       f"route{'s' if len(routes) > 1 else ''} subscribed where the notifier publishes (PUBLISH), "
+       + (f"{len(reads)} resume key{'s' if len(reads) > 1 else ''} the projector writes"
+          if reads else "no resume (no gateway table)")
+       + f"; ACL user {user} ({acl_name}): every channel, no publish, "
+       + ("reads its resume keys, " if reads else "")
+       + f"writes its registry {registry}; Service {service} without affinity; Ingress "
+       f"{ingress['metadata']['name']} on /events (buffering off, timeouts "
+       f"{ann[NGINX + 'proxy-read-timeout']} s >= 2 x {keepalive_s:g} s keep-alive, HTTP/1.1); "
+       f"ScaledObject on fleet_gateway_connections ({triggers[0]['metadata']['threshold']} per pod, "
+       f"{scaled[0]['spec']['minReplicaCount']} to {scaled[0]['spec'].get('maxReplicaCount', 100)} pods)")
 
 
 def check_globs(workers, source):
@@ -694,7 +934,7 @@ def main():
             fail(f"{source}: {out.stderr.strip()}")
         ok(f"{source}: {len(custom)} KEDA and Prometheus operator objects valid against their CRDs")
         deployments = [o for o in objects if o["kind"] == "Deployment"]
-        missing = set(WORKERS) - {d["metadata"]["name"] for d in deployments}
+        missing = (set(WORKERS) | {GATEWAY}) - {d["metadata"]["name"] for d in deployments}
         if missing:
             fail(f"{source}: no Deployment of {', '.join(sorted(missing))}")
         kinds = {t["type"] for o in objects if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]}
@@ -702,7 +942,11 @@ def main():
         jobs, commands, creates = setup_creates(objects, source)
         if cluster:
             check_shards(objects, creates, source)
-        workers = [check_worker(d, objects, source, acl, cluster, creates) for d in deployments]
+        workers = [check_worker(d, objects, source, acl, cluster, creates) for d in deployments
+                   if d["metadata"]["name"] != GATEWAY]
+        for d in deployments:
+            if d["metadata"]["name"] == GATEWAY:
+                check_gateway(d, objects, source, acl, cluster)
         check_globs(workers, source)
         check_setup(objects, workers, creates, commands, acl, cluster, source)
         check_rules(objects, rules_file, source)

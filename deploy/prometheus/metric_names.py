@@ -3,13 +3,17 @@
 
 One name per line, sorted, each once; histogram series (`_bucket`, `_sum`, `_count`) are
 reduced to the histogram's base name, so the list can be compared with the names a running
-worker exports on /metrics (its `# TYPE` lines).
+worker exports on /metrics (its `# TYPE` lines). With `--worker NAME`, only the names that
+worker exports: the gateway's own (`fleet_gateway_*`) and the runtime's (`fleet_ready`,
+`fleet_fault`, `fleet_reconnects_total`) for `gateway`, which has no consumer group; every other
+name for the consumer workers (persister, projector, notifier).
 
 Sources: the `expr` of every rule in deploy/prometheus/rules.yml (not the annotations), and in
 deploy/grafana/streamfleet.json every `expr` (panel targets) and the queries of the template
 variables (`label_values(...)`).
 
     python3 deploy/prometheus/metric_names.py [--rules FILE] [--dashboard FILE] [--by-source]
+                                              [--worker NAME]
 
 Needs only the Python 3 standard library (PyYAML is used when present, else a small reader for
 this file's `expr:` entries).
@@ -28,6 +32,9 @@ DEFAULT_DASHBOARD = os.path.join(HERE, "..", "grafana", "streamfleet.json")
 # A metric name starting with fleet_, not part of a longer identifier.
 NAME = re.compile(r"(?<![A-Za-z0-9_:])fleet_[A-Za-z0-9_:]*")
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+# The gateway's own metrics; the runtime's, which every binary exports, the gateway included.
+GATEWAY_PREFIX = "fleet_gateway_"
+RUNTIME = {"fleet_ready", "fleet_fault", "fleet_reconnects_total"}
 # PromQL string literals ("..." or '...'): label values are not metric names.
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 
@@ -113,18 +120,29 @@ def dashboard_exprs(path):
     return found
 
 
+def exported_by(worker, name):
+    """Whether `worker` exports the metric `name` (see the module's docstring)."""
+    if worker == "gateway":
+        return name.startswith(GATEWAY_PREFIX) or name in RUNTIME
+    return not name.startswith(GATEWAY_PREFIX)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", default=DEFAULT_RULES)
     parser.add_argument("--dashboard", default=DEFAULT_DASHBOARD)
     parser.add_argument("--by-source", action="store_true",
                         help="prefix each name with rules/dashboard (a name may appear twice)")
+    parser.add_argument("--worker", metavar="NAME",
+                        help="only the names this worker exports (gateway, or a consumer worker)")
     args = parser.parse_args(argv)
 
     sources = {
         "rules": set().union(*[names_in(e) for e in rule_exprs(args.rules)] or [set()]),
         "dashboard": set().union(*[names_in(e) for e in dashboard_exprs(args.dashboard)] or [set()]),
     }
+    if args.worker:
+        sources = {k: {n for n in v if exported_by(args.worker, n)} for k, v in sources.items()}
     if args.by_source:
         for source, names in sources.items():
             for name in sorted(names):

@@ -12,7 +12,7 @@ pub mod grants;
 pub mod health;
 pub(crate) mod http;
 pub mod logging;
-pub(crate) mod metrics;
+pub mod metrics;
 pub mod process;
 pub mod scripts;
 pub mod shutdown;

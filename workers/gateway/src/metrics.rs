@@ -40,6 +40,10 @@ pub fn register() {
     for origin in ["live", "history"] {
         counter!(MESSAGES_SENT, "origin" => origin).increment(0);
     }
+    // The runtime's, which the gateway's readiness moves (the sink is its subscription).
+    for target in ["redis", "sink"] {
+        counter!(streamfleet::runtime::metrics::RECONNECTS, "target" => target).increment(0);
+    }
     for name in [RESUMES, RESETS, SLOW_DROPS, UNREADABLE] {
         counter!(name).increment(0);
     }
