@@ -866,3 +866,208 @@ async fn fleetctl_runs_under_the_shipped_operator_user() {
         );
     }
 }
+
+/// A shipped FLEET_CONFIG with the test's prefix for `{{app}}`.
+fn shipped_config(worker: &str, prefix: &str) -> String {
+    let shipped = std::fs::read_to_string(repo_path(&format!(
+        "deploy/kustomize/base/{worker}/fleet.toml"
+    )))
+    .unwrap();
+    let path = std::env::temp_dir().join(format!("{}.toml", unique(worker)));
+    std::fs::write(
+        &path,
+        shipped.replace("{{app}}", &format!("{{{{{prefix}}}}}")),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_under_its_shipped_acl_user_and_nothing_more() {
+    let prefix = unique("lpg");
+    let server = PrivateRedis::start_with(&["--aclfile".into(), acl_file(&prefix)]);
+    let stream = format!("{{{prefix}}}:events");
+    let registry = format!("{{{prefix}}}:gateways");
+    let mut admin = redis_at(&server.url()).await;
+    let setup = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &url_as(&server.url(), "setup"));
+    for group in [PROJECTOR_GROUP, NOTIFIER_GROUP] {
+        let args = [
+            "groups",
+            "create",
+            "--streams",
+            &stream,
+            "--group",
+            group,
+            "--start-from",
+            "oldest",
+        ];
+        let (status, stderr) = setup.run_to_end_with_args("fleetctl", &args).await;
+        assert!(status.success(), "groups create as `setup`: {stderr}");
+    }
+    // The projector, the notifier and the gateway under their own users, shipped configurations.
+    let worker = |name: &str| {
+        WorkerEnv::new(&stream, "")
+            .unset("FLEET_DATABASE_URL")
+            .set("FLEET_REDIS_URL", &url_as(&server.url(), name))
+            .set("FLEET_CONFIG", &shipped_config(name, &prefix))
+    };
+    let mut projector = worker("projector").start("projector").await;
+    let mut notifier = worker("notifier").start("notifier").await;
+    let mut gateway = worker("gateway")
+        .unset("FLEET_STREAMS")
+        .unset("FLEET_CONSUMER")
+        .set("FLEET_GATEWAY_ANONYMOUS_TOPICS", "flow.#")
+        .set("FLEET_GATEWAY_REGISTRY_KEY", &registry)
+        .set("FLEET_GATEWAY_REGISTRY_INTERVAL_MS", "200")
+        .set("FLEET_GATEWAY_INSTANCE", "gw")
+        .start("gateway")
+        .await;
+    let events = |range: std::ops::Range<u32>| -> Vec<String> {
+        range
+            .map(|i| {
+                streamfleet_tests::projector::flow_event(
+                    uuid::Uuid::now_v7(),
+                    "f1",
+                    &format!("2026-12-07T00:{:02}:{:02}Z", i / 60, i % 60),
+                    serde_json::json!({"i": i}),
+                )
+            })
+            .collect()
+    };
+    let numbers = |messages: &[streamfleet_tests::sse::Message]| -> Vec<u64> {
+        messages
+            .iter()
+            .map(|m| m.json()["data"]["i"].as_u64().unwrap())
+            .collect()
+    };
+    let open = |path: String, last: Option<String>| {
+        let http = gateway.http.clone();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                last.iter().map(|l| ("Last-Event-ID", l.as_str())).collect();
+            let c = streamfleet_tests::sse::connect(&http, &path, &headers)
+                .await
+                .unwrap();
+            assert_eq!(c.status, 200);
+            c
+        }
+    };
+    let wait = Duration::from_secs(20);
+
+    // Live: an exact topic (SUBSCRIBE) and a wildcard one (PSUBSCRIBE).
+    let mut exact = open("/events?topic=flow.f1.progress".into(), None).await;
+    let mut wide = open("/events?topic=flow.*.progress".into(), None).await;
+    publish_lines_to(&server.url(), &stream, &events(0..20)).await;
+    assert_eq!(
+        numbers(&exact.take(20, wait).await),
+        (0..20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        numbers(&wide.take(20, wait).await),
+        (0..20).collect::<Vec<_>>()
+    );
+    let last = exact.last_event_id().to_owned();
+    drop(exact);
+
+    // A resume from the history (XREVRANGE), its seam (XRANGE), a reset with the state (HGETALL).
+    publish_lines_to(&server.url(), &stream, &events(20..30)).await;
+    assert_eq!(
+        numbers(&wide.take(10, wait).await),
+        (20..30).collect::<Vec<_>>()
+    );
+    let history = format!("{{{prefix}}}:flow:f1:history");
+    wait_until(wait, "the history holds 30", || {
+        let (mut admin, history) = (admin.clone(), history.clone());
+        async move {
+            redis::cmd("XLEN")
+                .arg(&history)
+                .query_async::<u64>(&mut admin)
+                .await
+                .unwrap_or(0)
+                == 30
+        }
+    })
+    .await;
+    let mut back = open("/events?topic=flow.f1.progress".into(), Some(last)).await;
+    assert_eq!(
+        numbers(&back.take(10, wait).await),
+        (20..30).collect::<Vec<_>>()
+    );
+    publish_lines_to(&server.url(), &stream, &events(30..35)).await;
+    assert_eq!(
+        numbers(&back.take(5, wait).await),
+        (30..35).collect::<Vec<_>>()
+    );
+    let mut reset = open(
+        "/events?topic=flow.f1.progress".into(),
+        Some("nothing".into()),
+    )
+    .await;
+    let m = reset.next(wait).await.unwrap();
+    assert_eq!(
+        (m.event.as_str(), m.json()["latest"]["data"]["i"].as_u64()),
+        ("reset", Some(34))
+    );
+    assert_eq!(gateway.metric("fleet_gateway_resumes_total", "").await, 1.0);
+
+    // The registry, written under the user.
+    wait_until(wait, "the registry entry", || {
+        let (mut admin, key) = (admin.clone(), format!("{registry}:gw"));
+        async move {
+            let h: HashMap<String, u64> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut admin)
+                .await
+                .unwrap_or_default();
+            h.get("@connections") == Some(&3)
+        }
+    })
+    .await;
+    assert_eq!(
+        gateway.readyz().await.0,
+        200,
+        "ready: every registry write is allowed"
+    );
+
+    // Outside its ACL: publishing, writing the projector's keys.
+    let mut as_gateway = redis_at(&url_as(&server.url(), "gateway")).await;
+    for args in [
+        vec![
+            "PUBLISH".to_owned(),
+            format!("{{{prefix}}}:fleet:flow.f1.progress"),
+            "x".into(),
+        ],
+        vec![
+            "HSET".to_owned(),
+            format!("{{{prefix}}}:flow:f1:state"),
+            "a".into(),
+            "b".into(),
+        ],
+        vec![
+            "XADD".to_owned(),
+            history.clone(),
+            "*".into(),
+            "a".into(),
+            "b".into(),
+        ],
+    ] {
+        let refused = redis::cmd(&args[0])
+            .arg(&args[1..])
+            .query_async::<redis::Value>(&mut as_gateway)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("NOPERM"), "{args:?}: {refused}");
+    }
+    drop((wide, back, reset));
+    gateway.stop_cleanly().await;
+    let left: u64 = redis::cmd("EXISTS")
+        .arg(format!("{registry}:gw"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the drain removed its entry (DEL under the user)");
+    notifier.stop_cleanly().await;
+    projector.stop_cleanly().await;
+}
