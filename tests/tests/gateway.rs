@@ -148,7 +148,11 @@ fn numbers(messages: &[Message]) -> Vec<u64> {
 async fn live_events_reach_browsers_through_the_notifier_with_one_subscription_per_pattern() {
     let fleet = Fleet::new();
     let mut notifier = fleet.worker("n1").start("notifier").await;
-    let mut gateway = fleet.gateway().start("gateway").await;
+    let mut gateway = fleet
+        .gateway()
+        .set("FLEET_GATEWAY_KEEPALIVE_MS", "300")
+        .start("gateway")
+        .await;
     let one = fleet.flow(1);
     let any = fleet.any();
     let mut a = open(&gateway, &[&one], None).await;
@@ -192,9 +196,16 @@ async fn live_events_reach_browsers_through_the_notifier_with_one_subscription_p
         "the id is the entry and its stream"
     );
     assert_eq!(a.retry, Some(1000));
+    // Idle, the stream carries keep-alive comments (no message).
+    let before = a.comments;
     assert!(
-        a.next(Duration::from_millis(300)).await.is_none(),
+        a.next(Duration::from_millis(1000)).await.is_none(),
         "nothing more"
+    );
+    assert!(
+        a.comments >= before + 2,
+        "keep-alives: {}",
+        a.comments - before
     );
     drop((a, b, wide));
     wait_until(WAIT, "subscriptions released", || {
