@@ -159,6 +159,16 @@ impl Worker {
                 .db(),
         );
         let mut writer = writer;
+        let allow_eviction = self.args.runtime.redis_allow_eviction;
+        requirements(&mut writer, allow_eviction).await?;
+        // A policy changed while running (CONFIG SET, a new managed tier) is a fault.
+        let watch = (!allow_eviction).then(|| {
+            tokio::spawn(watch_eviction(
+                writer.clone(),
+                health.clone(),
+                Duration::from_millis(tuning.lag_interval_ms),
+            ))
+        });
         if let Some(first) = duplicate(&identity, &mut writer).await {
             return Err(ConfigError(format!(
                 "FLEET_CONSUMER: {} of group {} is already in use on these streams by a live process ({first}); give each process its own consumer name",
@@ -203,6 +213,9 @@ impl Worker {
         };
         let result = pipeline.run(shutdown).await;
         sampler.abort();
+        if let Some(watch) = watch {
+            watch.abort();
+        }
         drop(runtime);
         match result {
             Ok(()) => {}
@@ -231,6 +244,68 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Refuses a Redis that may evict keys (unless allowed), warns of one whose AOF would lose
+/// acknowledged writes, says when neither could be checked. A Redis that does not answer is left
+/// to the pipeline, which waits for it.
+async fn requirements(
+    conn: &mut crate::runtime::conn::Conn,
+    allow_eviction: bool,
+) -> Result<(), ConfigError> {
+    use crate::runtime::requirements::{check, Checked};
+    let checked = match check(conn).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis's configuration could not be read; not checked");
+            return Ok(());
+        }
+    };
+    if let Checked::Unchecked(why) = &checked {
+        tracing::warn!("Redis's maxmemory-policy and AOF are not checked: {why}");
+    }
+    let evicting = checked.evicting();
+    if !evicting.is_empty() {
+        let what = format!(
+            "Redis maxmemory-policy is not noeviction ({}): under memory pressure Redis would evict streams, consumer groups and pending entries, silently",
+            evicting.join(", ")
+        );
+        if !allow_eviction {
+            return Err(ConfigError(format!(
+                "{what}; set `maxmemory-policy noeviction` (or FLEET_REDIS_ALLOW_EVICTION=true to run anyway)"
+            )));
+        }
+        tracing::warn!("{what} (FLEET_REDIS_ALLOW_EVICTION=true: running anyway)");
+    }
+    for risk in checked.unsafe_persistence() {
+        tracing::warn!("Redis persistence: {risk}: acknowledged events may be lost with it; run with `appendonly yes` and `appendfsync everysec`");
+    }
+    Ok(())
+}
+
+/// Raises `RedisMayEvict` while some master's policy evicts keys, every `every`.
+async fn watch_eviction(
+    mut conn: crate::runtime::conn::Conn,
+    health: Arc<Health>,
+    every: Duration,
+) {
+    use crate::runtime::health::Fault;
+    loop {
+        tokio::time::sleep(every).await;
+        let Ok(checked) = crate::runtime::requirements::check(&mut conn).await else {
+            continue;
+        };
+        let evicting = checked.evicting();
+        if evicting.is_empty() {
+            health.clear(Fault::RedisMayEvict);
+        } else if !health.has(Fault::RedisMayEvict) {
+            tracing::error!(nodes = %evicting.join(", "), "Redis maxmemory-policy is no longer noeviction: streams, consumer groups and pending entries may be evicted; set `maxmemory-policy noeviction`");
+            health.raise(
+                Fault::RedisMayEvict,
+                &format!("maxmemory-policy evicts keys ({})", evicting.join(", ")),
+            );
         }
     }
 }

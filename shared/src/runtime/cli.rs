@@ -87,6 +87,17 @@ pub struct RuntimeArgs {
     #[arg(long, env = "FLEET_LOG", default_value = "info")]
     pub log: String,
 
+    /// Run even though Redis may evict keys (a `maxmemory-policy` other than `noeviction`):
+    /// streams, consumer groups and pending entries can then vanish under memory pressure.
+    #[arg(
+        long,
+        env = "FLEET_REDIS_ALLOW_EVICTION",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false
+    )]
+    pub redis_allow_eviction: bool,
+
     /// Longest the drain after SIGTERM may take before the process exits anyway, in milliseconds.
     #[arg(long, env = "FLEET_SHUTDOWN_GRACE_MS", default_value_t = 25_000)]
     pub shutdown_grace_ms: u64,

@@ -48,15 +48,19 @@ pub enum Fault {
     SinkMisconfigured,
     /// Another live process consumes the same streams under the same group and consumer name.
     ConsumerNameInUse,
+    /// Redis's `maxmemory-policy` was changed to one that evicts keys while the worker runs (it
+    /// refuses to start on one unless `FLEET_REDIS_ALLOW_EVICTION`).
+    RedisMayEvict,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const ALL: [Fault; 6] = [
         Fault::RedisOutOfMemory,
         Fault::DeadLetters,
         Fault::GroupMissing,
         Fault::SinkMisconfigured,
         Fault::ConsumerNameInUse,
+        Fault::RedisMayEvict,
     ];
 
     fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Fault {
             Fault::GroupMissing => "group_missing",
             Fault::SinkMisconfigured => "sink_misconfigured",
             Fault::ConsumerNameInUse => "consumer_name_in_use",
+            Fault::RedisMayEvict => "redis_may_evict",
         }
     }
 
@@ -83,7 +88,7 @@ pub struct Health {
     /// One bit per fault raised, so the hot path checks a single atomic.
     faults: AtomicU8,
     /// The detail of each fault raised, by position in `Fault::ALL`.
-    details: Mutex<[Option<String>; 5]>,
+    details: Mutex<[Option<String>; 6]>,
 }
 
 impl Health {

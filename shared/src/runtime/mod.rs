@@ -14,5 +14,6 @@ pub(crate) mod http;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod requirements;
 pub mod scripts;
 pub mod shutdown;
