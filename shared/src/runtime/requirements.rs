@@ -79,6 +79,9 @@ fn config_get() -> Cmd {
     cmd
 }
 
+/// A node's name and its answer to `CONFIG GET`.
+type Answer = (String, Result<Vec<(String, String)>, RedisError>);
+
 fn parse(node: String, pairs: Vec<(String, String)>) -> NodeConfig {
     let get = |k: &str| {
         pairs
@@ -103,18 +106,17 @@ pub async fn check(conn: &mut Conn) -> Result<Checked, RedisError> {
             || e.to_string().contains("unknown command")
             || e.to_string().contains("ERR unknown subcommand")
     };
-    let nodes: Vec<(String, Result<Vec<(String, String)>, RedisError>)> =
-        match conn.masters().await? {
-            None => vec![(String::new(), config_get().query_async(conn).await)],
-            Some(masters) => {
-                let mut out = Vec::new();
-                for m in masters {
-                    let read = conn.on_node(&m.host, m.port, &config_get()).await;
-                    out.push((format!("{}:{}", m.host, m.port), read));
-                }
-                out
+    let nodes: Vec<Answer> = match conn.masters().await? {
+        None => vec![(String::new(), config_get().query_async(conn).await)],
+        Some(masters) => {
+            let mut out = Vec::new();
+            for m in masters {
+                let read = conn.on_node(&m.host, m.port, &config_get()).await;
+                out.push((format!("{}:{}", m.host, m.port), read));
             }
-        };
+            out
+        }
+    };
     let mut read = Vec::new();
     for (node, answer) in nodes {
         match answer {
