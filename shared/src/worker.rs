@@ -200,6 +200,7 @@ impl Worker {
                 identity,
                 health: health.clone(),
                 labels: source.labels(),
+                reported_cuts: Default::default(),
             },
             source.watch_streams(),
         );

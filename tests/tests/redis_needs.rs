@@ -128,3 +128,89 @@ async fn an_aof_that_loses_writes_is_a_warning_and_a_refused_config_is_unchecked
     );
     worker.stop_cleanly().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_maxlen_cutting_unread_entries_is_reported() {
+    // A notifier behind its stream (a rate limit that blocks: it reads no further than
+    // max_in_flight), and a producer that caps the stream with MAXLEN.
+    let server = PrivateRedis::start();
+    let stream = unique("cut:");
+    let mut worker = WorkerEnv::new(&stream, "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_REDIS_URL", &server.url())
+        .set(
+            "FLEET_CONFIG",
+            &config(
+                "lag_interval_ms = 200\nbatch_size = 50\nmax_in_flight = 100\n\
+                 [[route]]\npattern = \"flow.#\"\n\
+                 [[backpressure]]\npattern = \"flow.#\"\nmode = \"rate_limit\"\nper_second = 5\nover_limit = \"block\"",
+            ),
+        )
+        .start("notifier")
+        .await;
+    let lines: Vec<String> = (0..1000)
+        .map(|i| {
+            serde_json::json!({"v": 1, "id": uuid::Uuid::now_v7().to_string(), "type": "flow.progress",
+                "channel": "flow.1.progress", "source": "tests", "time": "2026-12-07T00:00:00Z",
+                "data": {"i": i}})
+            .to_string()
+        })
+        .collect();
+    publish_lines_to(&server.url(), &stream, &lines).await;
+    let mut admin = redis_at(&server.url()).await;
+    wait_until(Duration::from_secs(10), "the notifier is behind", || {
+        let (mut admin, stream) = (admin.clone(), stream.clone());
+        async move { lag(&mut admin, &stream, "notifier").await.unwrap_or(0) > 500 }
+    })
+    .await;
+    assert_eq!(worker.readyz().await.0, 200);
+    // The producer's next XADD keeps the last 300 entries (exactly, `=`).
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("MAXLEN")
+        .arg("=")
+        .arg(300)
+        .arg("*")
+        .arg("v")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the cut reported", || {
+        let w = &worker;
+        async move {
+            let (code, body) = w.readyz().await;
+            code == 503 && body.contains("entries deleted before group notifier read them")
+        }
+    })
+    .await;
+    let log = worker.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("deleted before this group read them"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&stream) && line.contains("through="),
+        "{line}"
+    );
+    assert_eq!(
+        worker
+            .metric(
+                "fleet_entries_cut_unread_total",
+                &format!("stream=\"{stream}\"")
+            )
+            .await,
+        1.0,
+        "said once"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        log.matches("deleted before this group read them").count(),
+        worker
+            .log_text()
+            .matches("deleted before this group read them")
+            .count(),
+        "not repeated"
+    );
+    worker.signal("KILL").await;
+}

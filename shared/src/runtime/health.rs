@@ -51,16 +51,20 @@ pub enum Fault {
     /// Redis's `maxmemory-policy` was changed to one that evicts keys while the worker runs (it
     /// refuses to start on one unless `FLEET_REDIS_ALLOW_EVICTION`).
     RedisMayEvict,
+    /// Entries of a stream were deleted (a producer's `MAXLEN`, an `XTRIM`) before the group read
+    /// them: lost to it. Cleared once the group has read past the cut.
+    EntriesCut,
 }
 
 impl Fault {
-    const ALL: [Fault; 6] = [
+    const ALL: [Fault; 7] = [
         Fault::RedisOutOfMemory,
         Fault::DeadLetters,
         Fault::GroupMissing,
         Fault::SinkMisconfigured,
         Fault::ConsumerNameInUse,
         Fault::RedisMayEvict,
+        Fault::EntriesCut,
     ];
 
     fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Fault {
             Fault::SinkMisconfigured => "sink_misconfigured",
             Fault::ConsumerNameInUse => "consumer_name_in_use",
             Fault::RedisMayEvict => "redis_may_evict",
+            Fault::EntriesCut => "entries_cut_unread",
         }
     }
 
@@ -88,7 +93,7 @@ pub struct Health {
     /// One bit per fault raised, so the hot path checks a single atomic.
     faults: AtomicU8,
     /// The detail of each fault raised, by position in `Fault::ALL`.
-    details: Mutex<[Option<String>; 6]>,
+    details: Mutex<[Option<String>; 7]>,
 }
 
 impl Health {

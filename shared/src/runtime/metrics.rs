@@ -46,6 +46,9 @@ pub const CONSUMERS_DELETED: &str = "fleet_consumers_deleted_total";
 pub const STREAMS: &str = "fleet_streams";
 /// Age of the oldest entry still pending in the group, in seconds (labels: stream).
 pub const GROUP_OLDEST_PENDING: &str = "fleet_consumer_group_oldest_pending_seconds";
+/// Cuts of entries deleted before the group read them (labels: stream): each a range lost to
+/// the group, named in an ERROR line.
+pub const ENTRIES_CUT: &str = "fleet_entries_cut_unread_total";
 /// 1 when `/readyz` would answer 200, else 0: readiness for alerts, which cannot read `/readyz`.
 pub const READY: &str = "fleet_ready";
 /// 1 while a fault is raised, else 0 (labels: fault): why the worker is not ready.
@@ -81,6 +84,7 @@ pub fn register_zeroes(streams: &[&str], rules: &[&str]) {
             EVENTS_ACKNOWLEDGED,
             RECLAIMED,
             CONSUMERS_DELETED,
+            ENTRIES_CUT,
         ] {
             counter!(name, "stream" => stream.clone()).increment(0);
         }
@@ -180,6 +184,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         CONSUMERS_DELETED,
         "Idle consumers with no pending entries deleted from the group."
+    );
+    describe_counter!(
+        ENTRIES_CUT,
+        "Ranges of entries deleted (MAXLEN, XTRIM) before the group read them."
     );
     Ok(handle)
 }

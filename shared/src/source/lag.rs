@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::runtime::conn::Conn;
 use crate::stream::groups::{find_group, GroupsReplyError};
+use crate::stream::EntryId;
 use redis::Value;
 use tokio::sync::watch;
 
@@ -27,11 +28,19 @@ pub struct GroupState {
     pub pending: u64,
 }
 
-/// The state of `group` in an `XINFO GROUPS` reply.
-fn parse_group_state(reply: &Value, group: &str) -> Result<Option<GroupState>, GroupsReplyError> {
-    Ok(find_group(reply, group)?.map(|g| GroupState {
-        lag: g.lag,
-        pending: g.pending,
+/// The state of `group` in an `XINFO GROUPS` reply, and its position.
+fn parse_group_state(
+    reply: &Value,
+    group: &str,
+) -> Result<Option<(GroupState, EntryId)>, GroupsReplyError> {
+    Ok(find_group(reply, group)?.map(|g| {
+        (
+            GroupState {
+                lag: g.lag,
+                pending: g.pending,
+            },
+            g.last_delivered,
+        )
     }))
 }
 
@@ -73,6 +82,8 @@ pub struct Watch {
     pub health: Arc<Health>,
     /// The `stream` label of each stream's metrics.
     pub labels: StreamLabels,
+    /// Per stream, the end of the last cut reported (each cut is said once).
+    pub reported_cuts: BTreeMap<Arc<str>, EntryId>,
 }
 
 /// Streams sampled per round trip.
@@ -95,8 +106,12 @@ struct Totals {
 impl Watch {
     /// One sample: lag, pending and consumers of every stream, summed per label, one pipelined
     /// round trip per chunk of streams; and the duplicate consumer check.
-    async fn sample(&self, conn: &mut Conn, streams: &[Arc<str>]) {
+    async fn sample(&mut self, conn: &mut Conn, streams: &[Arc<str>]) {
         let mut totals: BTreeMap<Arc<str>, Totals> = BTreeMap::new();
+        // Streams whose lag Redis cannot tell (entries deleted past the group's position), and
+        // those whose lag exceeds their length (unread entries trimmed).
+        let mut unknown: Vec<(Arc<str>, EntryId)> = Vec::new();
+        let mut trimmed: Vec<(Arc<str>, EntryId, u64, u64)> = Vec::new();
         for chunk in streams.chunks(SAMPLE_CHUNK) {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
@@ -109,6 +124,7 @@ impl Watch {
                     .arg(&self.group)
                     .arg(self.consumer_idle_ms)
                     .arg(&self.consumer);
+                pipe.cmd("XLEN").arg(&**stream);
             }
             let replies = match query_loading(&pipe, conn, &[&CLEAN_CONSUMERS]).await {
                 Ok(r) => r,
@@ -121,18 +137,30 @@ impl Watch {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            for (stream, replies) in chunk.iter().zip(replies.chunks(3)) {
+            for (stream, replies) in chunk.iter().zip(replies.chunks(4)) {
                 let (info, summary, cleaned) = (&replies[0], &replies[1], &replies[2]);
+                let length = replies[3]
+                    .as_ref()
+                    .ok()
+                    .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok());
                 let t = totals.entry(self.labels.of(stream)).or_default();
                 let state = info
                     .as_ref()
                     .map_err(|e| e.to_string())
                     .and_then(|v| parse_group_state(v, &self.group).map_err(|e| e.to_string()));
                 match state {
-                    Ok(Some(state)) => {
+                    Ok(Some((state, last_delivered))) => {
                         match state.lag {
-                            Some(lag) => t.lag = Some(t.lag.unwrap_or(0) + lag),
-                            None => t.lag_unknown = true,
+                            Some(lag) => {
+                                t.lag = Some(t.lag.unwrap_or(0) + lag);
+                                if let Some(length) = length.filter(|len| lag > *len) {
+                                    trimmed.push((stream.clone(), last_delivered, lag, length));
+                                }
+                            }
+                            None => {
+                                t.lag_unknown = true;
+                                unknown.push((stream.clone(), last_delivered));
+                            }
                         }
                         t.pending += state.pending;
                     }
@@ -187,6 +215,7 @@ impl Watch {
             metrics::gauge!(m::GROUP_CONSUMERS, "stream" => label, "state" => "idle")
                 .set(t.idle as f64);
         }
+        self.cuts(conn, &unknown, &trimmed).await;
         match self.identity.duplicates(conn).await {
             Some(d) if !d.is_empty() => self.health.raise(
                 Fault::ConsumerNameInUse,
@@ -201,10 +230,104 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// Looks, where the lag is unknown, for entries deleted before the group read them; says each
+    /// cut once (an ERROR line naming the range, a metric) and keeps the worker unready while the
+    /// group has not read past one.
+    async fn cuts(
+        &mut self,
+        conn: &mut Conn,
+        unknown: &[(Arc<str>, EntryId)],
+        trimmed: &[(Arc<str>, EntryId, u64, u64)],
+    ) {
+        let mut found: Vec<(Arc<str>, crate::stream::cut::Cut)> = Vec::new();
+        for chunk in unknown.chunks(SAMPLE_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (stream, _) in chunk {
+                pipe.cmd("XINFO").arg("STREAM").arg(&**stream);
+            }
+            let Ok(replies) = pipe
+                .query_async::<Vec<redis::RedisResult<Value>>>(conn)
+                .await
+            else {
+                return;
+            };
+            for ((stream, last_delivered), reply) in chunk.iter().zip(replies) {
+                if let Some(cut) = reply
+                    .ok()
+                    .and_then(|r| crate::stream::cut::cut(*last_delivered, &r))
+                {
+                    found.push((stream.clone(), cut));
+                }
+            }
+        }
+        for chunk in trimmed.chunks(SAMPLE_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (stream, ..) in chunk {
+                // For the first entry's id (its fields come along; only where a cut is seen).
+                pipe.cmd("XINFO").arg("STREAM").arg(&**stream);
+            }
+            let Ok(replies) = pipe
+                .query_async::<Vec<redis::RedisResult<Value>>>(conn)
+                .await
+            else {
+                return;
+            };
+            for ((stream, last_delivered, lag, length), reply) in chunk.iter().zip(replies) {
+                let first = reply
+                    .ok()
+                    .and_then(|r| crate::stream::cut::deleted_and_first(&r))
+                    .and_then(|(_, first)| first);
+                if let Some(cut) =
+                    crate::stream::cut::trimmed(*last_delivered, *lag, *length, first)
+                {
+                    found.push((stream.clone(), cut));
+                }
+            }
+        }
+        let mut open = Vec::new();
+        for (stream, cut) in found {
+            open.push(format!("{stream}: {cut}"));
+            if self
+                .reported_cuts
+                .get(&stream)
+                .is_some_and(|r| *r >= cut.through)
+            {
+                continue;
+            }
+            tracing::error!(
+                %stream,
+                group = %self.group,
+                after = %cut.after,
+                through = %cut.through,
+                first = ?cut.first.map(|f| f.to_string()),
+                "entries were deleted before this group read them (a producer's MAXLEN, an XTRIM or XDEL): {cut} are lost to it; `fleetctl reconcile` names those PostgreSQL holds"
+            );
+            metrics::counter!(m::ENTRIES_CUT, "stream" => self.labels.of(&stream).to_string())
+                .increment(1);
+            self.reported_cuts.insert(stream, cut.through);
+        }
+        if open.is_empty() {
+            self.health.clear(Fault::EntriesCut);
+        } else {
+            self.health.raise(
+                Fault::EntriesCut,
+                &format!(
+                    "entries deleted before group {} read them: {}",
+                    self.group,
+                    open.join("; ")
+                ),
+            );
+        }
+    }
+}
+
 /// Samples every `interval` until the task is dropped.
 pub fn spawn_sampler(
     mut conn: Conn,
-    watch: Watch,
+    mut watch: Watch,
     streams: watch::Receiver<Vec<Arc<str>>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! and the names of the keys kept beside a stream with their hash slots. The base every layer
 //! shares (the v1 contract, the source, the pipeline, the stores); it imports none of them.
 
+pub mod cut;
 pub mod fields;
 pub mod groups;
 pub mod id;
