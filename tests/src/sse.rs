@@ -29,6 +29,8 @@ pub struct Client {
     pub headers: HashMap<String, String>,
     stream: TcpStream,
     chunked: bool,
+    /// Body bytes still to come, for a body with a `Content-Length`.
+    remaining: Option<usize>,
     /// Body bytes received, not yet parsed.
     raw: Vec<u8>,
     /// Decoded body text not yet parsed into messages.
@@ -73,15 +75,17 @@ pub async fn connect(addr: &str, path: &str, headers: &[(&str, &str)]) -> std::i
     let chunked = headers
         .get("transfer-encoding")
         .is_some_and(|v| v.contains("chunked"));
+    let remaining = headers.get("content-length").and_then(|v| v.parse().ok());
     Ok(Client {
         status,
         headers,
         stream,
         chunked,
+        remaining,
         raw: Vec::new(),
         text: String::new(),
         last_id: String::new(),
-        ended: false,
+        ended: remaining == Some(0),
         comments: 0,
         retry: None,
     })
@@ -146,6 +150,12 @@ impl Client {
     fn decode(&mut self) {
         if !self.chunked {
             self.text.push_str(&String::from_utf8_lossy(&self.raw));
+            if let Some(left) = &mut self.remaining {
+                *left = left.saturating_sub(self.raw.len());
+                if *left == 0 {
+                    self.ended = true;
+                }
+            }
             self.raw.clear();
             return;
         }

@@ -302,24 +302,51 @@ async fn a_resume_waits_for_a_history_behind_the_live_events_and_skips_nothing()
     let conn = redis().await;
     history_holds(&conn, &fleet.history_key(4), 10).await;
 
+    let notified = |n: usize| {
+        let (conn, stream) = (conn.clone(), fleet.stream.clone());
+        async move {
+            wait_until(WAIT, "the notifier published them (to no one)", || {
+                let (mut conn, stream) = (conn.clone(), stream.clone());
+                async move {
+                    lag(&mut conn, &stream, "notifier").await == Some(0)
+                        && pending(&mut conn, &stream, "notifier").await == 0
+                }
+            })
+            .await;
+            n
+        }
+    };
+
+    // The history behind, and no live event after the browser is back: the seam is read again
+    // until the projector catches up.
     projector.signal("STOP").await;
     fleet.publish(&fleet.events(4, 10..20)).await;
-    wait_until(WAIT, "the notifier published them (to no one)", || {
-        let (mut conn, stream) = (conn.clone(), fleet.stream.clone());
-        async move {
-            lag(&mut conn, &stream, "notifier").await == Some(0)
-                && pending(&mut conn, &stream, "notifier").await == 0
-        }
-    })
-    .await;
+    notified(0).await;
     let mut back = open(&gateway, &[&topic], Some(&last)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    projector.signal("CONT").await;
+    let got = back.take(10, WAIT).await;
+    assert_eq!(
+        numbers(&got),
+        (10..20).collect::<Vec<_>>(),
+        "delivered without a live event"
+    );
+    let last = back.last_event_id().to_owned();
+    drop(back);
+    history_holds(&conn, &fleet.history_key(4), 20).await;
+
+    // The history behind, and live events arriving meanwhile: each waits for the history.
+    projector.signal("STOP").await;
     fleet.publish(&fleet.events(4, 20..30)).await;
+    notified(0).await;
+    let mut back = open(&gateway, &[&topic], Some(&last)).await;
+    fleet.publish(&fleet.events(4, 30..40)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     projector.signal("CONT").await;
     let got = back.take(20, WAIT).await;
     assert_eq!(
         numbers(&got),
-        (10..30).collect::<Vec<_>>(),
+        (20..40).collect::<Vec<_>>(),
         "nothing skipped at the seam"
     );
     assert!(back.next(Duration::from_millis(300)).await.is_none());
@@ -327,6 +354,60 @@ async fn a_resume_waits_for_a_history_behind_the_live_events_and_skips_nothing()
     gateway.stop_cleanly().await;
     notifier.stop_cleanly().await;
     projector.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_outlives_the_subscriptions_health_checks() {
+    // The Pub/Sub connection is checked with a PING every 5 s; subscribed, Redis answers it
+    // with an array, which must not read as a lost connection (every stream would end).
+    let fleet = Fleet::new();
+    let mut notifier = fleet.worker("n1").start("notifier").await;
+    let mut gateway = fleet.gateway().start("gateway").await;
+    let topic = fleet.flow(1);
+    let mut client = open(&gateway, &[&topic], None).await;
+    assert!(client.next(Duration::from_millis(6_500)).await.is_none());
+    assert!(!client.ended(), "{}", gateway.log_text());
+    fleet.publish(&fleet.events(1, 0..1)).await;
+    assert_eq!(numbers(&client.take(1, WAIT).await), [0]);
+    assert!(!gateway.log_text().contains("connection lost"));
+    assert_eq!(gateway.metric("fleet_gateway_resets_total", "").await, 0.0);
+    drop(client);
+    gateway.stop_cleanly().await;
+    notifier.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_cannot_serve_yet_tells_the_browser_to_retry_not_to_give_up() {
+    // An EventSource gives up for good on any status but 200: "later" is a 200 stream with
+    // `retry:` that ends at once, so the browser reconnects.
+    let fleet = Fleet::new();
+    let mut gateway = fleet
+        .gateway()
+        .set("FLEET_REDIS_URL", &format!("redis://{}", free_addr()))
+        .spawn_only("gateway")
+        .await;
+    let path = format!("/events?topic={}", fleet.flow(1));
+    let bearer = format!("Bearer {}", token(&[&fleet.flow(1)], 60));
+    let mut client = loop {
+        match sse::connect(&gateway.http, &path, &[("Authorization", &bearer)]).await {
+            Ok(c) => break c,
+            Err(_) => {
+                gateway.assert_running();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(client.status, 200);
+    assert!(client.next(WAIT).await.is_none() && client.ended());
+    assert_eq!(client.retry, Some(1000));
+    assert!(client.body_text().is_empty() || client.comments == 1);
+    assert_eq!(
+        gateway
+            .metric("fleet_gateway_refusals_total", "reason=\"unavailable\"")
+            .await,
+        1.0
+    );
+    gateway.signal("KILL").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,7 +617,17 @@ async fn a_client_that_stops_reading_is_dropped_and_the_others_keep_up() {
         async move { g.metric("fleet_gateway_slow_client_drops_total", "").await == 1.0 }
     })
     .await;
-    assert_eq!(gateway.metric("fleet_gateway_connections", "").await, 1.0);
+    // Its connection is closed at once, though its full socket means its stream is never
+    // polled again: the slow client sees the end, and the gateway holds one connection.
+    wait_until(WAIT, "the slow client's connection closed", || {
+        let g = &gateway;
+        async move { g.metric("fleet_gateway_connections", "").await == 1.0 }
+    })
+    .await;
+    let mut slow = slow;
+    let drained = slow.take(usize::MAX, Duration::from_secs(30)).await;
+    assert!(slow.ended(), "closed after {} events", drained.len());
+    assert!(drained.len() < 8000);
     drop((slow, fast));
     gateway.stop_cleanly().await;
     notifier.stop_cleanly().await;

@@ -135,7 +135,7 @@ async fn a_producers_maxlen_cutting_unread_entries_is_reported() {
     // max_in_flight), and a producer that caps the stream with MAXLEN.
     let server = PrivateRedis::start();
     let stream = unique("cut:");
-    let mut worker = WorkerEnv::new(&stream, "")
+    let worker = WorkerEnv::new(&stream, "")
         .unset("FLEET_DATABASE_URL")
         .set("FLEET_REDIS_URL", &server.url())
         .set(

@@ -1,5 +1,10 @@
 //! `/livez`, `/readyz` and `/metrics` (contract section 7), beside the pipeline, never inside it,
 //! and whatever routes the binary adds (a gateway's).
+//!
+//! Connections are served one task each (hyper's HTTP/1), not with `axum::serve`, so that a
+//! handler can close its own connection at once ([`Disconnect`]): a long response to a client
+//! that stopped reading is never polled again once the socket is full, so ending its body would
+//! never reach it, and the connection would hold its buffers for as long as the client lives.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::runtime::health::Health;
 
@@ -35,10 +41,45 @@ pub async fn serve(
         .with_state(AppState { health, metrics })
         .merge(routes);
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "http server stopped");
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let token = CancellationToken::new();
+            let app = app
+                .clone()
+                .layer(axum::Extension(Disconnect(token.clone())));
+            tokio::spawn(async move {
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    // Dropping the connection closes its socket.
+                    _ = token.cancelled() => {}
+                }
+            });
         }
     }))
+}
+
+/// Closes the HTTP connection a request came on, at once, whatever its state (a request
+/// extension: `Extension<Disconnect>`).
+#[derive(Debug, Clone)]
+pub struct Disconnect(CancellationToken);
+
+impl Disconnect {
+    /// Closes the connection.
+    pub fn now(&self) {
+        self.0.cancel();
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {

@@ -10,7 +10,7 @@ pub mod conn;
 pub mod connect;
 pub mod grants;
 pub mod health;
-pub(crate) mod http;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod process;

@@ -16,10 +16,12 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
 use streamfleet::event::pattern::ChannelPattern;
 use streamfleet::runtime::conn::Conn;
+use streamfleet::runtime::http::Disconnect;
 use streamfleet::runtime::shutdown::Shutdown;
 use tokio::sync::OnceCell;
 
@@ -107,9 +109,24 @@ fn refuse(status: StatusCode, reason: &'static str, text: String) -> Response {
     if status == StatusCode::UNAUTHORIZED {
         headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
+    response
+}
+
+/// "Come back later" as `EventSource` understands it: a 200 stream of `retry:` and a comment,
+/// ended at once, so that the browser reconnects (through the load balancer, perhaps to another
+/// instance). Any other status would close a browser's `EventSource` for good.
+fn later(app: &App, origin: Option<&HeaderValue>, why: String) -> Response {
+    metrics::counter!(m::REFUSALS, "reason" => "unavailable").increment(1);
+    let mut body = sse::retry(app.retry_ms).to_vec();
+    body.extend_from_slice(format!(": unavailable: {}\n\n", why.replace('\n', " ")).as_bytes());
+    let mut response = Response::new(Body::from(body));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    app.cors.headers(origin, h);
     response
 }
 
@@ -139,6 +156,7 @@ async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response 
 
 async fn events(
     State(app): State<Arc<App>>,
+    disconnect: Option<Extension<Disconnect>>,
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
@@ -147,11 +165,7 @@ async fn events(
         return refused;
     }
     if app.shutdown.is_triggered() {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "this instance is stopping".into(),
-        );
+        return later(&app, origin, "this instance is stopping".into());
     }
     let param = |name: &'static str| {
         params
@@ -204,29 +218,21 @@ async fn events(
         .and_then(|v| v.to_str().ok())
         .or_else(|| param("last_event_id").next().map(String::as_str));
     let Some(redis) = app.redis.get() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Redis is not reachable yet".into(),
-        );
+        return later(&app, origin, "Redis is not reachable yet".into());
     };
 
     let with_globs: Vec<(ChannelPattern, Vec<String>)> = topics
         .iter()
         .map(|t| (t.clone(), app.routes.globs(t)))
         .collect();
-    let mut subscription = app.hub.subscribe(&with_globs);
+    let mut subscription = app
+        .hub
+        .subscribe(&with_globs, disconnect.map(|Extension(d)| d));
     let waits = std::mem::take(&mut subscription.confirmed);
     let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, futures_util::future::join_all(waits));
     match confirmed.await {
         Ok(results) if results.iter().all(|r| r.is_ok()) => {}
-        _ => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the Pub/Sub subscription is not ready".into(),
-            )
-        }
+        _ => return later(&app, origin, "the Pub/Sub subscription is not ready".into()),
     }
 
     let mut stream = Live {
@@ -272,11 +278,7 @@ async fn events(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, topic = %topic, "resume failed");
-                    return refuse(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        format!("resume of {topic} failed: {e}"),
-                    );
+                    return later(&app, origin, format!("resume of {topic} failed: {e}"));
                 }
             };
             if let Some(history) = keys.history {

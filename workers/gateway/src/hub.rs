@@ -18,6 +18,8 @@ use streamfleet::event::pattern::ChannelPattern;
 use streamfleet::EntryId;
 use tokio::sync::{mpsc, oneshot};
 
+use streamfleet::runtime::http::Disconnect;
+
 use crate::cursor;
 use crate::metrics as m;
 use crate::sse;
@@ -69,6 +71,19 @@ struct Subscriber {
     tx: mpsc::Sender<Arc<Frame>>,
     /// Set when its buffer was full: the connection ends.
     dropped: Arc<AtomicBool>,
+    /// Closes its HTTP connection: a client too slow to read has a full socket, so its stream is
+    /// not polled again and could not end by itself.
+    disconnect: Option<Disconnect>,
+}
+
+impl Subscriber {
+    /// Ends the connection; true the first time.
+    fn drop_connection(&self) -> bool {
+        if let Some(d) = &self.disconnect {
+            d.now();
+        }
+        !self.dropped.swap(true, Ordering::Relaxed)
+    }
 }
 
 struct Topic {
@@ -141,7 +156,11 @@ impl Hub {
 
     /// Subscribes a new connection to `topics`, each with the Pub/Sub patterns (`globs`) that
     /// carry it.
-    pub fn subscribe(self: &Arc<Self>, topics: &[(ChannelPattern, Vec<String>)]) -> Subscription {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        topics: &[(ChannelPattern, Vec<String>)],
+        disconnect: Option<Disconnect>,
+    ) -> Subscription {
         let (tx, rx) = mpsc::channel(self.buffer);
         let dropped = Arc::new(AtomicBool::new(false));
         let mut confirmed = Vec::new();
@@ -161,6 +180,7 @@ impl Hub {
                 id,
                 tx: tx.clone(),
                 dropped: dropped.clone(),
+                disconnect: disconnect.clone(),
             });
             for glob in globs {
                 let g = state.globs.entry(glob.clone()).or_default();
@@ -241,7 +261,7 @@ impl Hub {
         let mut state = self.state();
         for topic in state.topics.values() {
             for s in &topic.subscribers {
-                s.dropped.store(true, Ordering::Relaxed);
+                s.drop_connection();
             }
         }
         // Dropping every sender ends every stream at once, and every waiter's confirmation.
@@ -272,7 +292,7 @@ impl Hub {
                 .retain(|s| match s.tx.try_send(frame.clone()) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        if !s.dropped.swap(true, Ordering::Relaxed) {
+                        if s.drop_connection() {
                             metrics::counter!(m::SLOW_DROPS).increment(1);
                         }
                         false
@@ -324,9 +344,9 @@ mod tests {
         let (hub, mut commands) = Hub::new(8);
         let a = topic("flow.1.progress", &["fleet:flow.1.progress"]);
         let any = topic("flow.*.progress", &["fleet:flow.*.progress"]);
-        let mut first = hub.subscribe(std::slice::from_ref(&a));
-        let mut second = hub.subscribe(std::slice::from_ref(&a));
-        let mut wide = hub.subscribe(std::slice::from_ref(&any));
+        let mut first = hub.subscribe(std::slice::from_ref(&a), None);
+        let mut second = hub.subscribe(std::slice::from_ref(&a), None);
+        let mut wide = hub.subscribe(std::slice::from_ref(&any), None);
         let subscribed: Vec<String> = std::iter::from_fn(|| commands.try_recv().ok())
             .map(|c| format!("{c:?}"))
             .collect();
@@ -366,8 +386,8 @@ mod tests {
     async fn a_full_buffer_drops_that_connection_only() {
         let (hub, _commands) = Hub::new(2);
         let t = topic("a", &["fleet:a"]);
-        let slow = hub.subscribe(std::slice::from_ref(&t));
-        let mut fast = hub.subscribe(std::slice::from_ref(&t));
+        let slow = hub.subscribe(std::slice::from_ref(&t), None);
+        let mut fast = hub.subscribe(std::slice::from_ref(&t), None);
         for i in 1..=3 {
             hub.dispatch("fleet:a", payload("a", &format!("{i}-0")).as_bytes());
             assert!(fast.rx.try_recv().is_ok());

@@ -40,6 +40,8 @@ pub struct Seam {
 
 /// Longest a live event waits for the projector's history to reach it after a resume.
 const SEAM_WAIT: Duration = Duration::from_secs(5);
+/// How often a seam's history is read again while no live event arrives.
+const SEAM_POLL: Duration = Duration::from_millis(100);
 
 /// One browser's stream: what was missed first, then the live events, keep-alives when idle.
 pub struct Live {
@@ -93,17 +95,11 @@ impl Live {
         }
     }
 
-    async fn close_seam(&mut self, i: usize, f: &Frame, out: &mut Vec<Bytes>) {
+    /// Sends what seam `i`'s history gained since it was last read.
+    async fn catch_up(&mut self, i: usize, out: &mut Vec<Bytes>) -> redis::RedisResult<()> {
         loop {
-            let seam = &mut self.seams[i];
-            let read = resume::since(&mut self.redis, &seam.history, seam.after.as_deref()).await;
-            let page = match read {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, history = %seam.history, "history unreadable at the seam");
-                    break;
-                }
-            };
+            let seam = &self.seams[i];
+            let page = resume::since(&mut self.redis, &seam.history, seam.after.as_deref()).await?;
             let full = page.len() >= resume::PAGE;
             for (id, frame) in page {
                 self.seams[i].after = Some(id);
@@ -114,8 +110,19 @@ impl Live {
                     }
                 }
             }
-            if full {
-                continue;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Holds the live frame `f` until seam `i`'s history reaches it (what it gained goes out
+    /// first), then closes the seam; a history still behind after `SEAM_WAIT` is a reset.
+    async fn close_seam(&mut self, i: usize, f: &Frame, out: &mut Vec<Bytes>) {
+        loop {
+            if let Err(e) = self.catch_up(i, out).await {
+                tracing::warn!(error = %e, history = %self.seams[i].history, "history unreadable at the seam");
+                break;
             }
             if self.sent(f) {
                 // The history reached the live events: from now on they follow directly.
@@ -139,6 +146,39 @@ impl Live {
             }
         }
         self.seams.remove(i);
+    }
+
+    /// With no live event to wait for, the seams' histories are read again every `SEAM_POLL`:
+    /// what the projector appended after the resume read reaches the browser now, not at the
+    /// topic's next live event. A seam is closed after `SEAM_WAIT`.
+    async fn poll_seams(&mut self, out: &mut Vec<Bytes>) {
+        let mut i = 0;
+        while i < self.seams.len() {
+            if let Err(e) = self.catch_up(i, out).await {
+                tracing::warn!(error = %e, history = %self.seams[i].history, "history unreadable at the seam");
+            }
+            if self.seams[i].opened.elapsed() > SEAM_WAIT {
+                self.seams.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// `parts` as one write (the keep-alive starts again), or `None` if there are none.
+    fn written(&mut self, mut parts: Vec<Bytes>) -> Option<Bytes> {
+        if parts.is_empty() {
+            return None;
+        }
+        self.keepalive.reset();
+        if parts.len() == 1 {
+            return parts.pop();
+        }
+        let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+        for p in parts {
+            joined.extend_from_slice(&p);
+        }
+        Some(joined.freeze())
     }
 
     /// The next bytes to write; `None` ends the stream (the drain, a slow client, a lost
@@ -166,16 +206,15 @@ impl Live {
                         self.admit(&f, &mut parts).await;
                         size += parts[before..].iter().map(Bytes::len).sum::<usize>();
                     }
-                    if !parts.is_empty() {
-                        self.keepalive.reset();
-                        if parts.len() == 1 {
-                            return parts.pop();
-                        }
-                        let mut joined = BytesMut::with_capacity(size);
-                        for p in parts {
-                            joined.extend_from_slice(&p);
-                        }
-                        return Some(joined.freeze());
+                    if let Some(bytes) = self.written(parts) {
+                        return Some(bytes);
+                    }
+                }
+                _ = tokio::time::sleep(SEAM_POLL), if !self.seams.is_empty() => {
+                    let mut parts = Vec::new();
+                    self.poll_seams(&mut parts).await;
+                    if let Some(bytes) = self.written(parts) {
+                        return Some(bytes);
                     }
                 }
                 _ = self.keepalive.tick() => return Some(Bytes::from_static(sse::KEEPALIVE)),

@@ -83,7 +83,10 @@ pub async fn run(
                         None => return Ok(()),
                     },
                     _ = ping.tick() => {
-                        let pong = tokio::time::timeout(PING_EVERY, sink.ping::<String>()).await;
+                        // Subscribed, Redis answers PING with ["pong", ""] (RESP2): any answer
+                        // will do.
+                        let pong =
+                            tokio::time::timeout(PING_EVERY, sink.ping::<redis::Value>()).await;
                         match pong {
                             Ok(Ok(_)) => {}
                             Ok(Err(e)) => return Err(e.to_string()),
