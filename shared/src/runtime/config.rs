@@ -258,6 +258,26 @@ struct RawFile {
     route: Option<Vec<RawRoute>>,
     #[serde(default)]
     backpressure: Vec<RawBackpressure>,
+    #[serde(default)]
+    retention: Vec<Retention>,
+}
+
+/// `[[retention]]`: how long the entries of the streams a glob matches are kept, and how many,
+/// as `fleetctl trim` (a CronJob) applies it: never past an entry some consumer group has not
+/// settled (acknowledged), unless `cut_unread`. Kafka's retention, apart from consumption.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Stream keys or a glob (`orders:*`, `*:dlq`, `app:flow:*:history`); the first rule
+    /// matching a stream is its rule.
+    pub streams: String,
+    /// Entries older than this (by their id's time) may be removed.
+    pub max_age_s: Option<u64>,
+    /// At most this many entries are kept.
+    pub max_len: Option<u64>,
+    /// Whether the caps may remove entries a group has not settled yet (they are lost to it).
+    #[serde(default)]
+    pub cut_unread: bool,
 }
 
 /// The validated file configuration.
@@ -266,6 +286,8 @@ pub struct FileConfig {
     pub tuning: Tuning,
     pub routes: PatternTable<Route>,
     pub backpressure: PatternTable<Backpressure>,
+    /// Retention rules, in file order.
+    pub retention: Vec<Retention>,
     /// Each route's fields other than the runtime's, by index: the worker's own settings.
     route_fields: Vec<toml::Table>,
     /// Where the configuration came from, for errors.
@@ -354,6 +376,27 @@ impl FileConfig {
         if t.max_data_bytes == 0 {
             return Err(fail("tuning.max_data_bytes must be at least 1".into()));
         }
+        for (i, r) in raw.retention.iter().enumerate() {
+            let name = |f: &str| format!("retention[{i}] ({}).{f}", r.streams);
+            if r.streams.trim().is_empty() {
+                return Err(fail(format!("retention[{i}].streams must name streams")));
+            }
+            if r.max_age_s.is_none() && r.max_len.is_none() {
+                return Err(fail(format!(
+                    "retention[{i}] ({}) sets neither max_age_s nor max_len",
+                    r.streams
+                )));
+            }
+            if r.max_len == Some(0) {
+                return Err(fail(format!("{} must be at least 1", name("max_len"))));
+            }
+            if r.max_age_s.is_some_and(|a| a == 0 || a > MAX_TTL_S) {
+                return Err(fail(format!(
+                    "{} must be between 1 and {MAX_TTL_S} (ten years)",
+                    name("max_age_s")
+                )));
+            }
+        }
         let mut route_fields = Vec::new();
         let routes = match raw.route {
             Some(routes) => routes
@@ -391,6 +434,7 @@ impl FileConfig {
             tuning: raw.tuning,
             routes: PatternTable::new(routes.into_iter().map(|r| (r.pattern.clone(), r))),
             backpressure: PatternTable::new(rules),
+            retention: raw.retention,
             route_fields,
             origin: origin.to_owned(),
         })

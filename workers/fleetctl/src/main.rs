@@ -23,6 +23,7 @@ mod status;
 mod streams;
 mod tail;
 mod trace;
+mod trim;
 
 use std::process::ExitCode;
 
@@ -101,6 +102,9 @@ enum Command {
     /// Consumer groups: create the streams and groups a deployment needs before its workers start.
     #[command(subcommand)]
     Groups(groups::GroupsCommand),
+    /// Apply the `[[retention]]` rules of FLEET_CONFIG: trim each stream by age and length,
+    /// never past an entry some consumer group has not settled unless the rule allows it.
+    Trim(trim::TrimArgs),
     /// Apply the embedded SQL migrations to FLEET_DATABASE_URL.
     Migrate,
 }
@@ -171,6 +175,10 @@ async fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 Ok(false) => return Ok(ExitCode::from(cli::EXIT_FATAL)),
                 Err(e) => Err(e),
             }
+        }
+        Command::Trim(args) => {
+            let config = args.load().map_err(|e| bad(&e))?;
+            trim::run(redis()?, config, args, output).await
         }
         Command::Lag(args) => {
             args.select.validate().map_err(|e| bad(&e))?;

@@ -162,3 +162,26 @@ impl Found {
         )
     }
 }
+
+/// The streams `item` names (a key or a glob), dead letter streams included: what retention
+/// covers. Keys that are not UTF-8 are left out.
+pub async fn resolve_with_dlq(conn: &mut Conn, item: &str) -> anyhow::Result<Vec<String>> {
+    let item = item.trim();
+    if !is_glob(item) {
+        let kind: String = redis::cmd("TYPE").arg(item).query_async(conn).await?;
+        return Ok(if kind == "stream" {
+            vec![item.to_owned()]
+        } else {
+            Vec::new()
+        });
+    }
+    let keys = streamfleet::scan_streams(conn, item)
+        .await
+        .with_context(|| format!("SCAN MATCH {item} TYPE stream"))?;
+    let mut out: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| String::from_utf8(k).ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
