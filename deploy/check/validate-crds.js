@@ -7,6 +7,7 @@ const kinds = {
   'keda.sh/v1alpha1/TriggerAuthentication': '@kubernetes-models/keda/keda.sh/v1alpha1/TriggerAuthentication',
   'monitoring.coreos.com/v1/ServiceMonitor': '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor',
   'monitoring.coreos.com/v1/PrometheusRule': '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule',
+  'monitoring.coreos.com/v1alpha1/ScrapeConfig': '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1alpha1/ScrapeConfig',
 };
 const objects = JSON.parse(require('fs').readFileSync(0, 'utf8'));
 for (const o of objects) {

@@ -10,7 +10,12 @@ group) is held to its own: its routes subscribe where the notifier publishes and
 the projector writes, its ACL user reads those keys, writes its registry and may subscribe to any
 channel but publish on none, its preStop sleep and grace period, its Service without affinity,
 its Ingress (only /events, the annotations a stream needs), its KEDA trigger on its connections.
-One line per check; exit 1 on a failure.
+redis_exporter (the Redis alerts' and the dashboard's metrics) is held to its own: a pinned
+image, non-root, its password from a Secret, the Redis the workers use, an ACL user that grants
+exactly the commands its settings make it send and reads only the sizes of the streams the setup
+Job creates, and how Prometheus scrapes it (one Redis: a ServiceMonitor on /metrics, /scrape
+off; a cluster: --is-cluster and a ScrapeConfig that discovers and scrapes every node through it,
+in the overlay's namespace). One line per check; exit 1 on a failure.
 
 An overlay whose KEDA triggers are `redis-cluster-streams` deploys on a Redis Cluster, and is held
 to what a cluster needs (deploy/README.md, "Redis Cluster"): every stream it creates has a hash
@@ -42,7 +47,7 @@ import kubernetes_validate as kv
 import yaml
 
 K8S_VERSION = "1.32"
-CUSTOM = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
+CUSTOM = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1", "monitoring.coreos.com/v1alpha1"}
 ACL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "redis", "users.acl")
 # The setup Job's annotation: how many masters the overlay's Redis Cluster has (its slots split
 # evenly among them).
@@ -66,6 +71,22 @@ GATEWAY = "gateway"
 GATEWAY_COMMANDS = ("auth", "hello", "ping", "select", "cluster|slots", "client|setname", "subscribe",
                     "unsubscribe", "psubscribe", "punsubscribe", "hset", "hdel", "pexpire", "del",
                     "zadd", "zrem", "zremrangebyscore")
+# redis_exporter (deploy/kustomize/base/redis-exporter): its Deployment, Service and ACL user, the
+# job the Redis alerts select (the Service's name), and its image (pinned to a release tag).
+REDIS_EXPORTER = "redis-exporter"
+REDIS_EXPORTER_IMAGE = re.compile(r"^(?:[\w.-]+/)?oliver006/redis_exporter(?::v\d+\.\d+\.\d+(?:-alpine)?)?(?:@sha256:[0-9a-f]{64})?$")
+# What redis_exporter v1.88.0 sends on each scrape (exporter/exporter.go, scrapeRedisHost), by
+# the settings that decide it: AUTH at connection; CLIENT SETNAME unless
+# REDIS_EXPORTER_SET_CLIENT_NAME=false; INFO ALL; CONFIG GET * unless REDIS_EXPORTER_CONFIG_COMMAND
+# is "-"; LATENCY LATEST and HISTOGRAM unless REDIS_EXPORTER_EXCLUDE_LATENCY_HISTOGRAM_METRICS;
+# SLOWLOG LEN and GET always; PING with REDIS_EXPORTER_PING_ON_CONNECT; for each key of
+# REDIS_EXPORTER_CHECK_SINGLE_KEYS TYPE, MEMORY USAGE and its length (XLEN for a stream), after a
+# SELECT on one Redis; on a cluster CLUSTER INFO (INFO says cluster_enabled), CLUSTER SLOTS (the
+# cluster connection, --is-cluster), CLUSTER NODES (/discover-cluster-nodes), ASKING (a key lookup
+# during a slot migration). (COMMANDLOG LEN, which it also sends, is unknown to Redis 7: an error
+# reply, not an ACL refusal.)
+REDIS_EXPORTER_ALWAYS = {"auth", "info", "slowlog|len", "slowlog|get"}
+REDIS_EXPORTER_HARMLESS = {"auth", "hello", "ping"}
 # Its registry key when FLEET_GATEWAY_REGISTRY_KEY is not set (workers/gateway/src/args.rs).
 GATEWAY_REGISTRY = "streamfleet:gateways"
 # ingress-nginx's annotations.
@@ -844,6 +865,172 @@ def check_gateway(d, objects, source, acl, cluster):
        f"{scaled[0]['spec']['minReplicaCount']} to {scaled[0]['spec'].get('maxReplicaCount', 100)} pods)")
 
 
+def env_flag(env, name, default):
+    value = env.get(name, {}).get("value")
+    return default if value is None else value.strip().lower() in ("1", "t", "true")
+
+
+def check_redis_exporter(d, objects, source, acl, cluster, creates):
+    """redis_exporter's promises (deploy/README.md, "Redis: what the fleet needs and how it is
+    watched"; deploy/redis/README.md):
+    see the module's docstring."""
+    where = f"{source}: Deployment {REDIS_EXPORTER}"
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = env_of(c)
+    namespace = d["metadata"].get("namespace", "default")
+    image = c.get("image", "")
+    if not REDIS_EXPORTER_IMAGE.match(image) or ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
+        fail(f"{where}: image {image!r} is not oliver006/redis_exporter pinned to a release (vX.Y.Z): "
+             "a new release may send commands its ACL user does not grant, or rename the metrics the alerts use")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    if not (psc.get("runAsNonRoot") and csc.get("readOnlyRootFilesystem")
+            and csc.get("allowPrivilegeEscalation") is False):
+        fail(f"{where}: not non-root, read-only root filesystem, no privilege escalation")
+    res = c.get("resources", {})
+    if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
+        fail(f"{where}: memory request and limit missing")
+    if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/health":
+        fail(f"{where}: no liveness probe on /health")
+    # Where and as whom it logs in.
+    ref = env.get("REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef")
+    if not ref or env.get("REDIS_PASSWORD", {}).get("value") is not None:
+        fail(f"{where}: REDIS_PASSWORD does not come from a Secret")
+    secret_value(ref, objects, where)
+    addr = urlsplit(env.get("REDIS_ADDR", {}).get("value", "redis://localhost:6379"))
+    if addr.username or addr.password:
+        fail(f"{where}: REDIS_ADDR carries credentials: the user is REDIS_USER, the password the Secret's "
+             "(on a cluster, /scrape logs in to each node with them, not with the seed's URL)")
+    if addr.path.strip("/") not in ("",):
+        fail(f"{where}: REDIS_ADDR names a database: the fleet's keys are in database 0")
+    user = env.get("REDIS_USER", {}).get("value")
+    if user != REDIS_EXPORTER:
+        fail(f"{where}: REDIS_USER is {user!r}, not its own ACL user {REDIS_EXPORTER}")
+    hosts = set()
+    for w in (o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] in WORKERS):
+        seeds = redis_seeds(env_of(w["spec"]["template"]["spec"]["containers"][0]).get("FLEET_REDIS_URL", {}),
+                            objects, where) or []
+        hosts |= {(u.hostname, u.port or 6379) for u in seeds}
+    if hosts and (addr.hostname, addr.port or 6379) not in hosts:
+        fail(f"{where}: REDIS_ADDR {addr.hostname}:{addr.port or 6379} is not a Redis the workers use "
+             f"({', '.join(sorted(f'{h}:{p}' for h, p in hosts))})")
+    # What it sends, against what its user may run.
+    keys = [k.strip() for k in env.get("REDIS_EXPORTER_CHECK_SINGLE_KEYS", {}).get("value", "").split(",") if k.strip()]
+    needed = set(REDIS_EXPORTER_ALWAYS)
+    if env_flag(env, "REDIS_EXPORTER_SET_CLIENT_NAME", True):
+        needed.add("client|setname")
+    if env.get("REDIS_EXPORTER_CONFIG_COMMAND", {}).get("value", "CONFIG") != "-":
+        needed.add("config|get")
+    if not env_flag(env, "REDIS_EXPORTER_EXCLUDE_LATENCY_HISTOGRAM_METRICS", False):
+        needed |= {"latency|latest", "latency|histogram"}
+    if env_flag(env, "REDIS_EXPORTER_PING_ON_CONNECT", False):
+        needed.add("ping")
+    if keys:
+        needed |= {"type", "memory|usage", "xlen"} | (set() if cluster else {"select"})
+    for unsupported in ("REDIS_EXPORTER_CHECK_KEYS", "REDIS_EXPORTER_CHECK_STREAMS", "REDIS_EXPORTER_CHECK_SINGLE_STREAMS",
+                        "REDIS_EXPORTER_COUNT_KEYS", "REDIS_EXPORTER_CHECK_KEY_GROUPS", "REDIS_EXPORTER_SCRIPT",
+                        "REDIS_EXPORTER_EXPORT_CLIENT_LIST", "REDIS_EXPORTER_INCL_CONFIG_METRICS"):
+        if env.get(unsupported, {}).get("value") not in (None, "", "false"):
+            fail(f"{where}: {unsupported} makes it send commands (SCAN, XINFO, EVAL, CLIENT LIST, CONFIG GET) "
+                 "or read key contents its ACL user is not meant to: grant them in the ACL files and teach "
+                 "this check, or leave it unset")
+    scrape = not env_flag(env, "REDIS_EXPORTER_DISABLE_SCRAPE_ENDPOINT", False)
+    if cluster:
+        if not env_flag(env, "REDIS_EXPORTER_IS_CLUSTER", False):
+            fail(f"{where}: REDIS_EXPORTER_IS_CLUSTER is not true: no /discover-cluster-nodes, and "
+                 "one node alone would be watched")
+        if not scrape:
+            fail(f"{where}: REDIS_EXPORTER_DISABLE_SCRAPE_ENDPOINT is true: Prometheus scrapes every "
+                 "node through /scrape")
+        needed |= {"cluster|info", "cluster|slots", "cluster|nodes", "asking"}
+    elif scrape:
+        fail(f"{where}: /scrape is on (REDIS_EXPORTER_DISABLE_SCRAPE_ENDPOINT): on one Redis nothing "
+             "scrapes it, and it connects wherever it is told to with its user's password")
+    rules = acl_user(acl, REDIS_EXPORTER, where)
+    root_keys, granted, channels, partial = rules[0]
+    if "@all" in granted or len(rules) > 1:
+        fail(f"{where}: ACL user {REDIS_EXPORTER} grants @all or has selectors: grant its commands one by one")
+    missing = needed - granted
+    if missing:
+        fail(f"{where}: it sends {', '.join(sorted(c.upper() for c in missing))}, which ACL user "
+             f"{REDIS_EXPORTER} ({os.path.relpath(acl)}) does not grant: a NOPERM and an ACL LOG entry "
+             "every scrape, and the figures it needs missing")
+    extra = granted - needed - REDIS_EXPORTER_HARMLESS
+    if extra:
+        fail(f"{where}: ACL user {REDIS_EXPORTER} ({os.path.relpath(acl)}) grants "
+             f"{', '.join(sorted(c.upper() for c in extra))}, which it does not send: least privilege")
+    if root_keys or any("W" in perms for perms, _ in partial) or channels:
+        fail(f"{where}: ACL user {REDIS_EXPORTER} may write keys or use channels: it reads sizes only "
+             "(%R~ patterns, resetchannels)")
+    streams = sorted({st for group in creates.values() for st in group})
+    for key in keys:
+        if not key_access(rules[0], key, "R"):
+            fail(f"{where}: REDIS_EXPORTER_CHECK_SINGLE_KEYS names {key}, which ACL user {REDIS_EXPORTER} "
+                 f"({os.path.relpath(acl)}) may not read")
+        if key not in streams and key.removesuffix(":dlq") not in streams:
+            fail(f"{where}: REDIS_EXPORTER_CHECK_SINGLE_KEYS names {key}, neither a stream the setup Job "
+                 "creates nor its dead letters")
+    unreported = [st for st in streams if st not in keys]
+    if unreported:
+        fail(f"{where}: REDIS_EXPORTER_CHECK_SINGLE_KEYS leaves out {', '.join(unreported)}: the "
+             "dashboard's stream memory would miss them")
+    # How Prometheus scrapes it: job = the Service's name, which the Redis alerts select.
+    port = next((p for p in c.get("ports", []) if p.get("name") == "metrics"), None)
+    services = [o for o in objects if o["kind"] == "Service" and selects(o, d)]
+    if not port or [s["metadata"]["name"] for s in services] != [REDIS_EXPORTER]:
+        fail(f"{where}: needs a port `metrics` and one Service named {REDIS_EXPORTER} (the job the "
+             "Redis alerts select)")
+    service_port = next((p["port"] for p in services[0]["spec"]["ports"] if p.get("name") == "metrics"), None)
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"
+                and all(services[0]["metadata"].get("labels", {}).get(k) == v
+                        for k, v in o["spec"].get("selector", {}).get("matchLabels", {"": None}).items())]
+    scrapes = [o for o in objects if o["kind"] == "ScrapeConfig"]
+    def seconds(text):
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", str(text).strip())
+        return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[m.group(2)] if m else None
+    timeout = seconds(env.get("REDIS_EXPORTER_CONNECTION_TIMEOUT", {}).get("value", "15s"))
+    scrape_timeouts = [seconds(e.get("scrapeTimeout", "10s")) for o in monitors for e in o["spec"]["endpoints"]]
+    scrape_timeouts += [seconds(o["spec"].get("scrapeTimeout", "10s")) for o in scrapes]
+    if timeout is None or any(t is None or timeout >= t for t in scrape_timeouts):
+        fail(f"{where}: REDIS_EXPORTER_CONNECTION_TIMEOUT must be shorter than the scrape timeout: a "
+             "Redis that does not answer would fail the scrape (up 0) instead of redis_up 0")
+    if cluster:
+        if monitors:
+            fail(f"{where}: a ServiceMonitor scrapes its /metrics on a cluster: one node, twice")
+        url = f"http://{REDIS_EXPORTER}.{namespace}.svc:{service_port}/discover-cluster-nodes"
+        address = f"{REDIS_EXPORTER}.{namespace}.svc:{service_port}"
+        found = None
+        for o in scrapes:
+            if any(h.get("url") == url for h in o["spec"].get("httpSDConfigs", [])):
+                found = o
+        if not found:
+            fail(f"{where}: no ScrapeConfig discovers the nodes from {url}")
+        spec = found["spec"]
+        sets = {r.get("targetLabel"): (tuple(r.get("sourceLabels", [])), r.get("replacement"))
+                for r in spec.get("relabelings", []) if r.get("action", "replace") == "replace"}
+        expected = {"__param_target": (("__address__",), None), "instance": (("__param_target",), None),
+                    "__address__": ((), address), "job": ((), REDIS_EXPORTER), "namespace": ((), namespace)}
+        wrong = [label for label, value in expected.items() if sets.get(label) != value]
+        if spec.get("metricsPath") != "/scrape" or wrong:
+            fail(f"{where}: ScrapeConfig {found['metadata']['name']} must scrape /scrape with the "
+                 f"discovered node as target and instance, through {address}, as job {REDIS_EXPORTER} "
+                 f"in namespace {namespace} (wrong: {', '.join(wrong) or 'metricsPath'})")
+        how = (f"ScrapeConfig {found['metadata']['name']}: every node discovered from {url}, scraped "
+               f"through /scrape as job {REDIS_EXPORTER}")
+    else:
+        if len(monitors) != 1 or scrapes:
+            fail(f"{where}: one ServiceMonitor must scrape its Service (and no ScrapeConfig)")
+        instance = [r.get("replacement") for e in monitors[0]["spec"]["endpoints"]
+                    for r in e.get("relabelings", []) if r.get("targetLabel") == "instance"]
+        if instance != [env.get("REDIS_ADDR", {}).get("value")]:
+            fail(f"{where}: the ServiceMonitor's `instance` ({instance}) is not REDIS_ADDR: the alerts "
+                 "name the Redis server by it")
+        how = f"ServiceMonitor {monitors[0]['metadata']['name']} on /metrics, instance {instance[0]}, /scrape off"
+    ok(f"{where}: {image}, non-root, password from a Secret, REDIS_ADDR {addr.hostname}:{addr.port or 6379} "
+       f"(the workers' Redis) as ACL user {REDIS_EXPORTER} ({os.path.relpath(acl)}) granted exactly what "
+       f"it sends ({len(needed)} commands), sizes of {len(keys)} keys read-only; {how}")
+
+
 def check_globs(workers, source):
     """No worker's FLEET_STREAMS matches a stream another one writes (the projector's histories):
     it would read it as input. Dead letters (`<stream>:dlq`) are never read; the other keys beside
@@ -934,7 +1121,7 @@ def main():
             fail(f"{source}: {out.stderr.strip()}")
         ok(f"{source}: {len(custom)} KEDA and Prometheus operator objects valid against their CRDs")
         deployments = [o for o in objects if o["kind"] == "Deployment"]
-        missing = (set(WORKERS) | {GATEWAY}) - {d["metadata"]["name"] for d in deployments}
+        missing = (set(WORKERS) | {GATEWAY, REDIS_EXPORTER}) - {d["metadata"]["name"] for d in deployments}
         if missing:
             fail(f"{source}: no Deployment of {', '.join(sorted(missing))}")
         kinds = {t["type"] for o in objects if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]}
@@ -943,10 +1130,12 @@ def main():
         if cluster:
             check_shards(objects, creates, source)
         workers = [check_worker(d, objects, source, acl, cluster, creates) for d in deployments
-                   if d["metadata"]["name"] != GATEWAY]
+                   if d["metadata"]["name"] not in (GATEWAY, REDIS_EXPORTER)]
         for d in deployments:
             if d["metadata"]["name"] == GATEWAY:
                 check_gateway(d, objects, source, acl, cluster)
+            if d["metadata"]["name"] == REDIS_EXPORTER:
+                check_redis_exporter(d, objects, source, acl, cluster, creates)
         check_globs(workers, source)
         check_setup(objects, workers, creates, commands, acl, cluster, source)
         check_rules(objects, rules_file, source)

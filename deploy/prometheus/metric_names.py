@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Prints every fleet_* metric name the alerting rules and the Grafana dashboard query.
+"""Prints every fleet_* and redis_* metric name the alerting rules and the Grafana dashboard query.
 
 One name per line, sorted, each once; histogram series (`_bucket`, `_sum`, `_count`) are
 reduced to the histogram's base name, so the list can be compared with the names a running
 worker exports on /metrics (its `# TYPE` lines). With `--worker NAME`, only the names that
 worker exports: the gateway's own (`fleet_gateway_*`) and the runtime's (`fleet_ready`,
 `fleet_fault`, `fleet_reconnects_total`) for `gateway`, which has no consumer group; every other
-name for the consumer workers (persister, projector, notifier).
+fleet_* name for the consumer workers (persister, projector, notifier). The `redis_*` names are
+no worker's: they are oliver006/redis_exporter's (deploy/kustomize/base/redis-exporter), listed
+with `--worker redis_exporter` (or its job name, `redis-exporter`) and by no worker.
 
 Sources: the `expr` of every rule in deploy/prometheus/rules.yml (not the annotations), and in
 deploy/grafana/streamfleet.json every `expr` (panel targets) and the queries of the template
@@ -29,20 +31,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RULES = os.path.join(HERE, "rules.yml")
 DEFAULT_DASHBOARD = os.path.join(HERE, "..", "grafana", "streamfleet.json")
 
-# A metric name starting with fleet_, not part of a longer identifier.
-NAME = re.compile(r"(?<![A-Za-z0-9_:])fleet_[A-Za-z0-9_:]*")
+# A metric name starting with fleet_ (the workers') or redis_ (redis_exporter's), not part of a
+# longer identifier.
+NAME = re.compile(r"(?<![A-Za-z0-9_:])(?:fleet|redis)_[A-Za-z0-9_:]*")
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
 # The gateway's own metrics; the runtime's, which every binary exports, the gateway included.
 GATEWAY_PREFIX = "fleet_gateway_"
 RUNTIME = {"fleet_ready", "fleet_fault", "fleet_reconnects_total"}
+# redis_exporter's metrics (Redis's INFO and the exporter's own): no worker exports them.
+REDIS_EXPORTER_PREFIX = "redis_"
+REDIS_EXPORTER = {"redis_exporter", "redis-exporter"}
 # PromQL string literals ("..." or '...'): label values are not metric names.
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+# Where PromQL names labels, not metrics: the matchers of a selector (`{redis_mode="…"}`, once the
+# strings are out) and the lists of by, without, on, ignoring, group_left and group_right. Some
+# of redis_exporter's label names start with redis_ (redis_instance_info's `redis_version`).
+MATCHERS = re.compile(r"\{[^{}]*\}")
+LABEL_LIST = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
 
 
 def names_in(expr):
-    """fleet_* metric names in one PromQL expression (outside string literals)."""
-    # Keep the selector inside label_values(...) / label matchers, drop quoted values.
+    """fleet_* and redis_* metric names in one PromQL expression (outside string literals,
+    label matchers and label lists)."""
+    # Keep the selector inside label_values(...), drop quoted values, then what names labels.
     bare = STRING.sub('""', expr)
+    bare = LABEL_LIST.sub(r"\1 ()", MATCHERS.sub("{}", bare))
     return {HISTOGRAM_SUFFIX.sub("", n) for n in NAME.findall(bare)}
 
 
@@ -122,6 +135,10 @@ def dashboard_exprs(path):
 
 def exported_by(worker, name):
     """Whether `worker` exports the metric `name` (see the module's docstring)."""
+    if name.startswith(REDIS_EXPORTER_PREFIX):
+        return worker in REDIS_EXPORTER
+    if worker in REDIS_EXPORTER:
+        return False
     if worker == "gateway":
         return name.startswith(GATEWAY_PREFIX) or name in RUNTIME
     return not name.startswith(GATEWAY_PREFIX)
@@ -134,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--by-source", action="store_true",
                         help="prefix each name with rules/dashboard (a name may appear twice)")
     parser.add_argument("--worker", metavar="NAME",
-                        help="only the names this worker exports (gateway, or a consumer worker)")
+                        help="only the names this worker exports (gateway, a consumer worker, or "
+                             "redis_exporter)")
     args = parser.parse_args(argv)
 
     sources = {
