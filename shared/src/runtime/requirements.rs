@@ -121,11 +121,17 @@ pub async fn check(conn: &mut Conn) -> Result<Checked, RedisError> {
     for (node, answer) in nodes {
         match answer {
             Ok(pairs) => read.push(parse(node, pairs)),
+            // Said in words, not with Redis's refusal: a deployment's least-privilege users are
+            // not granted `config|get` on purpose (it would show the server's passwords).
+            Err(e) if e.code() == Some("NOPERM") => {
+                return Ok(Checked::Unchecked(
+                    "CONFIG GET is not among this ACL user's commands (grant `+config|get` to have it checked)".into(),
+                ))
+            }
             Err(e) if refused(&e) => {
-                return Ok(Checked::Unchecked(format!(
-                    "CONFIG GET refused ({}): grant `+config|get` to check it",
-                    e.to_string().lines().next().unwrap_or_default()
-                )))
+                return Ok(Checked::Unchecked(
+                    "CONFIG is disabled or renamed on this server (a managed Redis)".into(),
+                ))
             }
             Err(e) => return Err(e),
         }
