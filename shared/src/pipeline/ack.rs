@@ -214,14 +214,22 @@ impl Settlement {
         }
     }
 
-    fn record(&self, fates: &[Fate], labels: &StreamLabels) {
+    fn record(&self, fates: &[Fate], labels: &StreamLabels, group: &str) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut start = 0;
         for run in self.entries.chunk_by(|a, b| a.stream == b.stream) {
             let stream = labels.of(&run[0].stream).to_string();
-            let acked = fates[start..start + run.len()]
-                .iter()
-                .filter(|f| f.settles())
-                .count();
+            let run_fates = &fates[start..start + run.len()];
+            let acked = run_fates.iter().filter(|f| f.settles()).count();
+            // The id's time is the producer's XADD on Redis's clock; a clock behind it is 0.
+            let age = metrics::histogram!(m::EVENT_AGE, "stream" => stream.clone(), "group" => group.to_owned());
+            for (entry, fate) in run.iter().zip(run_fates) {
+                if fate.settles() {
+                    age.record(now_ms.saturating_sub(entry.id.ms) as f64 / 1000.0);
+                }
+            }
             start += run.len();
             if !self.released {
                 metrics::counter!(m::EVENTS_READ, "stream" => stream.clone())
@@ -291,7 +299,7 @@ impl Acker {
             let mut fates: Vec<Vec<Fate>> = batch.iter().map(Settlement::fates).collect();
             if self.settle(&batch, &mut fates).await {
                 for (s, fates) in batch.iter().zip(&fates) {
-                    s.record(fates, &self.labels);
+                    s.record(fates, &self.labels, &self.group);
                 }
             }
             for s in &batch {
