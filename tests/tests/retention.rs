@@ -114,6 +114,29 @@ async fn retention_never_removes_an_entry_a_group_has_not_settled_unless_told_to
         "a dry run removes nothing"
     );
 
+    // fleetctl status shows the rule and what the next trim would remove, and who holds it.
+    let status = tokio::process::Command::new(bin("fleetctl"))
+        .env("FLEET_REDIS_URL", redis_url())
+        .args([
+            "--output",
+            "json",
+            "--quiet",
+            "status",
+            "--streams",
+            &stream,
+            "--config",
+            &keep_100,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let shown = &status["retention"][0];
+    assert_eq!(shown["stream"], stream.as_str(), "{status}");
+    assert_eq!(shown["rule"], format!("{prefix}:*"));
+    assert_eq!(shown["next_trim_before"], ids[600].as_str());
+    assert_eq!(shown["held_by"]["group"], "g");
+
     let (code, done, stderr) = trim(&keep_100, false).await;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(of(&done, &stream)["removed"], 600);

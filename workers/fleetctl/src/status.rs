@@ -42,6 +42,11 @@ pub struct StatusArgs {
     )]
     gateway_registry: String,
 
+    /// The configuration whose `[[retention]]` rules are shown per stream, with what the next
+    /// `fleetctl trim` would remove.
+    #[arg(long, env = "FLEET_CONFIG")]
+    config: Option<std::path::PathBuf>,
+
     /// A pending entry older than this (by its id's time, on Redis's clock) needs attention.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration::parse)]
     max_pending_age: Duration,
@@ -193,6 +198,21 @@ pub async fn run(
         .await
         .unwrap_or_default();
     json["gateways"] = crate::gateways::to_json(&gateways);
+    let retention = match &args.config {
+        Some(path) => retention(&mut conn, path, &snap).await?,
+        None => Vec::new(),
+    };
+    json["retention"] = json!(retention
+        .iter()
+        .map(|p| json!({
+            "stream": p.stream,
+            "rule": p.rule,
+            "length": p.length,
+            "next_trim_before": p.min_id.map(|id| id.to_string()),
+            "removes": p.removes,
+            "held_by": p.held_by.as_ref().map(|(g, mark)| json!({"group": g, "unsettled_from": mark.to_string()})),
+        }))
+        .collect::<Vec<_>>());
     json["problems"] = json!(problems);
     json["healthy"] = json!(problems.is_empty());
 
@@ -253,6 +273,24 @@ pub async fn run(
         }
     }
     print(output, &json, &table, "no streams");
+    if output == Output::Table && !retention.is_empty() {
+        let mut t = Table::new(&["STREAM", "RETENTION", "NEXT TRIM", "HELD BY"]);
+        for p in &retention {
+            let next = match (p.min_id, p.removes) {
+                (None, _) => "nothing".to_owned(),
+                (Some(id), Some(n)) => format!("{n} entries, before {id}"),
+                (Some(id), None) => format!("entries before {id}"),
+            };
+            let held = p
+                .held_by
+                .as_ref()
+                .map(|(g, mark)| format!("{g} (unsettled from {mark})"))
+                .unwrap_or_else(|| "-".into());
+            t.row(vec![p.stream.clone(), p.rule.clone(), next, held]);
+        }
+        println!();
+        print!("{}", t.render());
+    }
     if output == Output::Table && !gateways.is_empty() {
         println!();
         print!("{}", crate::gateways::table(&gateways).render());
@@ -280,4 +318,24 @@ pub async fn run(
         anyhow::bail!("{missing}");
     }
     Ok(true)
+}
+
+/// What the next `fleetctl trim` would do to the streams shown, by the rules of `path`.
+async fn retention(
+    conn: &mut streamfleet::runtime::conn::Conn,
+    path: &std::path::Path,
+    snap: &Snapshot,
+) -> anyhow::Result<Vec<crate::trim::Plan>> {
+    let config = streamfleet::runtime::config::FileConfig::load(path)?;
+    if config.retention.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now_ms = crate::trim::redis_now_ms(conn).await?;
+    let mut out = Vec::new();
+    for (stream, rule) in crate::trim::matched(conn, &config).await? {
+        if snap.streams.iter().any(|s| s.stream == stream) {
+            out.push(crate::trim::plan(conn, &stream, &rule, now_ms).await?);
+        }
+    }
+    Ok(out)
 }

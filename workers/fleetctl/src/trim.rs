@@ -40,6 +40,8 @@ pub struct Plan {
     pub min_id: Option<EntryId>,
     /// The group whose unsettled entries held the caps back, and its watermark.
     pub held_by: Option<(String, EntryId)>,
+    /// How many entries go, when the length cap decides it (else only a trim says).
+    pub removes: Option<u64>,
 }
 
 /// The successor of `id` in stream order: `MINID` keeps ids from it on.
@@ -144,12 +146,18 @@ pub async fn plan(
         }
         (w, _) => (w, None),
     };
+    let removes = match (rule.max_len, by_len) {
+        (Some(keep), Some(l)) if min_id == Some(l) => Some(length.saturating_sub(keep)),
+        _ if min_id.is_none() => Some(0),
+        _ => None,
+    };
     Ok(Plan {
         stream: stream.to_owned(),
         rule: rule.streams.clone(),
         length,
         min_id,
         held_by,
+        removes,
     })
 }
 
