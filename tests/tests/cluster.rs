@@ -349,3 +349,96 @@ async fn a_producer_shards_by_key_and_a_keys_events_stay_in_order_in_one_stream(
     }
     assert_eq!(seen, 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_a_cluster_live_and_resumes_from_a_history_in_its_streams_slot() {
+    let mut conn = cluster().await;
+    let tag: String = unique("clgw")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let stream = format!("{{{tag}}}:events");
+    // Keys under the stream's hash tag (a literal one: the gateway names keys from the topic).
+    let cfg = config(&format!(
+        "[[route]]\npattern = \"{tag}.*.progress\"\n\
+         actions = [{{ latest = \"{{{{{tag}}}}}:state:{{channel[1]}}\" }}, {{ history = \"{{{{{tag}}}}}:hist:{{channel[1]}}\" }}]\n\
+         gateway = {{ history = \"{{{{{tag}}}}}:hist:{{channel[1]}}\", latest = \"{{{{{tag}}}}}:state:{{channel[1]}}\" }}\n"
+    ));
+    let env = |name: &str| {
+        on_cluster(&stream, "")
+            .unset("FLEET_DATABASE_URL")
+            .set("FLEET_CONFIG", &cfg)
+            .set("FLEET_CONSUMER", name)
+    };
+    let mut projector = env("p").start("projector").await;
+    let mut notifier = env("n").start("notifier").await;
+    let mut gateway = env("g")
+        .unset("FLEET_STREAMS")
+        .set("FLEET_GATEWAY_ANONYMOUS_TOPICS", &format!("{tag}.#"))
+        .set("FLEET_GATEWAY_REGISTRY_KEY", &format!("{{{tag}}}:gateways"))
+        .start("gateway")
+        .await;
+    let topic = format!("{tag}.f1.progress");
+    let line = |i: usize| {
+        json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "flow.progress",
+            "channel": topic, "source": "tests", "time": "2026-12-07T12:00:00Z", "data": {"i": i}})
+        .to_string()
+    };
+    let numbers = |m: &[streamfleet_tests::sse::Message]| -> Vec<u64> {
+        m.iter()
+            .map(|m| m.json()["data"]["i"].as_u64().unwrap())
+            .collect()
+    };
+    let path = format!("/events?topic={topic}");
+    let mut client = streamfleet_tests::sse::connect(&gateway.http, &path, &[])
+        .await
+        .unwrap();
+    assert_eq!(client.status, 200);
+    publish_lines_to(
+        &cluster_url(),
+        &stream,
+        &(0..10).map(line).collect::<Vec<_>>(),
+    )
+    .await;
+    let wait = Duration::from_secs(20);
+    assert_eq!(
+        numbers(&client.take(10, wait).await),
+        (0..10).collect::<Vec<_>>()
+    );
+    let last = client.last_event_id().to_owned();
+    drop(client);
+    publish_lines_to(
+        &cluster_url(),
+        &stream,
+        &(10..20).map(line).collect::<Vec<_>>(),
+    )
+    .await;
+    let history = format!("{{{tag}}}:hist:f1");
+    wait_until(wait, "the history of 20", || {
+        let (mut conn, history) = (conn.clone(), history.clone());
+        async move {
+            redis::cmd("XLEN")
+                .arg(&history)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap_or(0)
+                == 20
+        }
+    })
+    .await;
+    let mut back =
+        streamfleet_tests::sse::connect(&gateway.http, &path, &[("Last-Event-ID", &last)])
+            .await
+            .unwrap();
+    assert_eq!(
+        numbers(&back.take(10, wait).await),
+        (10..20).collect::<Vec<_>>()
+    );
+    assert_eq!(gateway.metric("fleet_gateway_resumes_total", "").await, 1.0);
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    drop(back);
+    gateway.stop_cleanly().await;
+    notifier.stop_cleanly().await;
+    projector.stop_cleanly().await;
+}
