@@ -7,9 +7,8 @@
 //! Redis to confirm the patterns), then read the history, then stream the live events buffered
 //! meanwhile, skipping per stream any entry id not after the last one sent.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -28,9 +27,8 @@ use tokio::sync::OnceCell;
 use crate::auth::{Auth, Denied};
 use crate::cursor;
 use crate::hub::Hub;
-use crate::live::{Live, Seam};
+use crate::live::Live;
 use crate::metrics as m;
-use crate::resume::{self, Resumed};
 use crate::routes::Routes;
 use crate::sse;
 
@@ -235,61 +233,20 @@ async fn events(
         _ => return later(&app, origin, "the Pub/Sub subscription is not ready".into()),
     }
 
-    let mut stream = Live {
-        sub: subscription,
-        seen: HashMap::new(),
-        seen_keys: 0,
-        first: VecDeque::from([sse::retry(app.retry_ms)]),
-        keepalive: tokio::time::interval_at(
-            tokio::time::Instant::now() + app.keepalive,
-            app.keepalive,
-        ),
-        shutdown: app.shutdown.clone(),
-        seams: Vec::new(),
-        redis: redis.clone(),
-    };
+    let mut stream = Live::new(
+        subscription,
+        sse::retry(app.retry_ms),
+        app.keepalive,
+        app.shutdown.clone(),
+        redis.clone(),
+    );
     if let Some(text) = last_event_id {
-        let cursor = cursor::parse(text);
-        let mut conn = redis.clone();
-        for topic in &topics {
-            let keys = app.routes.resume_keys(topic);
-            let resumed =
-                resume::resume(&mut conn, topic, &keys, cursor.as_ref(), app.max_resume).await;
-            let end = match resumed {
-                Ok(Resumed::Events(frames, end)) => {
-                    metrics::counter!(m::RESUMES).increment(1);
-                    let before = stream.first.len();
-                    for f in frames {
-                        if stream.fresh(&f) {
-                            stream.first.push_back(f.bytes);
-                        }
-                    }
-                    metrics::counter!(m::MESSAGES_SENT, "origin" => "history")
-                        .increment((stream.first.len() - before) as u64);
-                    end
-                }
-                Ok(Resumed::Reset(frame, end)) => {
-                    metrics::counter!(m::RESETS).increment(1);
-                    if !frame.stream.is_empty() {
-                        stream.fresh(&frame);
-                    }
-                    stream.first.push_back(frame.bytes);
-                    end
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, topic = %topic, "resume failed");
-                    return later(&app, origin, format!("resume of {topic} failed: {e}"));
-                }
-            };
-            if let Some(history) = keys.history {
-                stream.seams.push(Seam {
-                    topic: topic.clone(),
-                    history,
-                    latest: keys.latest,
-                    after: end,
-                    opened: Instant::now(),
-                });
-            }
+        if let Err((topic, e)) = stream
+            .resume(&app.routes, &topics, cursor::parse(text), app.max_resume)
+            .await
+        {
+            tracing::warn!(error = %e, topic = %topic, "resume failed");
+            return later(&app, origin, format!("resume of {topic} failed: {e}"));
         }
     }
 

@@ -12,9 +12,11 @@ use streamfleet::runtime::conn::Conn;
 use streamfleet::runtime::shutdown::Shutdown;
 use streamfleet::EntryId;
 
+use crate::cursor::Cursor;
 use crate::hub::{Frame, Subscription};
 use crate::metrics as m;
-use crate::resume;
+use crate::resume::{self, Resumed};
+use crate::routes::Routes;
 use crate::sse;
 
 /// Most keys a connection remembers the last entry of.
@@ -29,13 +31,13 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// the topic is found in the history, each one waits for the history to reach it, and what the
 /// history gained meanwhile goes out first; a projector further behind than `SEAM_WAIT` is a
 /// reset, never a silent gap.
-pub struct Seam {
-    pub topic: ChannelPattern,
-    pub history: String,
-    pub latest: Option<String>,
+struct Seam {
+    topic: ChannelPattern,
+    history: String,
+    latest: Option<String>,
     /// The history entry read last.
-    pub after: Option<String>,
-    pub opened: Instant,
+    after: Option<String>,
+    opened: Instant,
 }
 
 /// Longest a live event waits for the projector's history to reach it after a resume.
@@ -45,23 +47,95 @@ const SEAM_POLL: Duration = Duration::from_millis(100);
 
 /// One browser's stream: what was missed first, then the live events, keep-alives when idle.
 pub struct Live {
-    pub sub: Subscription,
+    sub: Subscription,
     /// The last entry id sent per stream and key: an entry not after it is a duplicate (the seam
     /// between history and live, a topic matched twice, a notifier's redelivery). Bounded: past
     /// `SEEN_MAX` keys it starts again, so a duplicate may then pass, never an event be dropped.
-    pub seen: HashMap<Arc<str>, HashMap<Box<str>, EntryId>>,
-    pub seen_keys: usize,
+    seen: HashMap<Arc<str>, HashMap<Box<str>, EntryId>>,
+    seen_keys: usize,
     /// What goes out before the live events: `retry:`, the missed events, resets.
-    pub first: VecDeque<Bytes>,
-    pub keepalive: tokio::time::Interval,
-    pub shutdown: Shutdown,
-    pub seams: Vec<Seam>,
-    pub redis: Conn,
+    first: VecDeque<Bytes>,
+    keepalive: tokio::time::Interval,
+    shutdown: Shutdown,
+    seams: Vec<Seam>,
+    redis: Conn,
 }
 
 impl Live {
+    /// A stream of `sub`'s live events, `retry:` first.
+    pub fn new(
+        sub: Subscription,
+        retry: Bytes,
+        keepalive: Duration,
+        shutdown: Shutdown,
+        redis: Conn,
+    ) -> Live {
+        Live {
+            sub,
+            seen: HashMap::new(),
+            seen_keys: 0,
+            first: VecDeque::from([retry]),
+            keepalive: tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive),
+            shutdown,
+            seams: Vec::new(),
+            redis,
+        }
+    }
+
+    /// What each of `topics` missed after `cursor` (a browser's `Last-Event-ID`; `None`: one this
+    /// gateway did not write), or its reset, goes out first; a topic with a history keeps a seam
+    /// until its history reaches the live events. The topic whose history could not be read, and
+    /// why, on failure.
+    pub async fn resume(
+        &mut self,
+        routes: &Routes,
+        topics: &[ChannelPattern],
+        cursor: Option<Cursor>,
+        max: usize,
+    ) -> Result<(), (ChannelPattern, redis::RedisError)> {
+        let mut conn = self.redis.clone();
+        for topic in topics {
+            let keys = routes.resume_keys(topic);
+            let resumed = resume::resume(&mut conn, topic, &keys, cursor.as_ref(), max)
+                .await
+                .map_err(|e| (topic.clone(), e))?;
+            let end = match resumed {
+                Resumed::Events(frames, end) => {
+                    metrics::counter!(m::RESUMES).increment(1);
+                    let before = self.first.len();
+                    for f in frames {
+                        if self.fresh(&f) {
+                            self.first.push_back(f.bytes);
+                        }
+                    }
+                    metrics::counter!(m::MESSAGES_SENT, "origin" => "history")
+                        .increment((self.first.len() - before) as u64);
+                    end
+                }
+                Resumed::Reset(frame, end) => {
+                    metrics::counter!(m::RESETS).increment(1);
+                    if !frame.stream.is_empty() {
+                        self.fresh(&frame);
+                    }
+                    self.first.push_back(frame.bytes);
+                    end
+                }
+            };
+            if let Some(history) = keys.history {
+                self.seams.push(Seam {
+                    topic: topic.clone(),
+                    history,
+                    latest: keys.latest,
+                    after: end,
+                    opened: Instant::now(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `f` comes after everything sent of its stream and key; it then counts as sent.
-    pub fn fresh(&mut self, f: &Frame) -> bool {
+    fn fresh(&mut self, f: &Frame) -> bool {
         if self.sent(f) {
             return false;
         }
