@@ -15,7 +15,12 @@ image, non-root, its password from a Secret, the Redis the workers use, an ACL u
 exactly the commands its settings make it send and reads only the sizes of the streams the setup
 Job creates, and how Prometheus scrapes it (one Redis: a ServiceMonitor on /metrics, /scrape
 off; a cluster: --is-cluster and a ScrapeConfig that discovers and scrapes every node through it,
-in the overlay's namespace). One line per check; exit 1 on a failure.
+in the overlay's namespace). The retention CronJob (`fleetctl trim`) is held to its own: Forbid,
+its schedule, start and run deadlines, retries and history, exit 2 failing it at once, the
+workers' image; its `[[retention]]` rules parse as fleetctl parses them, cover every stream the
+setup Job creates and its dead letters, and each applies to some stream; its ACL user `retention`
+grants exactly the commands trim sends for those rules, on the keys they name and no other, and
+`operator` may dry-run it. One line per check; exit 1 on a failure.
 
 An overlay whose KEDA triggers are `redis-cluster-streams` deploys on a Redis Cluster, and is held
 to what a cluster needs (deploy/README.md, "Redis Cluster"): every stream it creates has a hash
@@ -87,6 +92,24 @@ REDIS_EXPORTER_IMAGE = re.compile(r"^(?:[\w.-]+/)?oliver006/redis_exporter(?::v\
 # reply, not an ACL refusal.)
 REDIS_EXPORTER_ALWAYS = {"auth", "info", "slowlog|len", "slowlog|get"}
 REDIS_EXPORTER_HARMLESS = {"auth", "hello", "ping"}
+# The retention CronJob (deploy/kustomize/base/retention): `fleetctl trim`, its ACL user, and the
+# user an engineer dry-runs it as.
+RETENTION = "retention"
+OPERATOR = "operator"
+# What `fleetctl trim` sends (workers/fleetctl/src/trim.rs, streams.rs): at connection AUTH and
+# HELLO (one server or a cluster?), SELECT for a database other than 0, on a cluster CLUSTER SLOTS
+# and PING (the client's slot map and node checks); TIME (Redis's clock, for the age caps); per
+# rule TYPE of a named key, or SCAN MATCH <glob> TYPE stream for a glob (on a cluster on every
+# master: CLUSTER SLOTS); per stream XLEN, XINFO GROUPS, XPENDING (summary form) of each group with
+# pending entries, XRANGE from the head for a length cap (`max_len`), and XTRIM MINID (its only
+# write; not sent with --dry-run).
+RETENTION_ALWAYS = {"auth", "hello", "time", "xlen", "xinfo|groups", "xpending", "xtrim"}
+RETENTION_HARMLESS = {"auth", "hello", "ping", "select", "cluster|slots"}
+# A FLEET_CONFIG's tables, and a `[[retention]]` rule's fields (shared/src/runtime/config.rs: both
+# refuse unknown fields; a rule sets max_age_s or max_len, max_len >= 1, max_age_s 1 to ten years).
+CONFIG_TABLES = {"tuning", "route", "backpressure", "retention"}
+RETENTION_FIELDS = {"streams", "max_age_s", "max_len", "cut_unread"}
+MAX_TTL_S = 10 * 365 * 86400
 # Its registry key when FLEET_GATEWAY_REGISTRY_KEY is not set (workers/gateway/src/args.rs).
 GATEWAY_REGISTRY = "streamfleet:gateways"
 # ingress-nginx's annotations.
@@ -356,7 +379,12 @@ def worker_config(d, objects, where):
     """The FLEET_CONFIG file a Deployment's container reads, parsed, from its ConfigMap."""
     pod = d["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    path = env_of(c).get("FLEET_CONFIG", {}).get("value", "")
+    return mounted_config(pod, c, env_of(c).get("FLEET_CONFIG", {}).get("value", ""), objects, where)
+
+
+def mounted_config(pod, c, path, objects, where):
+    """The configuration file at `path` in container `c` of `pod`, parsed, from the ConfigMap
+    mounted there."""
     mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     cm_name = volumes.get(mounts[0]["name"], {}).get("configMap", {}).get("name") if mounts else None
@@ -1031,6 +1059,307 @@ def check_redis_exporter(d, objects, source, acl, cluster, creates):
        f"it sends ({len(needed)} commands), sizes of {len(keys)} keys read-only; {how}")
 
 
+def cron_field(text, lo, hi):
+    """The values of one field of a cron schedule (`*`, `*/N`, `A`, `A-B`, `A-B/N`, lists of
+    them); None if it uses what this check does not read (names, `?`, `L`, `W`, `#`)."""
+    out = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"(\*|\d+)(?:-(\d+))?(?:/(\d+))?", part)
+        if not m or (m.group(1) == "*" and m.group(2)):
+            return None
+        first = lo if m.group(1) == "*" else int(m.group(1))
+        last = hi if m.group(1) == "*" else int(m.group(2) or (hi if m.group(3) else first))
+        step = int(m.group(3) or 1)
+        if not lo <= first <= last <= hi or step < 1:
+            return None
+        out.update(range(first, last + 1, step))
+    return out
+
+
+def cron_interval(schedule):
+    """The shortest time in seconds between two runs of a cron schedule, over a week (the day of
+    the month and the month must be `*`); None if this check cannot tell."""
+    macros = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0"}
+    fields = macros.get(schedule.strip(), schedule).split()
+    if len(fields) != 5 or fields[2] != "*" or fields[3] != "*":
+        return None
+    minutes, hours, days = cron_field(fields[0], 0, 59), cron_field(fields[1], 0, 23), cron_field(fields[4], 0, 7)
+    if not minutes or not hours or not days:
+        return None
+    days = {d % 7 for d in days}
+    runs = [((d * 24 + h) * 60 + m) * 60 for d in sorted(days) for h in sorted(hours) for m in sorted(minutes)]
+    week = 7 * 86400
+    return min((b - a) % week or week for a, b in zip(runs, runs[1:] + runs[:1]))
+
+
+assert cron_interval("*/10 * * * *") == 600 and cron_interval("5 * * * *") == 3600
+assert cron_interval("0,50 * * * *") == 600 and cron_interval("0 3 * * 1") == 7 * 86400
+
+
+def retention_rules(config, where):
+    """The `[[retention]]` rules of a parsed FLEET_CONFIG, held to what fleetctl's own parser
+    (shared/src/runtime/config.rs) accepts: at least one, each naming streams and setting
+    max_age_s or max_len, no unknown field."""
+    unknown = set(config) - CONFIG_TABLES
+    if unknown:
+        fail(f"{where}: unknown table {', '.join(sorted(unknown))} (fleetctl exits 2: its file takes "
+             f"{', '.join(sorted(CONFIG_TABLES))})")
+    rules = config.get("retention")
+    if not isinstance(rules, list) or not rules:
+        fail(f"{where}: no [[retention]] rule: `fleetctl trim` exits 2 and trims nothing")
+    for i, r in enumerate(rules):
+        name = f"retention[{i}] ({r.get('streams')})"
+        if set(r) - RETENTION_FIELDS:
+            fail(f"{where}: {name}: unknown field {', '.join(sorted(set(r) - RETENTION_FIELDS))} "
+                 f"(a rule takes {', '.join(sorted(RETENTION_FIELDS))}; fleetctl exits 2)")
+        if not isinstance(r.get("streams"), str) or not r["streams"].strip():
+            fail(f"{where}: retention[{i}].streams must name streams (a key or a glob)")
+        if "max_age_s" not in r and "max_len" not in r:
+            fail(f"{where}: {name} sets neither max_age_s nor max_len: it would trim nothing "
+                 "(fleetctl exits 2)")
+        for field, top in (("max_age_s", MAX_TTL_S), ("max_len", None)):
+            value = r.get(field)
+            if value is not None and (type(value) is not int or value < 1 or top and value > top):
+                fail(f"{where}: {name}.{field} is {value!r}: a whole number from 1"
+                     + (f" to {top} (ten years)" if top else ""))
+        if type(r.get("cut_unread", False)) is not bool:
+            fail(f"{where}: {name}.cut_unread must be true or false")
+    return rules
+
+
+def rule_matches(rule, key):
+    """Whether a retention rule applies to `key`, as `fleetctl trim` resolves it: a named key is
+    itself (TYPE), a glob is SCAN MATCH (dead letter streams included). A NUL in `key` stands
+    for any text (a template's placeholder), which only a glob's `*` covers."""
+    streams = rule["streams"].strip()
+    return glob_matches(streams, key) if is_glob(streams) else streams == key
+
+
+def first_rule(rules, key):
+    return next((i for i, r in enumerate(rules) if rule_matches(r, key)), None)
+
+
+def rule_access(acl_rule, streams, perm):
+    """Whether an ACL rule grants `perm` on every key a retention rule's `streams` names: a named
+    key; a glob whose wildcards are `*` (each as a NUL, see key_access); another glob only through
+    a pattern that is the same glob."""
+    streams = streams.strip()
+    if not is_glob(streams):
+        return key_access(acl_rule, streams, perm)
+    keys, _, _, partial = acl_rule
+    if streams in keys + [p for perms, p in partial if perm in perms]:
+        return True
+    return not re.search(r"[?\[\\]", streams) and key_access(acl_rule, streams.replace("*", "\0"), perm)
+
+
+def render_key(parts, stream):
+    """The key a template renders for an event of `stream`, a NUL for each part that depends on
+    the event (see render_prefix)."""
+    out = ""
+    for kind, text in parts:
+        if kind == "lit":
+            out += text
+        elif text == "stream":
+            out += stream
+        elif text == "tag":
+            out += "{" + (hash_tag(stream) or stream) + "}"
+        else:
+            out += "\0"
+    return out
+
+
+def check_retention(objects, source, acl, cluster, creates):
+    """The retention CronJob's promises (deploy/README.md, "Retention"): one CronJob runs
+    `fleetctl trim` (not a dry run) on a schedule, never two at once (Forbid), each run started
+    within its deadline, ended before the next is due, retried a bounded number of times and
+    failed at once on a configuration error, the last runs kept for their logs; the workers'
+    image, non-root, read-only, with memory bounds, no database credentials; its rules from a
+    mounted ConfigMap that fleetctl parses; every stream the setup Job creates and its dead
+    letters under a rule, every rule applying to some stream of the deployment; its ACL user
+    `retention` granted exactly what trim sends for these rules, on the keys the rules name and no
+    other; and `operator` able to dry-run it."""
+    crons = [o for o in objects if o["kind"] == "CronJob" and any(
+        c.get("command", [])[:2] == ["fleetctl", "trim"]
+        for c in o["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"])]
+    if len(crons) != 1:
+        fail(f"{source}: {len(crons) or 'no'} CronJob{'s' if len(crons) > 1 else ''} running `fleetctl trim`: "
+             "one must apply the [[retention]] rules (nothing else trims the streams; two would race)")
+    cron = crons[0]
+    where = f"{source}: CronJob {cron['metadata']['name']}"
+    spec = cron["spec"]
+    job = spec["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    c = next(c for c in pod["containers"] if c.get("command", [])[:2] == ["fleetctl", "trim"])
+    cmd = c["command"]
+    env = env_of(c)
+
+    # When and how it runs.
+    if spec.get("concurrencyPolicy") != "Forbid":
+        fail(f"{where}: concurrencyPolicy is {spec.get('concurrencyPolicy', 'Allow')!r}, not Forbid: "
+             "two trims at once would read and trim the same streams side by side")
+    if spec.get("suspend"):
+        fail(f"{where}: suspended: nothing trims the streams")
+    interval = cron_interval(spec.get("schedule", ""))
+    if interval is None:
+        fail(f"{where}: schedule {spec.get('schedule')!r}: give minutes, hours and days of the week "
+             "in numbers (`*/10 * * * *`), the day of the month and the month `*`")
+    start = spec.get("startingDeadlineSeconds")
+    if type(start) is not int or not 10 <= start <= interval:
+        fail(f"{where}: startingDeadlineSeconds is {start if start is not None else 'unset'}: from 10 (the controller looks every 10 s) "
+             f"to the schedule's interval ({interval} s): without it a CronJob that missed more than 100 "
+             "schedules (its controller down, the CronJob suspended) never starts again, and a run "
+             "may start late next to the following one")
+    active = job.get("activeDeadlineSeconds")
+    if type(active) is not int or active >= interval:
+        fail(f"{where}: activeDeadlineSeconds is {active}: it must end a run (retries included) before "
+             f"the next is due ({interval} s), or a run hung on Redis makes every later one skip (Forbid)")
+    backoff = job.get("backoffLimit")
+    if type(backoff) is not int or not 0 <= backoff <= 6:
+        fail(f"{where}: backoffLimit is {backoff}: set it (0 to 6): the next run retries anyway")
+    history = (spec.get("successfulJobsHistoryLimit"), spec.get("failedJobsHistoryLimit"))
+    if any(type(h) is not int for h in history) or history[1] < 1:
+        fail(f"{where}: successfulJobsHistoryLimit and failedJobsHistoryLimit are {history}: set both, "
+             "and keep at least one failed Job, whose log says why")
+    if pod.get("restartPolicy") != "Never":
+        fail(f"{where}: restartPolicy is {pod.get('restartPolicy')!r}, not Never: each attempt a pod "
+             "of its own, whose log stays readable (and what podFailurePolicy needs)")
+    fails_on_config = any(
+        r.get("action") == "FailJob" and r.get("onExitCodes", {}).get("operator") == "In"
+        and 2 in r["onExitCodes"].get("values", []) and r["onExitCodes"].get("containerName", c["name"]) == c["name"]
+        for r in job.get("podFailurePolicy", {}).get("rules", []))
+    if not fails_on_config:
+        fail(f"{where}: no podFailurePolicy rule fails the Job on exit code 2 (a configuration error): "
+             "it would be retried backoffLimit times for nothing")
+
+    # The pod.
+    if "--dry-run" in cmd:
+        fail(f"{where}: `fleetctl trim --dry-run` trims nothing")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    if not (psc.get("runAsNonRoot") and csc.get("readOnlyRootFilesystem")
+            and csc.get("allowPrivilegeEscalation") is False):
+        fail(f"{where}: not non-root, read-only root filesystem, no privilege escalation")
+    res = c.get("resources", {})
+    if not (res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory")):
+        fail(f"{where}: memory request and limit missing")
+    persister = deployment(objects, "persister")
+    image = persister["spec"]["template"]["spec"]["containers"][0]["image"] if persister else None
+    if image and c.get("image") != image:
+        fail(f"{where}: image {c.get('image')!r} is not the workers' ({image!r}): one release, one image")
+    if "FLEET_DATABASE_URL" in env:
+        fail(f"{where}: FLEET_DATABASE_URL is set, but trim uses no database: no database credentials "
+             "in its pod")
+    if "secretKeyRef" not in env.get("FLEET_REDIS_URL", {}).get("valueFrom", {}):
+        fail(f"{where}: FLEET_REDIS_URL does not come from a Secret")
+    path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--config=")), None)
+    if path is None and "--config" in cmd[:-1]:
+        path = cmd[cmd.index("--config") + 1]
+    if path is None:
+        path = env.get("FLEET_CONFIG", {}).get("value", "")
+    rules = retention_rules(mounted_config(pod, c, path, objects, where), f"{where}: {path}")
+
+    # What the rules reach: the streams the setup Job creates and their dead letters (each must
+    # have a rule), the projector's histories (bounded by their maxlen and ttl_s anyway).
+    streams = sorted({st for group in creates.values() for st in group})
+    covered = {}
+    for key in streams + [st + ":dlq" for st in streams]:
+        i = first_rule(rules, key)
+        if i is None:
+            fail(f"{where}: no [[retention]] rule matches {key}: it keeps every entry until Redis is "
+                 "full (name it, or a glob that matches it)")
+        covered[key] = i
+    projector = deployment(objects, "projector")
+    histories = set()
+    for _, _, kind, template in (action_templates(worker_config(projector, objects, where)) if projector else []):
+        parts = parse_template(template) if kind == "history" else None
+        histories |= {render_key(parts, st) for st in streams} if parts else set()
+    for key in sorted(histories):
+        i = first_rule(rules, key)
+        if i is not None:
+            covered[key] = i
+    known = ", ".join(k.replace(chr(0), "…") for k in streams + [st + ":dlq" for st in streams] + sorted(histories))
+    for i, r in enumerate(rules):
+        if i in covered.values():
+            continue
+        taken = [(k, covered[k]) for k in covered if rule_matches(r, k)]
+        if taken:
+            key, j = taken[0]
+            fail(f"{where}: retention[{i}] ({r['streams']}) applies to no stream: "
+                 f"{key.replace(chr(0), '…')} matches it, but retention[{j}] ({rules[j]['streams']}) "
+                 "comes first, and a stream's rule is the first that matches it: put the narrower rule first")
+        fail(f"{where}: retention[{i}] ({r['streams']}) matches none of the deployment's streams "
+             f"({known}): a typo?")
+
+    # Its ACL user: exactly what trim sends for these rules, on the keys they name.
+    user = redis_user(env["FLEET_REDIS_URL"], objects, where, cluster) or RETENTION
+    if user != RETENTION:
+        fail(f"{where}: FLEET_REDIS_URL logs in as {user}, not as its own ACL user {RETENTION}")
+    acl_name = os.path.relpath(acl)
+    acl_rules = acl_user(acl, user, where)
+    root_keys, granted, channels, partial = acl_rules[0]
+    if "@all" in granted or len(acl_rules) > 1:
+        fail(f"{where}: ACL user {user} grants @all or has selectors: grant its commands one by one")
+    if channels or partial:
+        fail(f"{where}: ACL user {user} ({acl_name}) has channels or %R~/%W~ key patterns: it uses no "
+             "channel, and reads and trims the same keys (~ patterns)")
+    named = [r for r in rules if not is_glob(r["streams"].strip())]
+    needed = set(RETENTION_ALWAYS)
+    needed |= {"type"} if named else set()
+    needed |= {"scan"} if len(named) < len(rules) else set()
+    needed |= {"xrange"} if any("max_len" in r for r in rules) else set()
+    needed |= {"cluster|slots", "ping"} if cluster else set()
+    missing = needed - granted
+    if missing:
+        fail(f"{where}: trim sends {', '.join(sorted(m.upper() for m in missing))}, which ACL user {user} "
+             f"({acl_name}) does not grant: NOPERM, the run fails at the first stream and trims none after it")
+    extra = granted - needed - RETENTION_HARMLESS
+    if extra:
+        fail(f"{where}: ACL user {user} ({acl_name}) grants {', '.join(sorted(e.upper() for e in extra))}, "
+             "which trim does not send for these rules: least privilege")
+    for r in rules:
+        for perm in ("R", "W"):
+            if not rule_access(acl_rules[0], r["streams"], perm):
+                fail(f"{where}: rule {r['streams']!r}: ACL user {user} may not "
+                     f"{'read' if perm == 'R' else 'trim (a write)'} every key it names "
+                     f"({' '.join('~' + p for p in root_keys)}, {acl_name}): add `~{r['streams'].strip()}`")
+    wide = [p for p in root_keys if p not in {r["streams"].strip() for r in rules}]
+    if wide:
+        fail(f"{where}: ACL user {user} ({acl_name}) has key pattern ~{wide[0]}, which is no rule's "
+             "`streams`: least privilege, its patterns are the rules' keys and globs")
+    # An engineer's dry run, as `operator`: every read, no XTRIM.
+    operator = acl_users(acl).get(OPERATOR)
+    if operator:
+        lacking = sorted(m.upper() for m in needed - {"xtrim"} - RETENTION_HARMLESS - operator[0][1])
+        unreadable = [r["streams"] for r in rules if not rule_access(operator[0], r["streams"], "R")]
+        if lacking or unreadable:
+            fail(f"{where}: ACL user {OPERATOR} ({acl_name}) cannot run `fleetctl trim --dry-run` "
+                 "(deploy/README.md, \"Retention\"): "
+                 + "; ".join(x for x in (f"it may not run {', '.join(lacking)}" if lacking else None,
+                                         f"it may not read the keys of {', '.join(unreadable)}" if unreadable else None) if x))
+
+    def span(seconds):
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds % size == 0:
+                return f"{seconds // size} {unit}"
+        return f"{seconds} s"
+
+    def caps(i, r):
+        out = [f"max_age {span(r['max_age_s'])}" if "max_age_s" in r else None,
+               f"max_len {r['max_len']:,}".replace(",", " ") if "max_len" in r else None,
+               ("cut_unread" if r.get("cut_unread") else "never past a group's unsettled entries")
+               if any(covered.get(st) == i for st in streams) else None]
+        return ", ".join(x for x in out if x)
+
+    ok(f"{where}: {spec['schedule']} (every {interval // 60} min), Forbid, started within {start} s, "
+       f"ended within {active} s, backoffLimit {backoff} (exit 2 fails it at once), history "
+       f"{history[0]}/{history[1]}; the workers' image, non-root, read-only, memory bounds, no database; "
+       f"`fleetctl trim --config {path}` ({len(rules)} rules): "
+       + "; ".join(f"{r['streams']} ({caps(i, r)})" for i, r in enumerate(rules))
+       + f"; every stream the setup Job creates and its dead letters under a rule"
+       + (f", {len(histories)} history key{'s' if len(histories) > 1 else ''} too" if histories else "")
+       + f"; ACL user {user} ({acl_name}) granted exactly what trim sends ({len(needed)} commands) on "
+       f"the rules' keys only; {OPERATOR} may dry-run it")
+
+
 def check_globs(workers, source):
     """No worker's FLEET_STREAMS matches a stream another one writes (the projector's histories):
     it would read it as input. Dead letters (`<stream>:dlq`) are never read; the other keys beside
@@ -1138,6 +1467,7 @@ def main():
                 check_redis_exporter(d, objects, source, acl, cluster, creates)
         check_globs(workers, source)
         check_setup(objects, workers, creates, commands, acl, cluster, source)
+        check_retention(objects, source, acl, cluster, creates)
         check_rules(objects, rules_file, source)
 
 

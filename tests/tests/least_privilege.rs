@@ -1071,3 +1071,79 @@ async fn the_gateway_runs_under_its_shipped_acl_user_and_nothing_more() {
     notifier.stop_cleanly().await;
     projector.stop_cleanly().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_trim_runs_under_the_shipped_retention_user_with_the_shipped_rules() {
+    let prefix = unique("lpr");
+    let server = PrivateRedis::start_with(&["--aclfile".into(), acl_file(&prefix)]);
+    let mut admin = redis_at(&server.url()).await;
+    let tag = format!("{{{prefix}}}");
+    let (stream, dlq, history) = (
+        format!("{tag}:events"),
+        format!("{tag}:events:dlq"),
+        format!("{tag}:flow:f1:history"),
+    );
+    // The input with a group that settled part of it, dead letters, and a history whose first
+    // 100 entries are from 1970 (explicit ids) and the rest from now.
+    let mut pipe = redis::pipe();
+    for i in 0..300 {
+        pipe.cmd("XADD").arg(&stream).arg("*").arg("i").arg(i);
+        pipe.cmd("XADD").arg(&dlq).arg("*").arg("i").arg(i);
+    }
+    for i in 1..=100u64 {
+        pipe.cmd("XADD")
+            .arg(&history)
+            .arg(format!("{i}-0"))
+            .arg("i")
+            .arg(i);
+    }
+    for i in 0..50 {
+        pipe.cmd("XADD").arg(&history).arg("*").arg("i").arg(i);
+    }
+    let _: redis::Value = pipe.query_async(&mut admin).await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("persister")
+        .arg("0")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let shipped =
+        std::fs::read_to_string(repo_path("deploy/kustomize/base/retention/retention.toml"))
+            .unwrap();
+    let cfg = std::env::temp_dir().join(format!("{}.toml", unique("retention")));
+    std::fs::write(&cfg, shipped.replace("{app}", &tag)).unwrap();
+    let out = tokio::process::Command::new(bin("fleetctl"))
+        .env("FLEET_REDIS_URL", url_as(&server.url(), "retention"))
+        .env("FLEET_CONFIG", &cfg)
+        .args(["--output", "json", "--quiet", "trim"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let removed = |key: &str| {
+        doc["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stream"] == key)
+            .map(|s| s["removed"].clone())
+            .unwrap_or_else(|| panic!("{key} in {doc}"))
+    };
+    assert_eq!(removed(&history), 100, "the 1970 entries, by age: {doc}");
+    assert_eq!(
+        removed(&stream),
+        0,
+        "nothing is old, nothing settled: {doc}"
+    );
+    assert_eq!(removed(&dlq), 0);
+    let log: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "no command refused: {log:?}");
+}

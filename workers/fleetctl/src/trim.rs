@@ -215,17 +215,39 @@ pub async fn run(
         "KEPT FROM",
         "HELD BY",
     ]);
+    let mut failed = Vec::new();
     for (stream, rule) in matched(&mut conn, &config).await? {
-        let plan = plan(&mut conn, &stream, &rule, now_ms).await?;
-        let removed: u64 = match (plan.min_id, args.dry_run) {
-            (Some(id), false) => redis::cmd("XTRIM")
-                .arg(&stream)
-                .arg("MINID")
-                .arg(id.to_string())
-                .query_async(&mut conn)
-                .await
-                .with_context(|| format!("XTRIM {stream} MINID {id}"))?,
-            _ => 0,
+        // One stream's failure does not stop the others' trims; a stream that vanished since
+        // the scan (a history that expired) is no failure at all.
+        let trimmed = async {
+            let plan = plan(&mut conn, &stream, &rule, now_ms).await?;
+            let removed: u64 = match (plan.min_id, args.dry_run) {
+                (Some(id), false) => redis::cmd("XTRIM")
+                    .arg(&stream)
+                    .arg("MINID")
+                    .arg(id.to_string())
+                    .query_async(&mut conn)
+                    .await
+                    .with_context(|| format!("XTRIM {stream} MINID {id}"))?,
+                _ => 0,
+            };
+            anyhow::Ok((plan, removed))
+        }
+        .await;
+        let (plan, removed) = match trimmed {
+            Ok(done) => done,
+            Err(e) => {
+                let kind: String = redis::cmd("TYPE")
+                    .arg(&stream)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                if kind != "none" {
+                    eprintln!("{stream}: {e:#}");
+                    failed.push(stream);
+                }
+                continue;
+            }
         };
         let held = plan
             .held_by
@@ -253,8 +275,15 @@ pub async fn run(
             "held_by": plan.held_by.map(|(g, mark)| json!({"group": g, "unsettled_from": mark.to_string()})),
         }));
     }
-    let doc = json!({"dry_run": args.dry_run, "streams": rows});
+    let doc = json!({"dry_run": args.dry_run, "streams": rows, "failed": failed});
     print(output, &doc, &table, "no stream matches a retention rule");
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} stream(s) not trimmed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 
