@@ -51,7 +51,8 @@ impl Worker {
                 max_data_bytes: config.tuning.max_data_bytes,
             }
             .max_entry_bytes(),
-        )?;
+        )?
+        .following(redis.sentinel().cloned());
         let specs: Vec<StreamSpec> = args
             .streams
             .iter()

@@ -258,6 +258,14 @@ impl PrivateRedis {
         self.spawn();
     }
 
+    /// SIGKILL, and no restart.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// A crash: SIGKILL, then start again on the same data. With `appendfsync always` every
     /// reply was preceded by its write to the AOF; a transaction cut short at its end is dropped
     /// when the AOF loads.
@@ -278,6 +286,182 @@ impl Drop for PrivateRedis {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A Sentinel-managed Redis of one test's own: a master, one replica (`--replicaof`) and three
+/// sentinels (quorum 2, a master down after 1 s), all on free loopback ports. `start` returns once
+/// the replica is in sync and every sentinel knows the replica and the two other sentinels, so
+/// that a failover can happen.
+pub struct PrivateSentinels {
+    /// The master's name the sentinels monitor.
+    pub name: String,
+    pub master: PrivateRedis,
+    pub replica: PrivateRedis,
+    sentinels: Vec<(u16, Child)>,
+    dir: PathBuf,
+}
+
+impl PrivateSentinels {
+    pub fn start() -> Self {
+        let master = PrivateRedis::start();
+        let replica = PrivateRedis::start_with(&[
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port.to_string(),
+        ]);
+        wait_for("the replica's link to its master", || {
+            info_field(replica.cli(), "replication", "master_link_status").as_deref() == Some("up")
+        });
+        let name = "fleet".to_owned();
+        let dir = scratch("sentinels-");
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = dir.join(format!("sentinel-{i}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}
+bind 127.0.0.1
+dir {}
+sentinel resolve-hostnames no
+                         sentinel monitor {name} 127.0.0.1 {} 2
+                         sentinel down-after-milliseconds {name} 1000
+                         sentinel failover-timeout {name} 5000
+",
+                        dir.display(),
+                        master.port
+                    ),
+                )
+                .unwrap();
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server --sentinel");
+                (port, child)
+            })
+            .collect();
+        let s = PrivateSentinels {
+            name,
+            master,
+            replica,
+            sentinels,
+            dir,
+        };
+        for (port, _) in &s.sentinels {
+            wait_for(
+                &format!("the sentinel on {port} knowing the others"),
+                || {
+                    let fields = s.sentinel_master(*port);
+                    let count = |k: &str| {
+                        fields
+                            .get(k)
+                            .and_then(|v| v.parse::<u32>().ok())
+                            .unwrap_or(0)
+                    };
+                    count("num-other-sentinels") == 2 && count("num-slaves") == 1
+                },
+            );
+        }
+        s
+    }
+
+    /// `redis+sentinel://` with every sentinel and the master's name.
+    pub fn url(&self) -> String {
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+sentinel://{}/{}", sentinels.join(","), self.name)
+    }
+
+    /// What the sentinel on `port` says of the master (`SENTINEL MASTER`).
+    fn sentinel_master(&self, port: u16) -> std::collections::HashMap<String, String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["sentinel", "master", &self.name])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .chunks(2)
+            .filter_map(|kv| Some((kv.first()?.to_string(), kv.get(1)?.to_string())))
+            .collect()
+    }
+
+    /// Kills the master (SIGKILL): the sentinels see it down after a second and promote the
+    /// replica.
+    pub fn kill_master(&mut self) {
+        self.master.kill();
+    }
+
+    /// A failover on demand (`SENTINEL FAILOVER`): the replica is promoted and the master, alive,
+    /// is demoted to its replica.
+    pub fn failover(&self) {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.sentinels[0].0.to_string()])
+            .args(["sentinel", "failover", &self.name])
+            .output()
+            .unwrap();
+        assert!(
+            out.stdout.starts_with(b"OK"),
+            "SENTINEL FAILOVER: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// Waits (at most 60 s) until a majority of the sentinels name the replica as the master and
+    /// it says it is one.
+    pub fn wait_failover(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let naming = self
+                .sentinels
+                .iter()
+                .filter(|(port, _)| {
+                    self.sentinel_master(*port).get("port").map(String::as_str)
+                        == Some(&self.replica.port.to_string())
+                })
+                .count();
+            let role = info_field(self.replica.cli(), "replication", "role");
+            if naming >= 2 && role.as_deref() == Some("master") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover within 60 s: {naming} sentinels name the replica, it says {role:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for PrivateSentinels {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A field of `INFO <section>`, through `cli` (a redis-cli reaching the server).
+fn info_field(mut cli: Command, section: &str, field: &str) -> Option<String> {
+    let out = cli.args(["info", section]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix(field)?
+                .strip_prefix(':')
+                .map(str::to_owned)
+        })
 }
 
 /// A PostgreSQL cluster of one test's own (fsync and synchronous_commit on, the defaults).

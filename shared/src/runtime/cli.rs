@@ -26,7 +26,8 @@ pub enum LogFormat {
 pub struct RedisArgs {
     /// Redis URL: redis:// or rediss:// (TLS), with optional ACL user and password
     /// (rediss://user:password@host:port/db); for a Redis Cluster, any node's URL, or several
-    /// comma-separated (any one alive is enough to start).
+    /// comma-separated (any one alive is enough to start); for Redis Sentinel,
+    /// redis+sentinel://[user:password@]host:26379,host:26379/<master-name>[/<db>].
     #[arg(
         long,
         env = "FLEET_REDIS_URL",

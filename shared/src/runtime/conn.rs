@@ -1,5 +1,5 @@
-//! A connection to the fleet's Redis, one server or a cluster, behind one type: every command
-//! goes to the node that serves its key.
+//! A connection to the fleet's Redis, one server, a Sentinel-managed master or a cluster, behind
+//! one type: every command goes to the node that serves its key.
 //!
 //! On a Redis Cluster, redis-rs routes a command by its key and follows `MOVED`/`ASK`, but sends
 //! a whole pipeline to the node of its first key and lets Redis refuse the rest (`CROSSSLOT`,
@@ -19,11 +19,15 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
-/// The fleet's Redis: one server, or a cluster.
+use crate::runtime::sentinel::SentinelConn;
+
+/// The fleet's Redis: one server, a master that sentinels name, or a cluster.
 #[derive(Clone)]
 pub enum Conn {
     /// One server (reconnects by itself).
     Server(ConnectionManager),
+    /// The master of a Sentinel-managed Redis (follows failovers by itself).
+    Sentinel(SentinelConn),
     /// A Redis Cluster (follows slot moves and failovers by itself).
     Cluster(ClusterConnection),
 }
@@ -68,6 +72,7 @@ impl Conn {
     ) -> RedisResult<T> {
         match self {
             Conn::Server(conn) => cmd.query_async(conn).await,
+            Conn::Sentinel(conn) => cmd.query_async(conn).await,
             Conn::Cluster(conn) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.to_owned(),
@@ -166,6 +171,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Server(conn) => conn.req_packed_command(cmd),
+            Conn::Sentinel(conn) => conn.req_packed_command(cmd),
             Conn::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -178,6 +184,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(conn) => conn.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(conn) => {
                 if pipeline.is_transaction() {
                     // MULTI ... EXEC: one slot by construction (Redis refuses it otherwise).
@@ -191,6 +198,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Server(conn) => conn.get_db(),
+            Conn::Sentinel(conn) => conn.get_db(),
             Conn::Cluster(_) => 0,
         }
     }

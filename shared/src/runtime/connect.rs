@@ -1,6 +1,7 @@
 //! Connections to Redis: URL checks that fail at startup (not at first use), TLS set-up, and
 //! connections that reconnect by themselves after an outage, to one server or a cluster (found
-//! out when connecting: `FLEET_REDIS_URL` names any node, or several comma-separated seeds).
+//! out when connecting: `FLEET_REDIS_URL` names any node, or several comma-separated seeds), or
+//! a Sentinel-managed master (`redis+sentinel://`, see `sentinel`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::runtime::cli::RedisArgs;
 use crate::runtime::config::ConfigError;
 use crate::runtime::conn::Conn;
+use crate::runtime::sentinel::{is_sentinel_url, Sentinel};
 
 /// Installs the process-wide TLS crypto provider (once; later calls are no-ops).
 pub fn init_tls() {
@@ -24,22 +26,28 @@ pub fn redis_client(args: &RedisArgs) -> Result<redis::Client, ConfigError> {
 
 /// Where the fleet's Redis is: one server or a cluster, from `FLEET_REDIS_URL` (one URL, or
 /// several comma-separated seeds of a cluster: any one alive is enough) and the TLS files. Which
-/// of the two it is, `connect` finds out.
+/// of the two it is, `connect` finds out. Or a master that sentinels name (`redis+sentinel://`).
 #[derive(Clone)]
 pub struct RedisTarget {
     seeds: Vec<redis::Client>,
     urls: Vec<String>,
     certs: Option<redis::TlsCertificates>,
+    sentinel: Option<Arc<Sentinel>>,
 }
 
 /// A client per seed URL, each checked; every problem names its setting.
 pub fn redis_target(args: &RedisArgs) -> Result<RedisTarget, ConfigError> {
-    let urls: Vec<String> = args
-        .redis_url
-        .split(',')
-        .map(|u| u.trim().to_owned())
-        .filter(|u| !u.is_empty())
-        .collect();
+    let sentinel = is_sentinel_url(args.redis_url.trim());
+    // A sentinel URL lists its sentinels with commas: it is one URL.
+    let urls: Vec<String> = if sentinel {
+        vec![args.redis_url.trim().to_owned()]
+    } else {
+        args.redis_url
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect()
+    };
     if urls.is_empty() {
         return Err(ConfigError("FLEET_REDIS_URL: no URL given".into()));
     }
@@ -51,9 +59,9 @@ pub fn redis_target(args: &RedisArgs) -> Result<RedisTarget, ConfigError> {
     let certs = if named.iter().all(|f| f.is_none()) {
         None
     } else {
-        if !urls.iter().all(|u| u.starts_with("rediss://")) {
+        if !urls.iter().all(|u| is_tls_url(u)) {
             return Err(ConfigError(
-                "FLEET_REDIS_CA_FILE / FLEET_REDIS_CLIENT_CERT need a rediss:// FLEET_REDIS_URL"
+                "FLEET_REDIS_CA_FILE / FLEET_REDIS_CLIENT_CERT need a rediss:// (or rediss+sentinel://) FLEET_REDIS_URL"
                     .into(),
             ));
         }
@@ -69,12 +77,21 @@ pub fn redis_target(args: &RedisArgs) -> Result<RedisTarget, ConfigError> {
             root_cert: files.root_cert,
         })
     };
+    if sentinel {
+        let sentinel = Sentinel::parse(&urls[0], certs.as_ref())?;
+        return Ok(RedisTarget {
+            seeds: vec![sentinel.template().clone()],
+            urls,
+            certs,
+            sentinel: Some(Arc::new(sentinel)),
+        });
+    }
     let mut seeds = Vec::with_capacity(urls.len());
     for url in &urls {
         let tls = url.starts_with("rediss://");
         if !(tls || url.starts_with("redis://")) {
             return Err(ConfigError(format!(
-                "FLEET_REDIS_URL: {} is not a redis:// or rediss:// URL",
+                "FLEET_REDIS_URL: {} is not a redis://, rediss:// or redis+sentinel:// URL",
                 redact(url)
             )));
         }
@@ -88,26 +105,47 @@ pub fn redis_target(args: &RedisArgs) -> Result<RedisTarget, ConfigError> {
         };
         seeds.push(client);
     }
-    Ok(RedisTarget { seeds, urls, certs })
+    Ok(RedisTarget {
+        seeds,
+        urls,
+        certs,
+        sentinel: None,
+    })
+}
+
+/// Whether the URL asks for TLS (to the server, or to the sentinels and the master).
+fn is_tls_url(url: &str) -> bool {
+    url.starts_with("rediss://") || url.starts_with("rediss+sentinel://")
 }
 
 impl RedisTarget {
     /// A client per URL of `FLEET_REDIS_URL`, in order (a Pub/Sub subscriber tries the next
-    /// when one fails).
+    /// when one fails). With Sentinel, one client at a sentinel's address: not a server to
+    /// subscribe on (see `sentinel`).
     pub fn seeds(&self) -> &[redis::Client] {
         &self.seeds
     }
 
-    /// The first seed's client: its address, credentials and database are every node's.
+    /// The first seed's client: its address, credentials and database are every node's. With
+    /// Sentinel, the master's credentials and database at a sentinel's address.
     pub fn first(&self) -> &redis::Client {
         &self.seeds[0]
     }
 
+    /// The sentinels that name the master, if `FLEET_REDIS_URL` is a `redis+sentinel://` URL.
+    pub fn sentinel(&self) -> Option<&Arc<Sentinel>> {
+        self.sentinel.as_ref()
+    }
+
     /// Connects to the first seed that answers and asks it whether it is a cluster node
     /// (`INFO cluster`): a cluster gets a cluster connection over every seed, one server a
-    /// connection that reconnects by itself. `response_timeout` must exceed any BLOCK it is used
-    /// for.
+    /// connection that reconnects by itself. With Sentinel, a connection to the master the
+    /// sentinels name, which follows failovers. `response_timeout` must exceed any BLOCK it is
+    /// used for.
     pub async fn connect(&self, response_timeout: Duration) -> redis::RedisResult<Conn> {
+        if let Some(sentinel) = &self.sentinel {
+            return sentinel.connect(response_timeout).await.map(Conn::Sentinel);
+        }
         let mut last = None;
         for seed in &self.seeds {
             match cluster_enabled(seed).await {
@@ -145,12 +183,21 @@ impl RedisTarget {
     }
 }
 
-/// Whether the server `client` names is a cluster node: `HELLO` says its `mode` (`cluster`), and
-/// every worker's ACL user may run it (`INFO` needs a grant of its own).
+/// Whether the server `client` names is a cluster node: `HELLO` says its `mode` (`cluster`).
 async fn cluster_enabled(client: &redis::Client) -> redis::RedisResult<bool> {
+    let fields = hello(client, Duration::from_secs(5)).await?;
+    Ok(fields.get("mode").map(String::as_str) == Some("cluster"))
+}
+
+/// What a server says of itself in `HELLO` (`mode`, `role`, `version`...), its text fields; every
+/// worker's ACL user may run it (`INFO` and `ROLE` need grants of their own).
+pub(crate) async fn hello(
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<std::collections::HashMap<String, String>> {
     let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
@@ -163,10 +210,15 @@ async fn cluster_enabled(client: &redis::Client) -> redis::RedisResult<bool> {
         }
         _ => Vec::new(),
     };
-    Ok(pairs.iter().any(|(k, v)| {
-        matches!((k, v), (redis::Value::BulkString(k), redis::Value::BulkString(v)) if k == b"mode" && v == b"cluster")
-            || matches!((k, v), (redis::Value::SimpleString(k), redis::Value::SimpleString(v)) if k == "mode" && v == "cluster")
-    }))
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    Ok(pairs
+        .iter()
+        .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+        .collect())
 }
 
 /// The TLS settings of the reader's own connection (`read_conn`) for a `rediss://` URL, from the
@@ -176,7 +228,7 @@ pub fn read_tls(args: &RedisArgs) -> Result<Option<Arc<rustls::ClientConfig>>, C
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-    if !args.redis_url.starts_with("rediss://") {
+    if !is_tls_url(args.redis_url.trim()) {
         return Ok(None);
     }
     init_tls();

@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod process;
 pub mod requirements;
 pub mod scripts;
+pub mod sentinel;
 pub mod shutdown;

@@ -75,6 +75,7 @@ impl SourceError {
                     | ReadError::Io(_)
                     | ReadError::Timeout(_)
                     | ReadError::Closed
+                    | ReadError::Sentinel(_)
             )
         ) || matches!(self, SourceError::Redis(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
     }

@@ -8,6 +8,9 @@
 //! query reconnects (the pipeline backs off between attempts). It speaks RESP2, authenticates
 //! and selects the database as the URL says, over TLS for `rediss://`, and names itself
 //! (`CLIENT SETNAME`) so that `CLIENT LIST` shows which worker, group and consumer it reads for.
+//! With Sentinel (`redis+sentinel://`), each connect asks the sentinels where the master is
+//! first; a `READONLY` reply (a demoted master) or the sentinels' announcement of a promotion
+//! drops the connection so that the next query finds the new one.
 //!
 //! Replies are parsed as they arrive (`reply`): a value longer than any acceptable entry is cut
 //! to its first bytes while it streams in, so an oversized entry never sits whole in memory.
@@ -22,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use crate::runtime::config::ConfigError;
+use crate::runtime::sentinel::{ResolveError, Sentinel};
 use crate::source::reply::{Elided, Frame, ReplyParser};
 
 /// Room made in the buffer before each socket read: Redis writes a large reply 64 KiB at a time.
@@ -53,6 +57,9 @@ pub enum ReadError {
     /// An error reply (`-NOGROUP ...`, `-WRONGPASS ...`).
     #[error("Redis: {0}")]
     Server(String),
+    /// The sentinels named no master that answers as one (mid-failover).
+    #[error("Redis Sentinel: {0}")]
+    Sentinel(#[from] ResolveError),
 }
 
 impl ReadError {
@@ -90,6 +97,10 @@ pub struct ReadConn {
     spare: std::collections::VecDeque<BytesMut>,
     /// The size of the last reply, so a buffer holds the next one without growing.
     last_reply: usize,
+    /// Where the master is, asked at each connect (`host` and `port` are then the last master).
+    sentinel: Option<Arc<Sentinel>>,
+    /// The sentinels' announcements of promotions counted at the last connect.
+    switches: u64,
 }
 
 /// The replies of a pipeline: frames are spans of `buf`.
@@ -151,7 +162,15 @@ impl ReadConn {
             buf: BytesMut::new(),
             spare: Default::default(),
             last_reply: 0,
+            sentinel: None,
+            switches: 0,
         })
+    }
+
+    /// Connects to the master `sentinel` names at each connect, instead of the client's address.
+    pub fn following(mut self, sentinel: Option<Arc<Sentinel>>) -> Self {
+        self.sentinel = sentinel;
+        self
     }
 
     /// A connection like this one (credentials, TLS, name, limits), to another node of a cluster.
@@ -170,6 +189,8 @@ impl ReadConn {
             buf: BytesMut::new(),
             spare: Default::default(),
             last_reply: 0,
+            sentinel: None,
+            switches: 0,
         }
     }
 
@@ -197,16 +218,36 @@ impl ReadConn {
     /// Sends `cmds` in one round trip and returns their replies (errors included, as frames); any
     /// failure other than an error reply drops the connection.
     pub async fn pipeline(&mut self, cmds: &[redis::Cmd]) -> Result<Replies, ReadError> {
+        if let Some(sentinel) = &self.sentinel {
+            if sentinel.switches() != self.switches {
+                // A promotion announced: this master is no longer the master.
+                self.socket = None;
+            }
+        }
         let result = self.round_trip(cmds).await;
-        if result.is_err() {
-            self.socket = None;
-            self.buf.clear();
+        let demoted = |r: &Replies| {
+            r.frames
+                .iter()
+                .any(|f| matches!(f, Frame::Error(e) if r.buf[e.clone()].starts_with(b"READONLY")))
+        };
+        match &result {
+            Err(_) => {
+                self.socket = None;
+                self.buf.clear();
+            }
+            // The master was demoted: the next query connects to the one the sentinels name.
+            Ok(replies) if self.sentinel.is_some() && demoted(replies) => self.socket = None,
+            Ok(_) => {}
         }
         result
     }
 
     async fn round_trip(&mut self, cmds: &[redis::Cmd]) -> Result<Replies, ReadError> {
         if self.socket.is_none() {
+            if let Some(sentinel) = &self.sentinel {
+                self.switches = sentinel.switches();
+                (self.host, self.port) = sentinel.master().await?;
+            }
             let socket = self.connect().await?;
             self.socket = Some(socket);
             let mut hello = Vec::new();

@@ -69,6 +69,13 @@ fn configure(cli: Cli) -> Result<serve::Gateway, streamfleet::runtime::config::C
         &cli.gateway.anonymous_topics,
     )?;
     let target = rt.redis.target()?;
+    if target.sentinel().is_some() {
+        // Its subscribers would connect to a sentinel (which accepts SUBSCRIBE and never
+        // publishes the fleet's messages): refused rather than silent.
+        return Err(streamfleet::runtime::config::ConfigError(
+            "FLEET_REDIS_URL: the gateway does not follow a Sentinel-managed Redis (redis+sentinel://) yet; give it the master's redis:// URL".into(),
+        ));
+    }
     Ok(serve::Gateway {
         runtime: cli.runtime,
         args: cli.gateway,
