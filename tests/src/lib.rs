@@ -4,6 +4,7 @@
 
 pub mod corpus;
 pub mod fleetctl;
+pub mod gateway;
 pub mod outcome;
 pub mod projector;
 pub mod scenario;

@@ -15,18 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fantoccini::wd::Capabilities;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
+use streamfleet_tests::gateway::{history_holds, token, Fleet};
+use streamfleet_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use uuid::Uuid;
 
-use streamfleet_tests::scenario::config;
-use streamfleet_tests::*;
-
-const SECRET: &str = "a test secret of at least 32 bytes!";
 /// Generous: a 2-core CI machine starting Chromium beside the fleet.
 const WAIT: Duration = Duration::from_secs(30);
 /// The flows the page follows, one `EventSource` each; their events are published interleaved.
@@ -40,19 +36,20 @@ async fn a_browser_resumes_on_another_instance_after_a_kill_with_every_event_onc
     // The fleet: a projector (the history a resume reads) and a notifier (live events); the
     // browser (the slow part to start), then two gateways on the same configuration, accepting
     // the page's origin.
-    let fleet = Fleet::new();
+    let fleet = Fleet::new("gwb");
     let mut projector = fleet.worker("p1").start("projector").await;
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let browser = Browser::start(&chromium, &chromedriver).await;
     let site = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin = format!("http://{}", site.local_addr().unwrap());
-    let mut a = fleet.gateway("gw-a", &origin).start("gateway").await;
-    let mut b = fleet.gateway("gw-b", &origin).start("gateway").await;
+    let mut a = gateway(&fleet, "gw-a", &origin).start("gateway").await;
+    let mut b = gateway(&fleet, "gw-b", &origin).start("gateway").await;
 
     // The Service in front of them (another origin than the page's), and the page.
     let proxy = Proxy::start(&a.http).await;
     let topics: Vec<String> = FLOWS.iter().map(|&n| fleet.flow(n)).collect();
-    let token = token(&topics);
+    let granted: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let token = token(&granted, 300);
     let page = page(&format!("http://{}", proxy.addr), &topics, &token);
     let _site = tokio::spawn(serve_page(site, page));
     browser.client.goto(&format!("{origin}/")).await.unwrap();
@@ -67,7 +64,7 @@ async fn a_browser_resumes_on_another_instance_after_a_kill_with_every_event_onc
     assert_eq!(state["received"], json!([]), "nothing before any publish");
 
     // Live, through A.
-    fleet.publish(&fleet.events(0..10)).await;
+    fleet.publish(&events(&fleet, 0..10)).await;
     let before_kill = browser
         .until("the first 10 events of each flow", &[&a], |s| rows(s) >= 20)
         .await;
@@ -93,10 +90,10 @@ async fn a_browser_resumes_on_another_instance_after_a_kill_with_every_event_onc
                 .all(|t| errors(s, t) > errors(&before_kill, t))
         })
         .await;
-    fleet.publish(&fleet.events(10..40)).await;
+    fleet.publish(&events(&fleet, 10..40)).await;
     let conn = redis().await;
     for n in FLOWS {
-        history_holds(&conn, &fleet.history_key(n), 40).await;
+        history_holds(&conn, &fleet.history_key(n), 40, WAIT).await;
     }
     // The browser is reconnecting by itself: both streams' requests are waiting in the Service.
     wait_until(WAIT, "both EventSources reconnecting", || {
@@ -121,7 +118,7 @@ async fn a_browser_resumes_on_another_instance_after_a_kill_with_every_event_onc
         })
         .await;
     // And then live, through B.
-    fleet.publish(&fleet.events(40..50)).await;
+    fleet.publish(&events(&fleet, 40..50)).await;
     let state = browser
         .until("all 50 events of each flow", &[&b], |s| rows(s) >= 100)
         .await;
@@ -206,113 +203,19 @@ fn installed(name: &str) -> PathBuf {
     })
 }
 
-/// A fleet for the test: its stream, its flows' channels (`<tag>.f<n>.progress`), the file.
-struct Fleet {
-    stream: String,
-    tag: String,
-    config: String,
+/// Events `range` of every flow, interleaved (`data.i` numbers them within a flow).
+fn events(fleet: &Fleet, range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .flat_map(|i| FLOWS.map(|n| fleet.event(n, i)))
+        .collect()
 }
 
-impl Fleet {
-    fn new() -> Fleet {
-        let tag: String = unique("b")
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .collect::<String>()
-            .to_ascii_lowercase();
-        let keys = format!("gwb:{tag}");
-        let config = config(&format!(
-            r#"
-[[route]]
-pattern = "{tag}.*.progress"
-actions = [{{ latest = "{keys}:{{channel[1]}}" }}, {{ history = "{keys}:{{channel[1]}}:events", maxlen = 5000 }}]
-gateway = {{ history = "{keys}:{{channel[1]}}:events", latest = "{keys}:{{channel[1]}}" }}
-"#
-        ));
-        Fleet {
-            stream: format!("gwb:{tag}:events"),
-            tag,
-            config,
-        }
-    }
-
-    fn flow(&self, n: usize) -> String {
-        format!("{}.f{n}.progress", self.tag)
-    }
-
-    fn history_key(&self, n: usize) -> String {
-        format!("gwb:{}:f{n}:events", self.tag)
-    }
-
-    fn worker(&self, name: &str) -> WorkerEnv {
-        WorkerEnv::new(&self.stream, "")
-            .unset("FLEET_DATABASE_URL")
-            .set("FLEET_CONFIG", &self.config)
-            .set("FLEET_CONSUMER", name)
-    }
-
-    fn gateway(&self, instance: &str, origin: &str) -> WorkerEnv {
-        WorkerEnv::new("", "")
-            .unset("FLEET_STREAMS")
-            .unset("FLEET_DATABASE_URL")
-            .unset("FLEET_CONSUMER")
-            .set("FLEET_CONFIG", &self.config)
-            .set("FLEET_GATEWAY_JWT_SECRET", SECRET)
-            .set("FLEET_GATEWAY_CORS_ORIGINS", origin)
-            .set("FLEET_GATEWAY_INSTANCE", instance)
-            .set(
-                "FLEET_GATEWAY_REGISTRY_KEY",
-                &format!("gwb:{}:gateways", self.tag),
-            )
-    }
-
-    /// Events `range` of every flow, interleaved (`data.i` numbers them within a flow).
-    fn events(&self, range: std::ops::Range<usize>) -> Vec<String> {
-        range
-            .flat_map(|i| FLOWS.map(|n| (n, i)))
-            .map(|(n, i)| {
-                json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "flow.progress",
-                    "channel": self.flow(n), "source": "tests",
-                    "time": "2026-12-07T12:00:00Z", "data": {"i": i}})
-                .to_string()
-            })
-            .collect()
-    }
-
-    async fn publish(&self, lines: &[String]) {
-        publish_lines(&self.stream, lines).await;
-    }
-}
-
-/// An HS256 token granting `topics` for five minutes.
-fn token(topics: &[String]) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 300;
-    encode(
-        &Header::default(),
-        &json!({"sub": "browser", "exp": exp, "topics": topics}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// Waits until the projector's `history` stream holds `n` entries.
-async fn history_holds(conn: &redis::aio::MultiplexedConnection, history: &str, n: u64) {
-    wait_until(WAIT, &format!("{history} holds {n} entries"), || {
-        let mut conn = conn.clone();
-        async move {
-            redis::cmd("XLEN")
-                .arg(history)
-                .query_async::<u64>(&mut conn)
-                .await
-                .unwrap_or(0)
-                == n
-        }
-    })
-    .await;
+/// A gateway of the fleet, named `instance`, serving pages of `origin`.
+fn gateway(fleet: &Fleet, instance: &str, origin: &str) -> WorkerEnv {
+    fleet
+        .gateway()
+        .set("FLEET_GATEWAY_CORS_ORIGINS", origin)
+        .set("FLEET_GATEWAY_INSTANCE", instance)
 }
 
 /// The page: one `EventSource` per topic on the gateway's URL (another origin), each message

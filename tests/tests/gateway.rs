@@ -9,95 +9,15 @@ use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::json;
 use uuid::Uuid;
 
+use streamfleet_tests::gateway::{history_holds, token, Fleet};
 use streamfleet_tests::scenario::config;
 use streamfleet_tests::sse::{self, Client, Message};
 use streamfleet_tests::*;
 
-const SECRET: &str = "a test secret of at least 32 bytes!";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A fleet for one test: its stream, its flow channels' prefix, its keys' prefix, the file.
-struct Fleet {
-    stream: String,
-    /// The first segment of the test's channels (`<tag>.f<n>.progress`), so that parallel tests'
-    /// wildcard topics stay apart.
-    tag: String,
-    config: String,
-}
-
-impl Fleet {
-    fn new() -> Fleet {
-        let tag: String = unique("g")
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric())
-            .collect::<String>()
-            .to_ascii_lowercase();
-        let keys = format!("gwt:{tag}");
-        let config = config(&format!(
-            r#"
-[[route]]
-pattern = "{tag}.*.progress"
-actions = [{{ latest = "{keys}:{{channel[1]}}" }}, {{ history = "{keys}:{{channel[1]}}:events", maxlen = 5000 }}]
-gateway = {{ history = "{keys}:{{channel[1]}}:events", latest = "{keys}:{{channel[1]}}" }}
-"#
-        ));
-        Fleet {
-            stream: format!("gwt:{tag}:events"),
-            tag,
-            config,
-        }
-    }
-
-    fn flow(&self, n: usize) -> String {
-        format!("{}.f{n}.progress", self.tag)
-    }
-
-    /// Every flow of the test.
-    fn any(&self) -> String {
-        format!("{}.*.progress", self.tag)
-    }
-
-    fn history_key(&self, n: usize) -> String {
-        format!("gwt:{}:f{n}:events", self.tag)
-    }
-
-    fn worker(&self, name: &str) -> WorkerEnv {
-        WorkerEnv::new(&self.stream, "")
-            .unset("FLEET_DATABASE_URL")
-            .set("FLEET_CONFIG", &self.config)
-            .set("FLEET_CONSUMER", name)
-    }
-
-    /// A gateway with the fleet's file, tokens signed with `SECRET`.
-    fn gateway(&self) -> WorkerEnv {
-        WorkerEnv::new("", "")
-            .unset("FLEET_STREAMS")
-            .unset("FLEET_DATABASE_URL")
-            .unset("FLEET_CONSUMER")
-            .set("FLEET_CONFIG", &self.config)
-            .set("FLEET_GATEWAY_JWT_SECRET", SECRET)
-            .set(
-                "FLEET_GATEWAY_REGISTRY_KEY",
-                &format!("gwt:{}:gateways", self.tag),
-            )
-            .set("FLEET_GATEWAY_REGISTRY_INTERVAL_MS", "200")
-    }
-
-    /// Events `from..to` of flow `n`, `data.i` numbering them.
-    fn events(&self, n: usize, range: std::ops::Range<usize>) -> Vec<String> {
-        range
-            .map(|i| {
-                json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "flow.progress",
-                    "channel": self.flow(n), "source": "tests",
-                    "time": "2026-12-07T12:00:00Z", "data": {"i": i}})
-                .to_string()
-            })
-            .collect()
-    }
-
-    async fn publish(&self, lines: &[String]) {
-        publish_lines(&self.stream, lines).await;
-    }
+fn new_fleet() -> Fleet {
+    Fleet::new("gwt")
 }
 
 fn now() -> u64 {
@@ -105,16 +25,6 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// An HS256 token granting `topics`.
-fn token(topics: &[&str], exp_from_now: i64) -> String {
-    encode(
-        &Header::default(),
-        &json!({"sub": "tests", "exp": now() as i64 + exp_from_now, "topics": topics}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
 }
 
 /// Opens `/events` for `topics` on a gateway with a token granting them.
@@ -146,7 +56,7 @@ fn numbers(messages: &[Message]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_events_reach_browsers_through_the_notifier_with_one_subscription_per_pattern() {
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let mut gateway = fleet
         .gateway()
@@ -219,7 +129,7 @@ async fn live_events_reach_browsers_through_the_notifier_with_one_subscription_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_with_last_event_id_resumes_every_missed_event_once_on_another_instance() {
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut projector = fleet.worker("p1").start("projector").await;
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let mut first = fleet.gateway().start("gateway").await;
@@ -238,7 +148,7 @@ async fn a_reconnect_with_last_event_id_resumes_every_missed_event_once_on_anoth
     fleet.publish(&fleet.events(7, 20..1020)).await;
     let conn = redis().await;
     let history = fleet.history_key(7);
-    history_holds(&conn, &history, 1020).await;
+    history_holds(&conn, &history, 1020, WAIT).await;
 
     // The browser reconnects to the other instance with its Last-Event-ID.
     let mut again = open(&second, &[&topic], Some(&last)).await;
@@ -289,7 +199,7 @@ async fn a_reconnect_with_last_event_id_resumes_every_missed_event_once_on_anoth
 async fn a_resume_waits_for_a_history_behind_the_live_events_and_skips_nothing() {
     // The projector and the notifier read the stream apart: events the notifier published while
     // the browser was away may reach the projector's history only after the browser is back.
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut projector = fleet.worker("p1").start("projector").await;
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let mut gateway = fleet.gateway().start("gateway").await;
@@ -300,7 +210,7 @@ async fn a_resume_waits_for_a_history_behind_the_live_events_and_skips_nothing()
     let last = client.last_event_id().to_owned();
     drop(client);
     let conn = redis().await;
-    history_holds(&conn, &fleet.history_key(4), 10).await;
+    history_holds(&conn, &fleet.history_key(4), 10, WAIT).await;
 
     let notified = |n: usize| {
         let (conn, stream) = (conn.clone(), fleet.stream.clone());
@@ -333,7 +243,7 @@ async fn a_resume_waits_for_a_history_behind_the_live_events_and_skips_nothing()
     );
     let last = back.last_event_id().to_owned();
     drop(back);
-    history_holds(&conn, &fleet.history_key(4), 20).await;
+    history_holds(&conn, &fleet.history_key(4), 20, WAIT).await;
 
     // The history behind, and live events arriving meanwhile: each waits for the history.
     projector.signal("STOP").await;
@@ -360,7 +270,7 @@ async fn a_resume_waits_for_a_history_behind_the_live_events_and_skips_nothing()
 async fn an_idle_stream_outlives_the_subscriptions_health_checks() {
     // The Pub/Sub connection is checked with a PING every 5 s; subscribed, Redis answers it
     // with an array, which must not read as a lost connection (every stream would end).
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let mut gateway = fleet.gateway().start("gateway").await;
     let topic = fleet.flow(1);
@@ -380,7 +290,7 @@ async fn an_idle_stream_outlives_the_subscriptions_health_checks() {
 async fn an_instance_that_cannot_serve_yet_tells_the_browser_to_retry_not_to_give_up() {
     // An EventSource gives up for good on any status but 200: "later" is a 200 stream with
     // `retry:` that ends at once, so the browser reconnects.
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut gateway = fleet
         .gateway()
         .set("FLEET_REDIS_URL", &format!("redis://{}", free_addr()))
@@ -412,7 +322,7 @@ async fn an_instance_that_cannot_serve_yet_tells_the_browser_to_retry_not_to_giv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_the_history_no_longer_holds_is_a_reset_with_the_latest_state_never_a_gap() {
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut projector = fleet.worker("p1").start("projector").await;
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let mut gateway = fleet.gateway().start("gateway").await;
@@ -425,7 +335,7 @@ async fn an_id_the_history_no_longer_holds_is_a_reset_with_the_latest_state_neve
     fleet.publish(&fleet.events(3, 10..50)).await;
     let mut conn = redis().await;
     let history = fleet.history_key(3);
-    history_holds(&conn, &history, 50).await;
+    history_holds(&conn, &history, 50, WAIT).await;
 
     // The history is trimmed past the browser's id: a reset carrying the newest state.
     let _: u64 = redis::cmd("XTRIM")
@@ -452,7 +362,7 @@ async fn an_id_the_history_no_longer_holds_is_a_reset_with_the_latest_state_neve
     fleet.publish(&fleet.events(3, 50..52)).await;
     assert_eq!(numbers(&c.take(2, WAIT).await), [50, 51], "then live");
     drop(c);
-    history_holds(&conn, &history, 7).await;
+    history_holds(&conn, &history, 7, WAIT).await;
 
     // The history is lost and rebuilt with new ids (a replay): the old id is not there, a reset.
     let _: () = redis::cmd("DEL")
@@ -461,7 +371,7 @@ async fn an_id_the_history_no_longer_holds_is_a_reset_with_the_latest_state_neve
         .await
         .unwrap();
     fleet.publish(&fleet.events(3, 52..60)).await;
-    history_holds(&conn, &history, 8).await;
+    history_holds(&conn, &history, 8, WAIT).await;
     let mut c = open(&gateway, &[&topic], Some(&old)).await;
     let reset = c.next(WAIT).await.unwrap();
     assert_eq!(
@@ -489,7 +399,7 @@ async fn an_id_the_history_no_longer_holds_is_a_reset_with_the_latest_state_neve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_origins_and_topics_are_checked_before_anything_is_sent() {
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut gateway = fleet
         .gateway()
         .set("FLEET_GATEWAY_CORS_ORIGINS", "https://app.example")
@@ -582,7 +492,7 @@ async fn tokens_origins_and_topics_are_checked_before_anything_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_and_the_others_keep_up() {
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     let mut notifier = fleet.worker("n1").start("notifier").await;
     let mut gateway = fleet
         .gateway()
@@ -635,8 +545,8 @@ async fn a_client_that_stops_reading_is_dropped_and_the_others_keep_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_every_stream_cleanly_and_the_registry_forgets_the_instance() {
-    let fleet = Fleet::new();
-    let registry = format!("gwt:{}:gateways", fleet.tag);
+    let fleet = new_fleet();
+    let registry = fleet.registry();
     let mut a = fleet
         .gateway()
         .set("FLEET_GATEWAY_INSTANCE", "gw-a")
@@ -716,22 +626,6 @@ async fn sigterm_ends_every_stream_cleanly_and_the_registry_forgets_the_instance
     .await;
 }
 
-/// Waits until the projector's `history` stream holds `n` entries.
-async fn history_holds(conn: &redis::aio::MultiplexedConnection, history: &str, n: u64) {
-    wait_until(WAIT, &format!("{history} holds {n} entries"), || {
-        let mut conn = conn.clone();
-        async move {
-            redis::cmd("XLEN")
-                .arg(history)
-                .query_async::<u64>(&mut conn)
-                .await
-                .unwrap_or(0)
-                == n
-        }
-    })
-    .await;
-}
-
 /// `fleetctl status --gateway-registry <registry>` (plain text): success and output.
 async fn fleetctl_status(registry: &str) -> (bool, String) {
     let out = tokio::process::Command::new(bin("fleetctl"))
@@ -758,7 +652,7 @@ async fn fleetctl_status(registry: &str) -> (bool, String) {
 
 #[tokio::test]
 async fn bad_settings_exit_2_with_one_line_naming_them() {
-    let fleet = Fleet::new();
+    let fleet = new_fleet();
     for (key, value, expect) in [
         (
             "FLEET_GATEWAY_JWT_SECRET",

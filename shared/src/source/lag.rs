@@ -240,51 +240,28 @@ impl Watch {
         unknown: &[(Arc<str>, EntryId)],
         trimmed: &[(Arc<str>, EntryId, u64, u64)],
     ) {
-        let mut found: Vec<(Arc<str>, crate::stream::cut::Cut)> = Vec::new();
-        for chunk in unknown.chunks(SAMPLE_CHUNK) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for (stream, _) in chunk {
-                pipe.cmd("XINFO").arg("STREAM").arg(&**stream);
-            }
-            let Ok(replies) = pipe
-                .query_async::<Vec<redis::RedisResult<Value>>>(conn)
-                .await
-            else {
-                return;
-            };
-            for ((stream, last_delivered), reply) in chunk.iter().zip(replies) {
-                if let Some(cut) = reply
-                    .ok()
-                    .and_then(|r| crate::stream::cut::cut(*last_delivered, &r))
-                {
-                    found.push((stream.clone(), cut));
-                }
+        use crate::stream::cut;
+        let mut found: Vec<(Arc<str>, cut::Cut)> = Vec::new();
+        let names: Vec<&Arc<str>> = unknown.iter().map(|(s, _)| s).collect();
+        let Some(infos) = stream_infos(conn, &names).await else {
+            return;
+        };
+        for ((stream, last_delivered), info) in unknown.iter().zip(infos) {
+            if let Some(c) = info.and_then(|r| cut::cut(*last_delivered, &r)) {
+                found.push((stream.clone(), c));
             }
         }
-        for chunk in trimmed.chunks(SAMPLE_CHUNK) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for (stream, ..) in chunk {
-                // For the first entry's id (its fields come along; only where a cut is seen).
-                pipe.cmd("XINFO").arg("STREAM").arg(&**stream);
-            }
-            let Ok(replies) = pipe
-                .query_async::<Vec<redis::RedisResult<Value>>>(conn)
-                .await
-            else {
-                return;
-            };
-            for ((stream, last_delivered, lag, length), reply) in chunk.iter().zip(replies) {
-                let first = reply
-                    .ok()
-                    .and_then(|r| crate::stream::cut::deleted_and_first(&r))
-                    .and_then(|(_, first)| first);
-                if let Some(cut) =
-                    crate::stream::cut::trimmed(*last_delivered, *lag, *length, first)
-                {
-                    found.push((stream.clone(), cut));
-                }
+        // The first entry's id, where a trim is seen (its fields come along).
+        let names: Vec<&Arc<str>> = trimmed.iter().map(|(s, ..)| s).collect();
+        let Some(infos) = stream_infos(conn, &names).await else {
+            return;
+        };
+        for ((stream, last_delivered, lag, length), info) in trimmed.iter().zip(infos) {
+            let first = info
+                .and_then(|r| cut::deleted_and_first(&r))
+                .and_then(|(_, first)| first);
+            if let Some(c) = cut::trimmed(*last_delivered, *lag, *length, first) {
+                found.push((stream.clone(), c));
             }
         }
         let mut open = Vec::new();
@@ -322,6 +299,25 @@ impl Watch {
             );
         }
     }
+}
+
+/// `XINFO STREAM` of each stream (`None` where it failed), a round trip per chunk; `None` if
+/// Redis did not answer.
+async fn stream_infos(conn: &mut Conn, streams: &[&Arc<str>]) -> Option<Vec<Option<Value>>> {
+    let mut out = Vec::with_capacity(streams.len());
+    for chunk in streams.chunks(SAMPLE_CHUNK) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for stream in chunk {
+            pipe.cmd("XINFO").arg("STREAM").arg(&***stream);
+        }
+        let replies = pipe
+            .query_async::<Vec<redis::RedisResult<Value>>>(conn)
+            .await
+            .ok()?;
+        out.extend(replies.into_iter().map(Result::ok));
+    }
+    Some(out)
 }
 
 /// Samples every `interval` until the task is dropped.
