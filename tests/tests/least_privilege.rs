@@ -411,6 +411,14 @@ actions = [
         vec!["EXPIRE", &history, "60"],
         vec!["HGET", &checkpoints, PROJECTOR_GROUP],
         vec!["HSET", &checkpoints, PROJECTOR_GROUP, "1-0"],
+        // latest's TTLs, projections and groups.
+        vec!["HDEL", &state, "status"],
+        vec!["PERSIST", &state],
+        vec!["TIME"],
+        vec!["ZADD", &cache, "inf", &state],
+        vec!["ZRANGE", &cache, "-1", "-1", "WITHSCORES"],
+        vec!["ZREMRANGEBYSCORE", &cache, "-inf", "(1"],
+        vec!["PEXPIREAT", &cache, "1"],
         // The pipeline's scripts and calls, as for the persister.
         vec!["XPENDING", &stream, PROJECTOR_GROUP],
         vec!["XREVRANGE", &stream, "+", "-", "COUNT", "1"],

@@ -10,13 +10,22 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] checkpoint ('' for none), ARGV[4] dedup TTL (s),
 -- ARGV[5] the number M of entries with no effect, ARGV[6..5+M] their ids; then the number of
 -- shapes and each shape: its op letters (one per op, in order), then one constant per op:
---   L   latest: {event, stream, entry_id, version}, if above the stored version (constant 0)
+--   L   latest (constant: its layout, below), if above the stored version
 --   I   invalidate: delete the key (constant 0)
+--   G   invalidate_groups: delete every key of the group (a sorted set), and the group (constant 0)
 --   C   count: +1 (constant: the TTL set when the counter is created)
 --   H   history: XADD MAXLEN ~ <constant> {event, stream, entry_id}
+-- A latest's layout: its flags, `f` (a member: one field of the hash per member), `t` (a TTL),
+-- `g` (a group), `p` (a projection into the hash: its field names follow, one per line); '' is
+-- the whole event into the hash: {event, stream, entry_id, version}. Its arguments: the key, the
+-- version, then for `f` the member and its value (a JSON object that starts with its version:
+-- `{"version":"…"` or `{"_version":"…"`), for `p` one value per field ('=' and the value, or ''
+-- for a field the event lacks, removed), then for `t` the TTL ('' for none: PERSIST), then for `g`
+-- the group (a KEYS index). A group is a sorted set of keys scored by when each expires (ms, or
+-- inf): it forgets expired keys as it is written, and expires with its last key.
 -- then the number of history TTLs this call refreshes and as many pairs (key, TTL); then per
 -- entry with effects: entry id, dedup set (a KEYS index, 0 for none), event id, the event's
--- JSON, its shape's number, and per op its key (a KEYS index), for L followed by the version.
+-- JSON, its shape's number, and per op its key (a KEYS index) and, for L, its arguments.
 -- Returns {applied, duplicates, skipped, checkpoint, entry number, error, ...} with the entries
 -- it rejects (numbered from 1 among those with effects; left pending, for a dead letter), where
 -- checkpoint is 1 when written (or already further), 0 when none was asked, -1 when the
@@ -24,12 +33,15 @@
 --
 -- Nothing that can fail runs after an entry's XACK but its history appends, which are undone if
 -- they fail. Before the XACK, the entry's effects are judged the way Redis will judge them,
--- without writing anything: the type of every latest key (read with its stored version) and
+-- without writing anything: the type of every latest key (read with its stored version, or its
+-- member's), group and
 -- counter (once per key per call), a counter's value as `INCRBY` parses it and whether the call's
 -- increments overflow it (counter.lua), the dedup set's type. An entry that fails a check is
 -- rejected whole (nothing written, left pending for a dead letter naming the key and the reason).
--- After its XACK come its history appends, then, once per key after every entry, the gathered
--- counters, latest states and deletions, which cannot fail on keys of the checked types. An
+-- After its XACK come its deletions (invalidate, invalidate_groups: in stream order, so that a
+-- state written before a deletion in the same call is deleted, and one written after it stays)
+-- and its history appends, then, once per key after every entry, the gathered counters, latest
+-- states, TTLs and group entries, which cannot fail on keys of the checked types. An
 -- append can fail (a key of another type: its type is left to the append, as a TYPE per history
 -- key per call cost about as much as the append; or a stream whose last id is the largest
 -- possible one, with no id left for `XADD *`): the entry is then put back whole, its earlier
@@ -79,16 +91,39 @@ if plain > 0 then
   result[2] = plain - acked
 end
 
--- The shapes: per op its letter and constant; `width`, the arguments an entry has for them.
+-- A latest op's layout (its constant): offsets of its arguments from its key's.
+local PLAIN = {width = 2, vfield = 'version'}
+local function describe(c)
+  if c == '' then return PLAIN end
+  local nl = string.find(c, '\n', 1, true)
+  local flags = nl and string.sub(c, 1, nl - 1) or c
+  local d, w = {vfield = 'version'}, 2
+  if string.find(flags, 'f', 1, true) then
+    d.field, w = true, 4
+  elseif nl then
+    d.names, d.vfield = {}, '_version'
+    for name in string.gmatch(string.sub(c, nl + 1), '[^\n]+') do d.names[#d.names + 1] = name end
+    w = 2 + #d.names
+  end
+  if string.find(flags, 't', 1, true) then d.ttl, w = w, w + 1 end
+  if string.find(flags, 'g', 1, true) then d.group, w = w, w + 1 end
+  d.width = w
+  return d
+end
+
+-- The shapes: per op its letter, constant, width (its arguments) and, for L, its layout;
+-- `width`, the arguments an entry has for them.
 local i = 6 + plain
 local shapes = {}
 for n = 1, tonumber(ARGV[i]) do
   local letters = ARGV[i + 1]
   local shape = {width = 0, counts = 0, histories = 0}
   for o = 1, #letters do
-    local op = string.sub(letters, o, o)
-    shape[o] = {op, ARGV[i + 1 + o]}
-    shape.width = shape.width + (op == 'L' and 2 or 1)
+    local op, constant = string.sub(letters, o, o), ARGV[i + 1 + o]
+    local d = op == 'L' and describe(constant) or nil
+    local width = d and d.width or 1
+    shape[o] = {op, constant, width, d}
+    shape.width = shape.width + width
     if op == 'C' then shape.counts = shape.counts + 1 end
     if op == 'H' then shape.histories = shape.histories + 1 end
   end
@@ -115,7 +150,7 @@ end
 -- Key types as the writes will find them ('integer': a string INCRBY can add to), the values of
 -- other strings (for the reason given), what each counter can still take (counter.lua), and the
 -- versions stored under latest keys.
-local types, strings, room, stored = {}, {}, {}, {}
+local types, strings, room, stored, fstored = {}, {}, {}, {}, {}
 local function type_of(k)
   local t = types[k]
   if t then return t end
@@ -130,10 +165,20 @@ local function type_of(k)
   types[k] = t
   return t
 end
-local function latest_type(k)
-  local v = try('HGET', KEYS[k], 'version')
+local function latest_type(k, vfield)
+  local v = try('HGET', KEYS[k], vfield)
   if type(v) == 'table' and v.err then return type_of(k) end
   stored[k] = v
+  types[k] = 'hash'
+  return 'hash'
+end
+-- A member's stored version (read from its value), once per member: the key's type, as above.
+local function member_type(k, member)
+  local v = try('HGET', KEYS[k], member)
+  if type(v) == 'table' and v.err then return type_of(k) end
+  local fs = fstored[k]
+  if not fs then fs = {}; fstored[k] = fs end
+  fs[member] = v and string.match(v, '^{"_?version":"([^"]*)"') or false
   types[k] = 'hash'
   return 'hash'
 end
@@ -168,14 +213,21 @@ for d, ns in pairs(asked) do
   end
 end
 
-local WANT = {L = 'hash', C = 'integer', H = 'stream'}
-local NAME = {L = 'latest', C = 'count', H = 'history', I = 'invalidate'}
-local settled, counts, count_ttl, dels, appended, adds = {}, {}, {}, {}, {}, {}
--- Per latest key, the newest version of the call: its argument, and its entry's start.
-local latest, latest_entry = {}, {}
+local WANT = {L = 'hash', C = 'integer', H = 'stream', G = 'zset'}
+local NAME = {L = 'latest', C = 'count', H = 'history', I = 'invalidate', G = 'invalidate_groups'}
+local settled, counts, count_ttl, appended, adds = {}, {}, {}, {}, {}
+-- Per latest key, the newest version of the call: its op's position (its key's argument), its
+-- entry's start and its layout; per key with members, per member the op's position, and the
+-- layout at each such position.
+local latest, latest_entry, latest_desc, latest_f, desc_at = {}, {}, {}, {}, {}
 local function reject(n, why)
   result[#result + 1] = n
   result[#result + 1] = why
+end
+local function kind(t)
+  if t == 'integer' then return 'string' end
+  if t == 'zset' then return 'sorted set' end
+  return t
 end
 
 -- Why the entry starting at `s` cannot be applied, or nil and the types its new keys take (nil
@@ -185,16 +237,44 @@ local function check(s, shape, d)
     return KEYS[d] .. ' holds a ' .. type_of(d) .. ', not the dedup set'
   end
   local created
+  -- Whether key `k` can be a `want` for op `op`: the reason it cannot, else nil.
+  local function fits(k, op, want, t)
+    t = t or (created and created[k]) or types[k] or type_of(k)
+    if t == 'none' then
+      created = created or {}
+      created[k] = want
+    elseif t ~= want then
+      return KEYS[k] .. ' holds a ' .. kind(t) .. ', not a ' .. kind(want) .. ' (' .. NAME[op] .. ')'
+    end
+  end
   local j = s + 5
   for o = 1, #shape do
     local op, k = shape[o][1], tonumber(ARGV[j])
     local want = WANT[op]
-    if want then
+    if op == 'L' then
+      local l = shape[o][4]
+      local t = (created and created[k]) or types[k]
+      if l.field then
+        local fs = fstored[k]
+        if t ~= 'none' and not (fs and fs[ARGV[j + 2]] ~= nil) then t = member_type(k, ARGV[j + 2]) end
+      elseif not t then
+        t = latest_type(k, l.vfield)
+      end
+      local why = fits(k, op, want, t)
+      if why then return why end
+      if l.group then
+        why = fits(tonumber(ARGV[j + l.group]), 'G', 'zset')
+        if why then return (string.gsub(why, '%(invalidate_groups%)$', '(latest group)')) end
+      end
+    elseif op == 'G' then
+      local why = fits(k, op, want)
+      if why then return why end
+    elseif want then
       local t = (created and created[k]) or types[k]
       if not t then
         -- A history key's type is left to its append (a TYPE per key would cost about as much
         -- as the append): see the header.
-        if op == 'H' then t = 'none' elseif op == 'L' then t = latest_type(k) else t = type_of(k) end
+        if op == 'H' then t = 'none' else t = type_of(k) end
       end
       if t == 'none' then
         created = created or {}
@@ -205,7 +285,7 @@ local function check(s, shape, d)
           if #v > 40 then v = string.sub(v, 1, 40) .. '...' end
           return KEYS[k] .. " holds '" .. v .. "', which INCRBY refuses (not an integer) (count)"
         end
-        return KEYS[k] .. ' holds a ' .. (t == 'integer' and 'string' or t) .. ', not a '
+        return KEYS[k] .. ' holds a ' .. kind(t) .. ', not a '
           .. (want == 'integer' and 'counter' or want) .. ' (' .. NAME[op] .. ')'
       end
       if op == 'C' then
@@ -215,7 +295,7 @@ local function check(s, shape, d)
           local w = s + 5
           for p = 1, o - 1 do
             if shape[p][1] == 'C' and ARGV[w] == ARGV[j] then add = add + 1 end
-            w = w + (shape[p][1] == 'L' and 2 or 1)
+            w = w + shape[p][3]
           end
         end
         if (counts[k] or 0) + add > room[k] then
@@ -224,9 +304,47 @@ local function check(s, shape, d)
         end
       end
     end
-    j = j + (op == 'L' and 2 or 1)
+    j = j + shape[o][3]
   end
   return nil, created
+end
+
+-- A key deleted by this call: what the call gathered for it is dropped, and it is known empty.
+local function forget(k)
+  latest[k], latest_f[k], counts[k] = nil, nil, nil
+  stored[k], fstored[k], strings[k] = false, nil, nil
+  types[k], room[k] = 'none', HEADROOM_CAP
+end
+
+-- invalidate_groups: every key of group `g` deleted (those registered, and those this call was
+-- to register), and the group.
+local key_index
+local function drop_group(g)
+  local doomed = call('ZRANGE', KEYS[g], 0, -1)
+  for k, j in pairs(latest) do
+    local l = latest_desc[k]
+    if l.group and tonumber(ARGV[j + l.group]) == g then doomed[#doomed + 1] = KEYS[k] end
+  end
+  for k, members in pairs(latest_f) do
+    for _, j in pairs(members) do
+      local l = desc_at[j]
+      if l.group and tonumber(ARGV[j + l.group]) == g then
+        doomed[#doomed + 1] = KEYS[k]
+        break
+      end
+    end
+  end
+  if #doomed > 0 then must('DEL', {}, doomed) end
+  call('DEL', KEYS[g])
+  types[g] = 'none'
+  if not key_index then
+    key_index = {}
+    for x = 3, #KEYS do key_index[KEYS[x]] = x end
+  end
+  for _, name in ipairs(doomed) do
+    local x = key_index[name]
+    if x then forget(x) end
+  end
 end
 
 -- Its history appends; on a failure, what it appended is deleted: nil and the reason. (The
@@ -255,7 +373,7 @@ local function append(s, shape, id)
         undo[2 * done - 1], undo[2 * done] = k, r
       end
     end
-    j = j + (op == 'L' and 2 or 1)
+    j = j + shape[o][3]
   end
   return true
 end
@@ -289,22 +407,34 @@ for n, s in ipairs(starts) do
         for o = 1, #shape do
           local op, k = shape[o][1], tonumber(ARGV[j])
           if op == 'L' then
-            local c = latest[k]
-            if not c or ARGV[j + 1] > ARGV[c] or newer(ARGV[j + 1], ARGV[c]) then
-              latest[k], latest_entry[k] = j + 1, s
+            local l, v = shape[o][4], ARGV[j + 1]
+            if l.field then
+              local members = latest_f[k]
+              if not members then members = {}; latest_f[k] = members end
+              local m = ARGV[j + 2]
+              local c = members[m]
+              if not c or v > ARGV[c + 1] or newer(v, ARGV[c + 1]) then
+                members[m] = j
+                desc_at[j] = l
+              end
+            else
+              local c = latest[k]
+              if not c or v > ARGV[c + 1] or newer(v, ARGV[c + 1]) then
+                latest[k], latest_entry[k], latest_desc[k] = j, s, l
+              end
             end
-            j = j + 2
-          else
-            if op == 'I' then
-              dels[KEYS[k]] = true
-            elseif op == 'C' then
-              counts[k] = (counts[k] or 0) + 1
-              count_ttl[k] = tonumber(shape[o][2])
-            elseif op == 'H' then
-              appended[k] = true
-            end
-            j = j + 1
+          elseif op == 'I' then
+            call('DEL', KEYS[k])
+            forget(k)
+          elseif op == 'G' then
+            drop_group(k)
+          elseif op == 'C' then
+            counts[k] = (counts[k] or 0) + 1
+            count_ttl[k] = tonumber(shape[o][2])
+          elseif op == 'H' then
+            appended[k] = true
           end
+          j = j + shape[o][3]
         end
         if d > 0 then
           adds[d] = adds[d] or {}
@@ -316,16 +446,76 @@ for n, s in ipairs(starts) do
 end
 
 -- The gathered writes, once per key.
-local deleted = {}
-for key in pairs(dels) do deleted[#deleted + 1] = key end
-if #deleted > 0 then must('DEL', {}, deleted) end
-for k, at in pairs(latest) do
-  local was, version, s = stored[k], ARGV[at], latest_entry[k]
-  if dels[KEYS[k]] then was = false end
-  if not was or version > was or newer(version, was) then
-    call('HSET', KEYS[k], 'event', ARGV[s + 3], 'stream', stream, 'entry_id', ARGV[s],
-      'version', version)
+local now
+local function now_ms()
+  if not now then
+    local t = call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
+  return now
+end
+-- A latest key written by the op at `j`: its TTL, and its entry in its group (gathered).
+local joins = {}
+local function written(k, j, l)
+  local ttl
+  if l.ttl then
+    ttl = ARGV[j + l.ttl]
+    if ttl == '' then call('PERSIST', KEYS[k]) else call('EXPIRE', KEYS[k], ttl) end
+  end
+  if l.group then
+    local g = tonumber(ARGV[j + l.group])
+    local list = joins[g]
+    if not list then list = {}; joins[g] = list end
+    list[#list + 1] = (ttl and ttl ~= '') and (now_ms() + tonumber(ttl) * 1000) or 'inf'
+    list[#list + 1] = KEYS[k]
+  end
+end
+for k, j in pairs(latest) do
+  local was, version, s, l = stored[k], ARGV[j + 1], latest_entry[k], latest_desc[k]
+  if not was or version > was or newer(version, was) then
+    if l.names then
+      local set, gone = {}, {}
+      for x, name in ipairs(l.names) do
+        local v = ARGV[j + 1 + x]
+        if v == '' then
+          gone[#gone + 1] = name
+        else
+          set[#set + 1] = name
+          set[#set + 1] = string.sub(v, 2)
+        end
+      end
+      set[#set + 1] = '_version'
+      set[#set + 1] = version
+      call('HSET', KEYS[k], unpack(set))
+      if #gone > 0 then call('HDEL', KEYS[k], unpack(gone)) end
+    else
+      call('HSET', KEYS[k], 'event', ARGV[s + 3], 'stream', stream, 'entry_id', ARGV[s],
+        'version', version)
+    end
+    if l ~= PLAIN then written(k, j, l) end
+  end
+end
+for k, members in pairs(latest_f) do
+  local fs, set, last = fstored[k] or {}, {}, nil
+  for m, j in pairs(members) do
+    local was, version = fs[m], ARGV[j + 1]
+    if not was or version > was or newer(version, was) then
+      set[#set + 1] = m
+      set[#set + 1] = ARGV[j + 3]
+      if not last or j > last then last = j end
+    end
+  end
+  -- The key's TTL and group follow its last member written, in stream order.
+  if last then
+    must('HSET', {KEYS[k]}, set)
+    written(k, last, desc_at[last])
+  end
+end
+for g, list in pairs(joins) do
+  must('ZADD', {KEYS[g]}, list)
+  call('ZREMRANGEBYSCORE', KEYS[g], '-inf', '(' .. now_ms())
+  local last = call('ZRANGE', KEYS[g], -1, -1, 'WITHSCORES')[2]
+  if last == 'inf' then call('PERSIST', KEYS[g]) elseif last then call('PEXPIREAT', KEYS[g], last) end
 end
 for k, c in pairs(counts) do
   if call('INCRBY', KEYS[k], c) == c and count_ttl[k] > 0 then

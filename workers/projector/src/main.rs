@@ -4,6 +4,7 @@
 
 mod actions;
 mod plan;
+mod projection;
 mod sink;
 mod slots;
 

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actions::{Action, VersionBy};
+use crate::actions::{Action, Latest, VersionBy};
+use crate::projection;
 use streamfleet::event::template::{Scope, Template};
 use streamfleet::runtime::scripts::Lua;
 use streamfleet::{EntryId, Routed};
@@ -124,6 +125,77 @@ pub struct Settings<'a> {
     pub actions: &'a [Vec<Action>],
 }
 
+/// One effect of one event, rendered: its letter in the script, its key, the shape's constant,
+/// and the arguments after the key's index.
+struct Op<'a> {
+    letter: u8,
+    key: String,
+    constant: Constant<'a>,
+    args: Vec<Arg>,
+    /// A history stream's TTL to set with this call (0: none).
+    history_ttl: u64,
+}
+
+impl<'a> Op<'a> {
+    fn new(letter: u8, key: String, constant: Constant<'a>, args: Vec<Arg>) -> Self {
+        Op {
+            letter,
+            key,
+            constant,
+            args,
+            history_ttl: 0,
+        }
+    }
+}
+
+/// An argument of an op: text, or a key (sent as its `KEYS` index).
+enum Arg {
+    Text(String),
+    Key(String),
+}
+
+/// What an op's shape says once per call: a counter's TTL, a history's cap, or how a `latest`
+/// stores (`latest_descriptor`).
+enum Constant<'a> {
+    None,
+    Number(u64),
+    Latest(&'a Latest),
+}
+
+impl Constant<'_> {
+    fn render(&self) -> String {
+        match self {
+            Constant::None => "0".into(),
+            Constant::Number(n) => n.to_string(),
+            Constant::Latest(l) => latest_descriptor(l),
+        }
+    }
+}
+
+/// How a `latest` op's arguments are laid out, for the script (effects.lua's header): its flags
+/// (`f` a member and its value, `t` a TTL, `g` a group), then for a projection into the hash
+/// itself, one line per field; empty for the whole event (the layout of earlier releases).
+fn latest_descriptor(l: &Latest) -> String {
+    let mut d = String::new();
+    if l.field.is_some() {
+        d.push('f');
+    }
+    if l.ttl.is_some() {
+        d.push('t');
+    }
+    if l.group.is_some() {
+        d.push('g');
+    }
+    if let (None, Some(names)) = (&l.field, &l.fields) {
+        d.push('p');
+        for name in names {
+            d.push('\n');
+            d.push_str(name);
+        }
+    }
+    d
+}
+
 impl Call {
     pub fn new(stream: Arc<str>) -> Self {
         Call {
@@ -150,15 +222,13 @@ impl Call {
     }
 
     /// The number of the shape of `route`'s `ops` in this call (from 1), added on first use: the
-    /// ops' letters, then each op's constant (a counter's TTL, a history's cap, else 0).
-    fn shape(&mut self, route: usize, ops: &[(u8, String, [u64; 2], String)]) -> usize {
+    /// ops' letters, then each op's constant.
+    fn shape(&mut self, route: usize, ops: &[Op<'_>]) -> usize {
         let next = self.shape_of.len() + 1;
         *self.shape_of.entry(route).or_insert_with(|| {
-            self.shapes.push(ops.iter().map(|(op, ..)| *op).collect());
-            self.shapes.extend(ops.iter().map(|(op, _, [a, _], _)| {
-                let constant = if matches!(op, b'C' | b'H') { *a } else { 0 };
-                constant.to_string().into_bytes()
-            }));
+            self.shapes.push(ops.iter().map(|op| op.letter).collect());
+            self.shapes
+                .extend(ops.iter().map(|op| op.constant.render().into_bytes()));
             next
         })
     }
@@ -174,39 +244,84 @@ impl Call {
         let e = r.event;
         let mut scope = Scope::new(e, r.stream);
         let mut rendered = String::new();
-        let mut render = |t: &Template, scope: &mut Scope<'_>| -> Result<String, String> {
-            t.render(scope, &mut rendered).map_err(|e| e.to_string())?;
-            if settings.cluster {
-                if let Some(why) = crate::slots::misplaced(&rendered, r.stream) {
-                    return Err(why);
+        // A key (checked against the stream's slot on a cluster), or a value of the event.
+        let mut render =
+            |t: &Template, scope: &mut Scope<'_>, key: bool| -> Result<String, String> {
+                t.render(scope, &mut rendered).map_err(|e| e.to_string())?;
+                if key && settings.cluster {
+                    if let Some(why) = crate::slots::misplaced(&rendered, r.stream) {
+                        return Err(why);
+                    }
                 }
-            }
-            Ok(rendered.clone())
-        };
+                Ok(rendered.clone())
+            };
         // Rendered first, so that a failure leaves nothing behind.
-        let mut ops: Vec<(u8, String, [u64; 2], String)> =
-            Vec::with_capacity(settings.actions[r.route.index].len());
+        let mut ops: Vec<Op<'_>> = Vec::with_capacity(settings.actions[r.route.index].len());
         let mut dedup = false;
         for action in &settings.actions[r.route.index] {
             match action {
-                Action::Latest { key, version } => {
-                    let key = render(key, &mut scope)?;
-                    ops.push((b'L', key, [0, 0], version_of(*version, r)));
+                Action::Latest(l) => {
+                    let key = render(&l.key, &mut scope, true)?;
+                    let version = version_of(l.version, r);
+                    let mut args = Vec::with_capacity(4);
+                    let picked = match &l.fields {
+                        Some(names) => Some((names, projection::pick(&e.data, names)?)),
+                        None => None,
+                    };
+                    if let Some(field) = &l.field {
+                        args.push(Arg::Text(render(field, &mut scope, false)?));
+                        let fields = picked.as_ref().map(|(n, v)| (&n[..], &v[..]));
+                        args.push(Arg::Text(projection::member_value(r, &version, fields)));
+                    } else if let Some((_, values)) = &picked {
+                        // `=` and the value, or nothing for a field the event lacks (removed).
+                        args.extend(values.iter().map(|v| {
+                            Arg::Text(v.map_or_else(String::new, |raw| {
+                                format!("={}", projection::hash_value(raw))
+                            }))
+                        }));
+                    }
+                    if let Some(ttl) = &l.ttl {
+                        let value = ttl
+                            .by
+                            .as_ref()
+                            .and_then(|(by, _)| render(by, &mut scope, false).ok());
+                        let ttl_s = ttl.of(value.as_deref());
+                        args.push(Arg::Text(if ttl_s == 0 {
+                            String::new()
+                        } else {
+                            ttl_s.to_string()
+                        }));
+                    }
+                    if let Some(group) = &l.group {
+                        args.push(Arg::Key(render(group, &mut scope, true)?));
+                    }
+                    args.insert(0, Arg::Text(version));
+                    ops.push(Op::new(b'L', key, Constant::Latest(l), args));
                 }
                 Action::Invalidate { keys } => {
                     for key in keys {
-                        ops.push((b'I', render(key, &mut scope)?, [0, 0], String::new()));
+                        let key = render(key, &mut scope, true)?;
+                        ops.push(Op::new(b'I', key, Constant::None, Vec::new()));
+                    }
+                }
+                Action::InvalidateGroups { groups } => {
+                    for group in groups {
+                        let key = render(group, &mut scope, true)?;
+                        ops.push(Op::new(b'G', key, Constant::None, Vec::new()));
                     }
                 }
                 Action::Count { key, ttl_s } => {
                     dedup = true;
-                    ops.push((b'C', render(key, &mut scope)?, [*ttl_s, 0], String::new()));
+                    let key = render(key, &mut scope, true)?;
+                    ops.push(Op::new(b'C', key, Constant::Number(*ttl_s), Vec::new()));
                 }
                 Action::History { key, maxlen, ttl_s } => {
                     dedup = true;
-                    let key = render(key, &mut scope)?;
+                    let key = render(key, &mut scope, true)?;
                     let ttl = refreshes.ttl(&key, *ttl_s);
-                    ops.push((b'H', key, [*maxlen, ttl], String::new()));
+                    let mut op = Op::new(b'H', key, Constant::Number(*maxlen), Vec::new());
+                    op.history_ttl = ttl;
+                    ops.push(op);
                 }
             }
         }
@@ -237,15 +352,18 @@ impl Call {
         e.write_json(&mut json);
         self.args.push(json.into_bytes());
         self.args.push(shape.to_string().into_bytes());
-        for (op, key, [_, ttl], version) in ops {
-            let k = self.key(&key);
+        for op in ops {
+            let k = self.key(&op.key);
             self.args.push(k.to_string().into_bytes());
-            match op {
-                b'L' => self.args.push(version.into_bytes()),
-                b'H' if ttl > 0 => {
-                    self.expire.insert(k, ttl);
-                }
-                _ => {}
+            for arg in op.args {
+                let bytes = match arg {
+                    Arg::Text(text) => text.into_bytes(),
+                    Arg::Key(key) => self.key(&key).to_string().into_bytes(),
+                };
+                self.args.push(bytes);
+            }
+            if op.letter == b'H' && op.history_ttl > 0 {
+                self.expire.insert(k, op.history_ttl);
             }
         }
         self.sent.push(r.entry_id);

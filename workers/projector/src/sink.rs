@@ -81,6 +81,13 @@ const SCRIPT_COMMANDS: &[&[&str]] = &[
     &["XCLAIM", PROBE_KEY, "g", "c", "0", "0-1", "FORCE", "JUSTID"],
     &["DEL", PROBE_KEY],
     &["INCRBY", PROBE_KEY, "0"],
+    &["HDEL", PROBE_KEY, "f"],
+    &["PERSIST", PROBE_KEY],
+    &["TIME"],
+    &["ZADD", PROBE_KEY, "1", "m"],
+    &["ZRANGE", PROBE_KEY, "0", "-1"],
+    &["ZREMRANGEBYSCORE", PROBE_KEY, "-inf", "0"],
+    &["PEXPIREAT", PROBE_KEY, "1"],
 ];
 const PROBE_KEY: &str = "streamfleet:acl-probe";
 

@@ -38,12 +38,7 @@ pub fn check(config: &FileConfig, actions: &[Vec<Action>], streams: &[&str]) -> 
     for (_, route) in config.routes.iter() {
         let (i, pattern) = (route.index, &route.pattern);
         for (j, action) in actions[route.index].iter().enumerate() {
-            let templates: Vec<&Template> = match action {
-                Action::Latest { key, .. } | Action::Count { key, .. } => vec![key],
-                Action::History { key, .. } => vec![key],
-                Action::Invalidate { keys } => keys.iter().collect(),
-            };
-            for t in templates {
+            for t in action.key_templates() {
                 if let Some(why) = refusal(t, streams) {
                     return Err(format!(
                         "FLEET_CONFIG: route[{i}] ({pattern}).actions[{j}]: template \"{t}\": on a Redis Cluster every key a route writes must share its stream's hash slot (its effects and XACK are one script): {why}"
