@@ -54,12 +54,12 @@ fn event(kind: &str, flow: &str, second: u32, data: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_flow_expires_by_its_status_and_a_running_one_is_kept() {
     let stream = unique("cache-ttl:");
-    let cfg = config(&format!(
+    let cfg = config(
         r#"[[route]]
 pattern = "flow.*.progress"
-actions = [{{ latest = "{{stream}}:state:{{channel[1]}}", version = "time", ttl_s = 3600,
-  ttl_by = "{{data.status}}", ttl_s_for = {{ completed = 2, archived = 0 }} }}]"#
-    ));
+actions = [{ latest = "{stream}:state:{channel[1]}", version = "time", ttl_s = 3600,
+  ttl_by = "{data.status}", ttl_s_for = { completed = 2, archived = 0 } }]"#,
+    );
     let lines = vec![
         // done: running, then completed: 2 s.
         event("flow", "done", 1, json!({"status": "running"})),
@@ -128,15 +128,15 @@ async fn one_field_per_agent_keeps_each_agents_newest_step_out_of_order_through_
 ) {
     let stream = unique("cache-agents:");
     // Small batches: most comparisons are against versions already in Redis, not within a call.
-    let cfg = config(&format!(
+    let cfg = config(
         r#"batch_size = 7
 [[route]]
 pattern = "agent.*.progress"
 actions = [
-  {{ latest = "{{stream}}:agents:{{channel[1]}}", field = "{{data.agent_id}}", version = "time", ttl_s = 3600 }},
-  {{ latest = "{{stream}}:steps:{{channel[1]}}", field = "{{data.agent_id}}", version = "time", fields = ["step", "note"] }},
-]"#
-    ));
+  { latest = "{stream}:agents:{channel[1]}", field = "{data.agent_id}", version = "time", ttl_s = 3600 },
+  { latest = "{stream}:steps:{channel[1]}", field = "{data.agent_id}", version = "time", fields = ["step", "note"] },
+]"#,
+    );
     let (agents, steps) = (12, 40);
     let order = agent_steps(agents, steps);
     let lines: Vec<String> = order
@@ -237,14 +237,14 @@ actions = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projections_keep_the_fields_a_reader_needs_and_metadata_apart() {
     let stream = unique("cache-proj:");
-    let cfg = config(&format!(
+    let cfg = config(
         r#"[[route]]
 pattern = "flow.*.progress"
 actions = [
-  {{ latest = "{{stream}}:state:{{channel[1]}}", fields = ["status", "progress", "detail"], ttl_s = 3600 }},
-  {{ latest = "{{stream}}:meta:{{channel[1]}}", fields = ["owner", "title"], ttl_s = 86400 }},
-]"#
-    ));
+  { latest = "{stream}:state:{channel[1]}", fields = ["status", "progress", "detail"], ttl_s = 3600 },
+  { latest = "{stream}:meta:{channel[1]}", fields = ["owner", "title"], ttl_s = 86400 },
+]"#,
+    );
     let first = event(
         "flow",
         "f1",
@@ -330,19 +330,19 @@ actions = [
 async fn a_group_of_keys_is_deleted_together_in_stream_order_and_forgets_expired_keys() {
     let stream = unique("cache-group:");
     // One lane: a group's reset is ordered with other keys' writes only within a lane.
-    let cfg = config(&format!(
+    let cfg = config(
         r#"handler_concurrency = 1
 [[route]]
 pattern = "flow.*.progress"
-actions = [{{ latest = "{{stream}}:state:{{channel[1]}}", group = "{{stream}}:flows:{{data.tenant}}",
-  ttl_s = 3600, ttl_by = "{{data.status}}", ttl_s_for = {{ completed = 1, pinned = 0 }} }}]
+actions = [{ latest = "{stream}:state:{channel[1]}", group = "{stream}:flows:{data.tenant}",
+  ttl_s = 3600, ttl_by = "{data.status}", ttl_s_for = { completed = 1, pinned = 0 } }]
 [[route]]
 pattern = "tenant.*.reset"
-actions = [{{ invalidate_groups = ["{{stream}}:flows:{{channel[1]}}"] }}]
+actions = [{ invalidate_groups = ["{stream}:flows:{channel[1]}"] }]
 [[route]]
 pattern = "cache.*.drop"
-actions = [{{ invalidate = ["{{stream}}:state:{{channel[1]}}"] }}]"#
-    ));
+actions = [{ invalidate = ["{stream}:state:{channel[1]}"] }]"#,
+    );
     let reset = |tenant: &str| {
         json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "tenant.reset",
             "channel": format!("tenant.{tenant}.reset"), "source": "tests",
@@ -436,14 +436,14 @@ actions = [{{ invalidate = ["{{stream}}:state:{{channel[1]}}"] }}]"#
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_another_type_dead_letter_their_events_before_the_acknowledgement() {
     let stream = unique("cache-types:");
-    let cfg = config(&format!(
+    let cfg = config(
         r#"[[route]]
 pattern = "flow.*.progress"
-actions = [{{ latest = "{{stream}}:agents:{{channel[1]}}", field = "{{data.agent}}", group = "{{stream}}:g:{{data.tenant}}" }}]
+actions = [{ latest = "{stream}:agents:{channel[1]}", field = "{data.agent}", group = "{stream}:g:{data.tenant}" }]
 [[route]]
 pattern = "tenant.*.reset"
-actions = [{{ invalidate_groups = ["{{stream}}:g:{{channel[1]}}"] }}]"#
-    ));
+actions = [{ invalidate_groups = ["{stream}:g:{channel[1]}"] }]"#,
+    );
     let mut conn = redis().await;
     // A string where the agents' hash goes; a hash where a group goes.
     let _: () = redis::cmd("SET")
