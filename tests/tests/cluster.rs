@@ -114,7 +114,7 @@ async fn the_projector_keeps_its_state_in_its_streams_slots_and_refuses_a_route_
     let streams = streams_on_every_master(&mut conn, &prefix).await;
     // Keys `{tag}:<prefix>:…`: in their stream's slot, and this run's own.
     let actions = format!(
-        r#"{{ latest = "{{tag}}:{prefix}:state:{{channel[1]}}" }}, {{ count = "{{tag}}:{prefix}:count:{{channel[1]}}" }}, {{ history = "{{tag}}:{prefix}:history:{{channel[1]}}", maxlen = 100000 }}"#
+        r#"{{ latest = "{{tag}}:{prefix}:state:{{channel[1]}}" }}, {{ count = "{{tag}}:{prefix}:count:{{channel[1]}}" }}, {{ history = "{{tag}}:{prefix}:history:{{channel[1]}}", maxlen = 100000 }}, {{ latest = "{{tag}}:{prefix}:flows", field = "{{channel[1]}}", ttl_s = 600, group = "{{tag}}:{prefix}:group" }}"#
     );
     let mut worker = projector_on_cluster(&format!("{prefix}:*"), &actions)
         .start("projector")
@@ -155,8 +155,43 @@ async fn the_projector_keeps_its_state_in_its_streams_slots_and_refuses_a_route_
             total as usize, per_stream,
             "{stream}: every event counted once"
         );
+        // One field per flow in one hash, registered in its group, all in the stream's slot.
+        let flows: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("{tag}:{prefix}:flows"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(flows.len(), 7, "{stream}");
+        for (f, value) in &flows {
+            let value: serde_json::Value = serde_json::from_str(value).unwrap();
+            let f: usize = f[1..].parse().unwrap();
+            let last = (0..per_stream).rev().find(|i| i % 7 == f).unwrap();
+            assert_eq!(value["event"]["data"]["i"], last, "{stream} f{f}");
+        }
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{tag}:{prefix}:group"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(members, [format!("{tag}:{prefix}:flows")]);
     }
     worker.stop_cleanly().await;
+
+    // A group is a key too: one without the stream's tag is refused at start.
+    let (status, stderr) = projector_on_cluster(
+        &format!("{prefix}:*"),
+        r#"{ latest = "{tag}:s:{channel[1]}", group = "group:{channel[1]}" }"#,
+    )
+    .set("FLEET_HTTP_ADDR", &free_addr())
+    .run_to_end("projector")
+    .await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("template \"group:{channel[1]}\""),
+        "{stderr}"
+    );
 
     // A key without the stream's tag could land in any slot: refused at start, naming the route.
     let (status, stderr) = projector_on_cluster(
