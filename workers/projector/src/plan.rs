@@ -594,6 +594,88 @@ pattern = "user.#""#,
     }
 
     #[test]
+    fn a_latest_sends_its_layout_once_and_per_event_only_its_values() {
+        let c = FileConfig::parse(
+            r#"[[route]]
+pattern = "flow.*.progress"
+actions = [
+  { latest = "a:{channel[1]}", field = "{data.agent}", fields = ["step"], ttl_s = 60,
+    ttl_by = "{data.status}", ttl_s_for = { done = 5, keep = 0 }, group = "g:{data.tenant}" },
+  { latest = "m:{channel[1]}", fields = ["owner", "step"] },
+]"#,
+            "test",
+        )
+        .unwrap();
+        let (_, route) = c.routes.lookup("flow.a.progress").unwrap();
+        let actions = c.route_settings::<ProjectorRoute>("projector").unwrap();
+        let settings = Settings {
+            group: "g",
+            consumer: "c",
+            dedup_window_s: 300,
+            cluster: false,
+            actions: &actions,
+        };
+        let stream: Arc<str> = "s".into();
+        let refreshes = Refreshes::default();
+        let mut plan = refreshes.plan();
+        let mut call = Call::new(stream.clone());
+        let t = time::macros::datetime!(2026-11-26 12:00 UTC);
+        let events = [
+            event(t, r#"{"agent":"x","status":"done","tenant":"t","step":7}"#),
+            event(
+                t,
+                r#"{"agent":"y","status":"keep","tenant":"t","owner":"ana"}"#,
+            ),
+            event(t, r#"{"agent":"z","tenant":"t"}"#),
+        ];
+        for (seq, e) in events.iter().enumerate() {
+            let r = Routed {
+                event: e,
+                route,
+                stream: &stream,
+                entry_id: EntryId {
+                    ms: 1,
+                    seq: seq as u64,
+                },
+            };
+            call.add(&r, &settings, &mut plan).unwrap();
+        }
+        assert_eq!(call.shapes.len(), 3, "one shape: letters and two layouts");
+        assert_eq!(call.shapes[0], b"LL");
+        assert_eq!(call.shapes[1], b"ftg");
+        assert_eq!(call.shapes[2], b"p\nowner\nstep");
+        let args: Vec<String> = call
+            .args
+            .iter()
+            .map(|a| String::from_utf8(a.clone()).unwrap())
+            .collect();
+        // Per entry: id, dedup, event id, JSON, shape; then per op its key and values.
+        let ops = |n: usize| &args[n * 15 + 5..n * 15 + 15];
+        let first = ops(0);
+        assert_eq!(first[0], "3", "a:7f3c is KEYS[3]");
+        assert!(first[1].starts_with('e'));
+        assert_eq!(first[2], "x");
+        assert_eq!(
+            first[3],
+            format!(r#"{{"_version":"{}","step":7}}"#, first[1])
+        );
+        assert_eq!(first[4], "5", "done: 5 s");
+        assert_eq!(first[5], "4", "the group g:t is KEYS[4]");
+        // m:7f3c (KEYS[5]), its version, then `=` and each field, or nothing for one it lacks.
+        assert_eq!(
+            (first[6].as_str(), &first[8..]),
+            ("5", &["".to_owned(), "=7".to_owned()][..])
+        );
+        assert_eq!(call.keys, ["a:7f3c", "g:t", "m:7f3c"]);
+        let second = ops(1);
+        assert_eq!(second[4], "", "keep: 0, no TTL");
+        assert_eq!(&second[8..], ["=ana", ""]);
+        let third = ops(2);
+        assert_eq!(third[4], "60", "no status: ttl_s");
+        assert_eq!(third[3], format!(r#"{{"_version":"{}"}}"#, third[1]));
+    }
+
+    #[test]
     fn history_ttls_are_refreshed_at_most_every_ttl_24th() {
         let mut refreshes = Refreshes::default();
         let mut plan = refreshes.plan();
