@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 
-# The v1 contract's required fields (README, "Publishing events"); `data` and the optional
+# The v1 contract's required fields (docs/src/events.md); `data` and the optional
 # fields vary by shape.
 SOURCE = "accounts-api"
 TIME = "2026-11-24T10:00:00.123456Z"
