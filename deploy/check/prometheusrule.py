@@ -18,6 +18,6 @@ rule = {
     "spec": {"groups": groups},
 }
 header = ("# Generated from deploy/prometheus/rules.yml by deploy/check/prometheusrule.py: edit that file,\n"
-          "# then run this script (scripts/test fails while the two differ). Runbooks: deploy/README.md.\n")
+          "# then run this script (scripts/test fails while the two differ). Runbooks: docs/src/runbooks.md.\n")
 with open(os.path.join(ROOT, "deploy", "kustomize", "base", "prometheusrule.yaml"), "w") as f:
     f.write(header + yaml.safe_dump(rule, sort_keys=False, width=100))

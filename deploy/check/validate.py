@@ -116,7 +116,7 @@ GATEWAY_REGISTRY = "streamfleet:gateways"
 NGINX = "nginx.ingress.kubernetes.io/"
 # The notifier's channel for a route without `publish` (workers/notifier/src/sink.rs).
 DEFAULT_CHANNEL = "fleet:{channel}"
-# A FLEET_CONFIG without any [[route]] routes this (README: "The configuration file").
+# A FLEET_CONFIG without any [[route]] routes this (docs/src/configuration.md).
 DEFAULT_ROUTES = [{"pattern": "user.#", "strict": True}]
 # What a worker keeps beside each stream it reads (shared/src/stream/keys.rs): `<stream><suffix>`;
 # `:dedup:` is followed by the group and a bucket (the projector's dedup window).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measures what a stream of v1 events costs Redis, per entry: the figures docs/capacity.md
+"""Measures what a stream of v1 events costs Redis, per entry: the figures docs/src/capacity.md
 plans Redis memory with. Starts its own throwaway redis-server (no persistence, loopback, a free
 port, a temporary directory) and never touches another server.
 
@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 
-# The v1 contract's required fields (README, "Publishing events"); `data` and the optional
+# The v1 contract's required fields (docs/src/events.md); `data` and the optional
 # fields vary by shape.
 SOURCE = "accounts-api"
 TIME = "2026-11-24T10:00:00.123456Z"
@@ -214,7 +214,7 @@ def main():
         print(f"dead letters (data ~250 B): {r.call('MEMORY', 'USAGE', dlq, 'SAMPLES', '0') / n:.0f} "
               f"bytes/entry (MEMORY USAGE), {(r.used_memory() - before) / n:.0f} (used_memory)")
 
-        # The projector's keys, for events with ~250 B of data (docs/performance.md measured them
+        # The projector's keys, for events with ~250 B of data (docs/src/performance.md measured them
         # for the benchmark's): a history entry (`event` = the v1 JSON, `stream`, `entry_id`), a
         # `latest` state hash (the same and `version`), a dedup set's member (an event id, its 16
         # bytes: workers/projector/src/plan.rs).

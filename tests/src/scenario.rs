@@ -85,7 +85,7 @@ pub async fn install_poison_trigger(pool: &PgPool) {
 }
 
 /// Waits (at most 30 s) until the group's checkpoint of `stream` is its last entry: an idle
-/// worker writes it within milliseconds of its last acknowledgement (README: Checkpoints).
+/// worker writes it within milliseconds of its last acknowledgement (docs/src/semantics.md, "Checkpoints").
 pub async fn wait_checkpointed<C: ConnectionLike + Clone + Send + Sync>(
     conn: &C,
     pool: &PgPool,

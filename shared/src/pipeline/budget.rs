@@ -44,7 +44,7 @@ const UNKNOWN_RETRY: Duration = Duration::from_millis(250);
 /// `b`, `floor((now + b*T - max(tat, now)) / T)` units are free. A rule's channels are fields of
 /// one hash, read with one HMGET and written with one HSET per call: a key per channel cost
 /// redis-server a SET and, when it expired, a DEL, each propagated to the AOF (~5 µs of its CPU
-/// per channel asked; docs/performance.md). A channel's field is useless once its bucket is full
+/// per channel asked; docs/src/performance.md). A channel's field is useless once its bucket is full
 /// again (`tat <= now`): each call sweeps on (HSCAN, from the cursor kept in the `#sweep` field,
 /// which no channel can be named) over as many fields as it wrote (16 at least), and deletes those, so the hash
 /// holds about the channels recently busy; the hash itself expires when every bucket is full. A

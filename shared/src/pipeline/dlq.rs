@@ -167,7 +167,7 @@ mod tests {
             }
         }
         // Untagged (or an empty tag: the whole name is hashed), the dead letter stream may land in
-        // another slot: on Redis Cluster stream names must carry a tag (README).
+        // another slot: on Redis Cluster stream names must carry a tag (docs/src/redis-cluster.md).
         assert_ne!(
             Slot::for_key("orders:events"),
             Slot::for_key(dlq_stream("orders:events"))

@@ -8,7 +8,7 @@
 //! Copies of one event (a producer's retry) carry its key, so the first copy is applied first and
 //! the later ones are duplicates. Only a redelivered entry (held after failures, reclaimed from a
 //! consumer that died, or tried alone past `max_deliveries`) can be applied after later events of
-//! its key, as a Kafka consumer's retry topic does: see the README.
+//! its key, as a Kafka consumer's retry topic does: see docs/src/semantics.md.
 
 use std::hash::{Hash, Hasher};
 

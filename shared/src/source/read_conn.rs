@@ -2,7 +2,7 @@
 //! XAUTOCLAIM), whose replies are large (a batch), and decodes each reply where it landed: the reply is read into
 //! one buffer, parsed into spans of it (`reply`), and the entries share
 //! that buffer. redis-rs instead builds a `Value` tree with a heap buffer per field, which cost the
-//! persister about half of its CPU (perf, docs/performance.md).
+//! persister about half of its CPU (perf, docs/src/performance.md).
 //!
 //! The connection opens lazily and is dropped on any I/O, timeout or protocol failure; the next
 //! query reconnects (the pipeline backs off between attempts). It speaks RESP2, authenticates

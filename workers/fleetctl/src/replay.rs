@@ -1,7 +1,7 @@
 //! `fleetctl replay`: move a consumer group back (`XGROUP SETID`) to its checkpoint, an entry id
 //! or a time, so that the entries after it are delivered to the group again. Effects are
 //! idempotent (the persister's rows, the projector's `XACK`-gated effects, within their documented
-//! limits), so a replay re-applies nothing already applied, except what the README says (the
+//! limits), so a replay re-applies nothing already applied, except what docs/src/semantics.md says (the
 //! projector's counters and history beyond the dedup window, the notifier's messages).
 //!
 //! Like `kafka-consumer-groups --reset-offsets`, it refuses while consumers of the group are

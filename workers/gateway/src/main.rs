@@ -44,7 +44,7 @@ struct Cli {
 fn main() -> ExitCode {
     // Ten thousand connections each hold buffers mostly untouched: backed by transparent huge
     // pages, the allocator's memory turns resident 2 MiB at a time (305 MiB of RSS for 10 000
-    // streams, 197 MiB without; docs/performance.md).
+    // streams, 197 MiB without; docs/src/performance.md).
     // SAFETY: PR_SET_THP_DISABLE only changes this process's huge page policy.
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);

@@ -36,7 +36,7 @@ struct Cli {
 
 /// One runtime thread: the persister needs ~2.3 µs of CPU per event (a core would allow
 /// ~400 000 events/s, more than one redis-server serves), and on a small machine shared with
-/// both servers, a second thread only added cross-thread wake-ups (A/B in docs/performance.md).
+/// both servers, a second thread only added cross-thread wake-ups (A/B in docs/src/performance.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli: Cli = cli::parse(NAME);

@@ -33,7 +33,7 @@ pub struct Call {
     /// each sent once, so that an entry carries only its keys and versions: every argument costs
     /// redis-server time to parse and to turn into a Lua string (9 arguments per entry of the
     /// bench instead of 15: 1.0–1.5 µs of its CPU per event less in a micro-benchmark, ~3 % on
-    /// the drain, inside its noise; docs/performance.md).
+    /// the drain, inside its noise; docs/src/performance.md).
     shapes: Vec<Vec<u8>>,
     /// The shape number of each route (by its index).
     shape_of: HashMap<usize, usize>,
