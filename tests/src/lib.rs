@@ -604,6 +604,23 @@ pub fn entry_id_key(id: &str) -> (u64, u64) {
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
+/// Moves `group` of `stream` to `id` (`XGROUP SETID`: what `fleetctl replay` does).
+pub async fn move_group<C: ConnectionLike + Send>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    id: &str,
+) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(stream)
+        .arg(group)
+        .arg(id)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// Makes `consumer` of `group` (created from the start of `stream`) read `count` entries and never
 /// acknowledge them: what a consumer that crashed after reading leaves behind.
 pub async fn abandon_entries<C: ConnectionLike + Send>(

@@ -300,14 +300,7 @@ async fn a_replay_within_the_dedup_window_applies_nothing_again_and_without_it_c
         let state = hgetall(&mut conn, &format!("{stream}:state:f1")).await;
         worker.stop_cleanly().await;
         // The group moved back to the start (what `fleetctl replay` does).
-        let _: () = redis::cmd("XGROUP")
-            .arg("SETID")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg("0")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        move_group(&mut conn, &stream, GROUP, "0").await;
         let mut worker = projector(&stream, &cfg).start("projector").await;
         wait_settled(&conn, &stream, GROUP).await;
         assert_eq!(

@@ -218,14 +218,7 @@ actions = [
         hgetall(&mut conn, &agents_key).await,
         hgetall(&mut conn, &steps_key).await,
     );
-    let _: () = redis::cmd("XGROUP")
-        .arg("SETID")
-        .arg(&stream)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    move_group(&mut conn, &stream, GROUP, "0").await;
     let mut worker = env.start("projector").await;
     wait_settled(&conn, &stream, GROUP).await;
     assert_eq!(hgetall(&mut conn, &agents_key).await, after.0);

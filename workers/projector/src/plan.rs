@@ -462,6 +462,16 @@ pattern = "user.#""#,
         .unwrap()
     }
 
+    fn settings(actions: &[Vec<crate::actions::Action>]) -> Settings<'_> {
+        Settings {
+            group: "g",
+            consumer: "c",
+            dedup_window_s: 300,
+            cluster: false,
+            actions,
+        }
+    }
+
     #[test]
     fn versions_order_as_their_mode_says() {
         let c = config();
@@ -550,13 +560,7 @@ pattern = "user.#""#,
         let (_, plain) = c.routes.lookup("user.1").unwrap();
         let stream: Arc<str> = "s".into();
         let actions = c.route_settings::<ProjectorRoute>("projector").unwrap();
-        let settings = Settings {
-            group: "g",
-            consumer: "c",
-            dedup_window_s: 300,
-            cluster: false,
-            actions: &actions,
-        };
+        let settings = settings(&actions);
         let refreshes = Refreshes::default();
         let mut plan = refreshes.plan();
         let mut call = Call::new(stream.clone());
@@ -608,13 +612,7 @@ actions = [
         .unwrap();
         let (_, route) = c.routes.lookup("flow.a.progress").unwrap();
         let actions = c.route_settings::<ProjectorRoute>("projector").unwrap();
-        let settings = Settings {
-            group: "g",
-            consumer: "c",
-            dedup_window_s: 300,
-            cluster: false,
-            actions: &actions,
-        };
+        let settings = settings(&actions);
         let stream: Arc<str> = "s".into();
         let refreshes = Refreshes::default();
         let mut plan = refreshes.plan();
