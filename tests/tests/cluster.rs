@@ -179,6 +179,38 @@ async fn the_projector_keeps_its_state_in_its_streams_slots_and_refuses_a_route_
     }
     worker.stop_cleanly().await;
 
+    // A group's reset on a cluster: the script deletes keys it reads from the group (in its slot).
+    let reset = config(&format!(
+        "[[route]]\npattern = \"reset.#\"\nactions = [{{ invalidate_groups = [\"{{tag}}:{prefix}:group\"] }}]"
+    ));
+    let mut worker = on_cluster(&format!("{prefix}:*"), "")
+        .unset("FLEET_DATABASE_URL")
+        .set("FLEET_CONFIG", &reset)
+        .start("projector")
+        .await;
+    let line = json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "reset",
+        "channel": "reset.all", "source": "tests", "time": "2026-12-07T12:00:00Z", "data": {}})
+    .to_string();
+    for stream in &streams {
+        publish_lines_to(&cluster_url(), stream, std::slice::from_ref(&line)).await;
+    }
+    for stream in &streams {
+        wait_settled(&conn, stream, "projector").await;
+        let tag = &stream[stream.find('{').unwrap()..];
+        for key in [
+            format!("{tag}:{prefix}:flows"),
+            format!("{tag}:{prefix}:group"),
+        ] {
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(exists, 0, "{key}");
+        }
+    }
+    worker.stop_cleanly().await;
+
     // A group is a key too: one without the stream's tag is refused at start.
     let (status, stderr) = projector_on_cluster(
         &format!("{prefix}:*"),
