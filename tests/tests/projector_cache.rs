@@ -241,7 +241,7 @@ async fn projections_keep_the_fields_a_reader_needs_and_metadata_apart() {
 pattern = "flow.*.progress"
 actions = [
   { latest = "{stream}:state:{channel[1]}", fields = ["status", "progress", "detail"], ttl_s = 3600 },
-  { latest = "{stream}:meta:{channel[1]}", fields = ["owner", "title"], ttl_s = 86400 },
+  { latest = "{stream}:meta:{channel[1]}", fields = ["owner", "title", "detail.step"], ttl_s = 86400 },
 ]"#,
     );
     let first = event(
@@ -288,7 +288,9 @@ actions = [
     let meta = hgetall(&mut conn, &meta_key).await;
     assert_eq!(meta["owner"], "ana");
     assert_eq!(meta["title"], "Quarterly \"report\"");
-    assert_eq!(meta.len(), 3);
+    // A dotted name reaches into `data` as templates do.
+    assert_eq!(meta["detail.step"], r#"[1,"two"]"#);
+    assert_eq!(meta.len(), 4);
     assert!(ttl(&mut conn, &meta_key).await > 86_000);
     assert!(ttl(&mut conn, &state_key).await <= 3600);
     // What a projection saves: the 2 kB field the reader does not need is not stored.
@@ -548,6 +550,10 @@ async fn bad_cache_settings_exit_2_with_one_line_naming_the_setting() {
         (
             r#"{ latest = "s", fields = ["a", "a"] }"#,
             "names \"a\" twice",
+        ),
+        (
+            r#"{ latest = "s", fields = ["a..b"] }"#,
+            "empty field name (or path segment)",
         ),
         (
             r#"{ count = "c", group = "g" }"#,

@@ -252,8 +252,8 @@ impl RawAction {
     }
 }
 
-/// A projection's `data` fields, checked: named, once each, none that is the version's field,
-/// and no newline (the script receives them one per line).
+/// A projection's `data` fields (dotted for nested objects), checked: named, once each, none
+/// that is the version's field, and no newline (the script receives them one per line).
 fn projection(fields: Vec<String>, name: &dyn Fn(&str) -> String) -> Result<Vec<String>, String> {
     if fields.is_empty() {
         return Err(format!(
@@ -263,9 +263,9 @@ fn projection(fields: Vec<String>, name: &dyn Fn(&str) -> String) -> Result<Vec<
     }
     let mut seen = std::collections::HashSet::new();
     for f in &fields {
-        if f.is_empty() || f.contains(['\n', '\r']) {
+        if f.split('.').any(str::is_empty) || f.contains(['\n', '\r']) {
             return Err(format!(
-                "{} has an empty field name or one with a line break",
+                "{} has an empty field name (or path segment) or one with a line break: {f:?}",
                 name("fields")
             ));
         }

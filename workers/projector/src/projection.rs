@@ -1,6 +1,6 @@
 //! What a `latest` stores of an event: the values the script writes, rendered here once per event
-//! so that the script only compares versions and writes. A projection keeps the named top-level
-//! `data` fields byte for byte as the producer wrote them (picked from the raw JSON: no number is
+//! so that the script only compares versions and writes. A projection keeps the named `data`
+//! fields byte for byte as the producer wrote them (picked from the raw JSON: no number is
 //! re-formatted, nothing else of `data` is built).
 
 use std::fmt::Write;
@@ -11,8 +11,35 @@ use streamfleet::Routed;
 
 use crate::actions::PROJECTED_VERSION_FIELD;
 
-/// The raw JSON of each of `names` in the object `data`, in their order (`None`: absent).
+/// The raw JSON of each of `names` in the object `data`, in their order (`None`: absent). A
+/// dotted name is a path into nested objects, as in templates (`progress.percent`).
 pub fn pick<'d>(data: &'d str, names: &[String]) -> Result<Vec<Option<&'d RawValue>>, String> {
+    if !names.iter().any(|n| n.contains('.')) {
+        return pick_top(data, names);
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let mut value: Option<&'d RawValue> = None;
+        let mut within = data;
+        for (i, segment) in name.split('.').enumerate() {
+            if i > 0 {
+                match value {
+                    Some(raw) if raw.get().starts_with('{') => within = raw.get(),
+                    _ => {
+                        value = None;
+                        break;
+                    }
+                }
+            }
+            value = pick_top(within, std::slice::from_ref(&segment.to_owned()))?[0];
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// `pick` of top-level names only: one pass over `data`.
+fn pick_top<'d>(data: &'d str, names: &[String]) -> Result<Vec<Option<&'d RawValue>>, String> {
     let mut de = serde_json::Deserializer::from_str(data);
     Pick(names)
         .deserialize(&mut de)
@@ -139,5 +166,16 @@ mod tests {
         assert_eq!(hash_value(picked[0].unwrap()), "done\n");
         assert_eq!(hash_value(picked[1].unwrap()), "1e3");
         assert!(pick("[1]", &names).is_err());
+        // Dotted names reach into nested objects; a path through a non-object is absent.
+        let nested: Vec<String> = ["progress.percent", "a.b.c", "status.x", "gone.y"]
+            .map(String::from)
+            .to_vec();
+        let data = r#"{"progress":{"percent":40.50,"eta":3},"a":{"b":{"c":"deep"}},"status":"s"}"#;
+        let raw: Vec<Option<&str>> = pick(data, &nested)
+            .unwrap()
+            .iter()
+            .map(|v| v.map(RawValue::get))
+            .collect();
+        assert_eq!(raw, [Some("40.50"), Some(r#""deep""#), None, None]);
     }
 }
