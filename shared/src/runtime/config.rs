@@ -153,7 +153,7 @@ impl Route {
 pub const WORKER_ROUTE_FIELDS: &[(&str, &[&str])] = &[
     ("projector", &["actions"]),
     ("notifier", &["publish", "sharded"]),
-    ("gateway", &["publish", "sharded", "gateway"]),
+    ("gateway", &["publish", "sharded", "gateway", "actions"]),
 ];
 
 /// A worker's own settings of a `[[route]]`, read from the route's fields other than `pattern`,

@@ -17,6 +17,10 @@ pub struct GatewayRoute {
     #[serde(default)]
     sharded: bool,
     gateway: Option<ResumeFrom>,
+    /// The projector's actions, read only to see that a `latest` the gateway resets from is a
+    /// whole-event one (the projector checks them).
+    #[serde(default)]
+    actions: Vec<serde_json::Value>,
 }
 
 /// `gateway = { history = "…", latest = "…" }`.
@@ -67,6 +71,20 @@ impl RouteSettings for GatewayRoute {
                         t.as_str()
                     ));
                 }
+            }
+        }
+        if let Some(latest) = &resume.latest {
+            let stores_part = self.actions.iter().position(|a| {
+                a.get("latest").and_then(|l| l.as_str()) == Some(latest.as_str())
+                    && (a.get("field").is_some() || a.get("fields").is_some())
+            });
+            if let Some(j) = stores_part {
+                return Err(format!(
+                    "{}: {:?} is written by {} with `field` or `fields`, which keep no whole event: a reset sends the latest event, so name a latest without them",
+                    route.name("gateway.latest"),
+                    latest.as_str(),
+                    route.name(&format!("actions[{j}]"))
+                ));
             }
         }
         Ok(Served {
@@ -226,6 +244,20 @@ publish = "orders:{channel[1]}"
             err("[[route]]\npattern = \"a\"\nsharded = true\ngateway = { latest = \"s\" }")
                 .contains("SPUBLISH")
         );
+        // A latest that keeps a member or a projection has no event for a reset.
+        for action in [
+            r#"{ latest = "s:{channel[1]}", field = "{data.agent}" }"#,
+            r#"{ latest = "s:{channel[1]}", fields = ["status"] }"#,
+        ] {
+            let toml = format!(
+                "[[route]]\npattern = \"a.*\"\nactions = [{{ count = \"c\" }}, {action}]\ngateway = {{ latest = \"s:{{channel[1]}}\" }}"
+            );
+            assert!(
+                err(&toml).contains("route[0] (a.*).gateway.latest: \"s:{channel[1]}\" is written by route[0] (a.*).actions[1] with `field` or `fields`"),
+                "{}",
+                err(&toml)
+            );
+        }
         // A sharded route without a gateway table is served with no live events, not refused.
         let r = routes("[[route]]\npattern = \"a\"\nsharded = true").unwrap();
         assert_eq!(r.sharded().count(), 1);
