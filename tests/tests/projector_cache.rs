@@ -574,3 +574,68 @@ async fn bad_cache_settings_exit_2_with_one_line_naming_the_setting() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_someone_else_filled_with_any_score_never_fails_the_call_after_its_acknowledgements(
+) {
+    let stream = unique("cache-foreign:");
+    let cfg = config(
+        r#"[[route]]
+pattern = "flow.*.progress"
+actions = [{ latest = "{stream}:state:{channel[1]}", ttl_s = 60, group = "{stream}:g:{data.tenant}" }]
+[[route]]
+pattern = "tenant.*.reset"
+actions = [{ invalidate_groups = ["{stream}:g:{channel[1]}"] }]"#,
+    );
+    let mut conn = redis().await;
+    // Sorted sets the projector did not write: a score past any expiry Redis takes, one with a
+    // fraction, and a name that is no key of ours.
+    for (tenant, score, member) in [
+        ("huge", "1e300", "foreign"),
+        ("frac", "4000000000000.5", "foreign"),
+    ] {
+        let _: () = redis::cmd("ZADD")
+            .arg(format!("{stream}:g:{tenant}"))
+            .arg(score)
+            .arg(member)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let reset = json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "tenant.reset",
+        "channel": "tenant.frac.reset", "source": "tests", "time": "2026-11-26T12:00:00Z",
+        "data": {}})
+    .to_string();
+    let lines = vec![
+        event("flow", "a", 1, json!({"tenant": "huge"})),
+        event("flow", "b", 1, json!({"tenant": "frac"})),
+    ];
+    publish_lines(&stream, &lines).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    wait_settled(&conn, &stream, GROUP).await;
+    let key = |f: &str| format!("{stream}:state:{f}");
+    assert_eq!(
+        group_members(&mut conn, &format!("{stream}:g:huge")).await,
+        [key("a"), "foreign".to_owned()]
+    );
+    // The group expires with its last entry, taken as an integer; one out of range is left alone.
+    assert_eq!(pttl(&mut conn, &format!("{stream}:g:huge")).await, -1);
+    let frac: i64 = redis::cmd("PEXPIRETIME")
+        .arg(format!("{stream}:g:frac"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(frac, 4_000_000_000_000);
+    // Its reset deletes what it can and the group, and the call goes on.
+    publish_lines(
+        &stream,
+        &[reset, event("flow", "c", 2, json!({"tenant": "huge"}))],
+    )
+    .await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert!(!exists(&mut conn, &key("b")).await);
+    assert!(!exists(&mut conn, &format!("{stream}:g:frac")).await);
+    assert!(exists(&mut conn, &key("c")).await);
+    assert!(dead_letters(&mut conn, &stream).await.is_empty());
+    worker.stop_cleanly().await;
+}

@@ -149,8 +149,9 @@ end
 
 -- Key types as the writes will find them ('integer': a string INCRBY can add to), the values of
 -- other strings (for the reason given), what each counter can still take (counter.lua), and the
--- versions stored under latest keys.
-local types, strings, room, stored, fstored = {}, {}, {}, {}, {}
+-- versions stored under latest keys (per key, per hash field: `version`, `_version` or a member;
+-- false for none).
+local types, strings, room, stored = {}, {}, {}, {}
 local function type_of(k)
   local t = types[k]
   if t then return t end
@@ -165,20 +166,15 @@ local function type_of(k)
   types[k] = t
   return t
 end
-local function latest_type(k, vfield)
-  local v = try('HGET', KEYS[k], vfield)
+-- The version stored under hash field `f` of latest key `k` (a member's: its value's first
+-- property), read once per field; returns the key's type (an HGET refused: another type).
+local function latest_type(k, f, member)
+  local v = try('HGET', KEYS[k], f)
   if type(v) == 'table' and v.err then return type_of(k) end
-  stored[k] = v
-  types[k] = 'hash'
-  return 'hash'
-end
--- A member's stored version (read from its value), once per member: the key's type, as above.
-local function member_type(k, member)
-  local v = try('HGET', KEYS[k], member)
-  if type(v) == 'table' and v.err then return type_of(k) end
-  local fs = fstored[k]
-  if not fs then fs = {}; fstored[k] = fs end
-  fs[member] = v and string.match(v, '^{"_?version":"([^"]*)"') or false
+  if v and member then v = string.match(v, '^{"_?version":"([^"]*)"') or false end
+  local versions = stored[k]
+  if not versions then versions = {}; stored[k] = versions end
+  versions[f] = v
   types[k] = 'hash'
   return 'hash'
 end
@@ -254,12 +250,8 @@ local function check(s, shape, d)
     if op == 'L' then
       local l = shape[o][4]
       local t = (created and created[k]) or types[k]
-      if l.field then
-        local fs = fstored[k]
-        if t ~= 'none' and not (fs and fs[ARGV[j + 2]] ~= nil) then t = member_type(k, ARGV[j + 2]) end
-      elseif not t then
-        t = latest_type(k, l.vfield)
-      end
+      local f, versions = l.field and ARGV[j + 2] or l.vfield, stored[k]
+      if t ~= 'none' and not (versions and versions[f] ~= nil) then t = latest_type(k, f, l.field) end
       local why = fits(k, op, want, t)
       if why then return why end
       if l.group then
@@ -312,7 +304,7 @@ end
 -- A key deleted by this call: what the call gathered for it is dropped, and it is known empty.
 local function forget(k)
   latest[k], latest_f[k], counts[k] = nil, nil, nil
-  stored[k], fstored[k], strings[k] = false, nil, nil
+  stored[k], strings[k] = nil, nil
   types[k], room[k] = 'none', HEADROOM_CAP
 end
 
@@ -334,7 +326,9 @@ local function drop_group(g)
       end
     end
   end
-  if #doomed > 0 then must('DEL', {}, doomed) end
+  -- Tolerant: on a cluster a name that is not in the group's slot (not one a projector
+  -- registered: a sorted set someone else filled) is refused, and nothing may fail after the XACK.
+  if #doomed > 0 then chunked('DEL', {}, doomed, 1, #doomed) end
   call('DEL', KEYS[g])
   types[g] = 'none'
   if not key_index then
@@ -471,7 +465,8 @@ local function written(k, j, l)
   end
 end
 for k, j in pairs(latest) do
-  local was, version, s, l = stored[k], ARGV[j + 1], latest_entry[k], latest_desc[k]
+  local version, s, l = ARGV[j + 1], latest_entry[k], latest_desc[k]
+  local was = stored[k] and stored[k][l.vfield]
   if not was or version > was or newer(version, was) then
     if l.names then
       local set, gone = {}, {}
@@ -496,9 +491,9 @@ for k, j in pairs(latest) do
   end
 end
 for k, members in pairs(latest_f) do
-  local fs, set, last = fstored[k] or {}, {}, nil
+  local versions, set, last = stored[k] or {}, {}, nil
   for m, j in pairs(members) do
-    local was, version = fs[m], ARGV[j + 1]
+    local was, version = versions[m], ARGV[j + 1]
     if not was or version > was or newer(version, was) then
       set[#set + 1] = m
       set[#set + 1] = ARGV[j + 3]
@@ -514,8 +509,15 @@ end
 for g, list in pairs(joins) do
   must('ZADD', {KEYS[g]}, list)
   call('ZREMRANGEBYSCORE', KEYS[g], '-inf', '(' .. now_ms())
+  -- Its last key's expiry, as an integer: a sorted set someone else filled may hold any score,
+  -- and nothing may fail here, after the acknowledgements.
   local last = call('ZRANGE', KEYS[g], -1, -1, 'WITHSCORES')[2]
-  if last == 'inf' then call('PERSIST', KEYS[g]) elseif last then call('PEXPIREAT', KEYS[g], last) end
+  if last == 'inf' then
+    call('PERSIST', KEYS[g])
+  elseif last then
+    local at = math.floor(tonumber(last) or 0)
+    if at > 0 and at < 1e15 then call('PEXPIREAT', KEYS[g], string.format('%.0f', at)) end
+  end
 end
 for k, c in pairs(counts) do
   if call('INCRBY', KEYS[k], c) == c and count_ttl[k] > 0 then
