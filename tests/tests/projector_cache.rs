@@ -116,6 +116,19 @@ actions = [{ latest = "{stream}:state:{channel[1]}", version = "time", ttl_s = 3
     worker.stop_cleanly().await;
 }
 
+/// A `tenant.<tenant>.reset` event with no data (what a group's reset is routed by).
+fn reset(tenant: &str) -> String {
+    control("tenant", tenant, "reset")
+}
+
+/// A `<kind>.<name>.<action>` event of type `<kind>.<action>` with no data.
+fn control(kind: &str, name: &str, action: &str) -> String {
+    json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": format!("{kind}.{action}"),
+        "channel": format!("{kind}.{name}.{action}"), "source": "tests",
+        "time": "2026-11-26T12:00:00Z", "data": {}})
+    .to_string()
+}
+
 /// Agents' steps (agent, step, second), in an order where later entries often carry older times.
 fn agent_steps(agents: usize, steps: u32) -> Vec<(usize, u32, u32)> {
     let mut all: Vec<(usize, u32, u32)> = (0..agents)
@@ -344,18 +357,7 @@ actions = [{ invalidate_groups = ["{stream}:flows:{channel[1]}"] }]
 pattern = "cache.*.drop"
 actions = [{ invalidate = ["{stream}:state:{channel[1]}"] }]"#,
     );
-    let reset = |tenant: &str| {
-        json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "tenant.reset",
-            "channel": format!("tenant.{tenant}.reset"), "source": "tests",
-            "time": "2026-11-26T12:00:00Z", "data": {}})
-        .to_string()
-    };
-    let drop = |flow: &str| {
-        json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "cache.drop",
-            "channel": format!("cache.{flow}.drop"), "source": "tests",
-            "time": "2026-11-26T12:00:00Z", "data": {}})
-        .to_string()
-    };
+    let drop = |flow: &str| control("cache", flow, "drop");
     let flow = |name: &str, tenant: &str, status: &str| {
         event("flow", name, 1, json!({"tenant": tenant, "status": status}))
     };
@@ -460,16 +462,12 @@ actions = [{ invalidate_groups = ["{stream}:g:{channel[1]}"] }]"#,
         .query_async(&mut conn)
         .await
         .unwrap();
-    let reset = json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "tenant.reset",
-        "channel": "tenant.hashed.reset", "source": "tests", "time": "2026-11-26T12:00:00Z",
-        "data": {}})
-    .to_string();
     let lines = vec![
         event("flow", "bad", 1, json!({"agent": "a", "tenant": "t"})),
         event("flow", "ok", 1, json!({"agent": "a", "tenant": "hashed"})),
         event("flow", "ok", 2, json!({"agent": "b", "tenant": "t"})),
         event("flow", "ok", 3, json!({"tenant": "t"})),
-        reset,
+        reset("hashed"),
     ];
     publish_lines(&stream, &lines).await;
     let mut worker = projector(&stream, &cfg).start("projector").await;
@@ -602,10 +600,6 @@ actions = [{ invalidate_groups = ["{stream}:g:{channel[1]}"] }]"#,
             .await
             .unwrap();
     }
-    let reset = json!({"v": 1, "id": Uuid::now_v7().to_string(), "type": "tenant.reset",
-        "channel": "tenant.frac.reset", "source": "tests", "time": "2026-11-26T12:00:00Z",
-        "data": {}})
-    .to_string();
     let lines = vec![
         event("flow", "a", 1, json!({"tenant": "huge"})),
         event("flow", "b", 1, json!({"tenant": "frac"})),
@@ -629,7 +623,10 @@ actions = [{ invalidate_groups = ["{stream}:g:{channel[1]}"] }]"#,
     // Its reset deletes what it can and the group, and the call goes on.
     publish_lines(
         &stream,
-        &[reset, event("flow", "c", 2, json!({"tenant": "huge"}))],
+        &[
+            reset("frac"),
+            event("flow", "c", 2, json!({"tenant": "huge"})),
+        ],
     )
     .await;
     wait_settled(&conn, &stream, GROUP).await;
