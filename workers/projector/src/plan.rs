@@ -263,23 +263,27 @@ impl Call {
                 Action::Latest(l) => {
                     let key = render(&l.key, &mut scope, true)?;
                     let version = version_of(l.version, r);
-                    let mut args = Vec::with_capacity(4);
                     let picked = match &l.fields {
-                        Some(names) => Some((names, projection::pick(&e.data, names)?)),
+                        Some(names) => Some(projection::pick(&e.data, names)?),
                         None => None,
                     };
+                    // A member and its value (which carries the version), else the projected
+                    // fields: `=` and the value, or nothing for one the event lacks (removed).
+                    let mut values = Vec::with_capacity(2);
                     if let Some(field) = &l.field {
-                        args.push(Arg::Text(render(field, &mut scope, false)?));
-                        let fields = picked.as_ref().map(|(n, v)| (&n[..], &v[..]));
-                        args.push(Arg::Text(projection::member_value(r, &version, fields)));
-                    } else if let Some((_, values)) = &picked {
-                        // `=` and the value, or nothing for a field the event lacks (removed).
-                        args.extend(values.iter().map(|v| {
-                            Arg::Text(v.map_or_else(String::new, |raw| {
+                        values.push(render(field, &mut scope, false)?);
+                        let fields = l.fields.as_deref().zip(picked.as_deref());
+                        values.push(projection::member_value(r, &version, fields));
+                    } else if let Some(picked) = &picked {
+                        values.extend(picked.iter().map(|v| {
+                            v.map_or_else(String::new, |raw| {
                                 format!("={}", projection::hash_value(raw))
-                            }))
+                            })
                         }));
                     }
+                    let mut args = Vec::with_capacity(values.len() + 3);
+                    args.push(Arg::Text(version));
+                    args.extend(values.into_iter().map(Arg::Text));
                     if let Some(ttl) = &l.ttl {
                         let value = ttl
                             .by
@@ -295,7 +299,6 @@ impl Call {
                     if let Some(group) = &l.group {
                         args.push(Arg::Key(render(group, &mut scope, true)?));
                     }
-                    args.insert(0, Arg::Text(version));
                     ops.push(Op::new(b'L', key, Constant::Latest(l), args));
                 }
                 Action::Invalidate { keys } => {

@@ -31,7 +31,7 @@ pub fn pick<'d>(data: &'d str, names: &[String]) -> Result<Vec<Option<&'d RawVal
                     }
                 }
             }
-            value = pick_top(within, std::slice::from_ref(&segment.to_owned()))?[0];
+            value = pick_top(within, &[segment])?[0];
         }
         out.push(value);
     }
@@ -39,7 +39,10 @@ pub fn pick<'d>(data: &'d str, names: &[String]) -> Result<Vec<Option<&'d RawVal
 }
 
 /// `pick` of top-level names only: one pass over `data`.
-fn pick_top<'d>(data: &'d str, names: &[String]) -> Result<Vec<Option<&'d RawValue>>, String> {
+fn pick_top<'d, S: AsRef<str>>(
+    data: &'d str,
+    names: &[S],
+) -> Result<Vec<Option<&'d RawValue>>, String> {
     let mut de = serde_json::Deserializer::from_str(data);
     Pick(names)
         .deserialize(&mut de)
@@ -95,9 +98,9 @@ fn push_json_string(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).expect("a string serializes"));
 }
 
-struct Pick<'n>(&'n [String]);
+struct Pick<'n, S>(&'n [S]);
 
-impl<'de> DeserializeSeed<'de> for Pick<'_> {
+impl<'de, S: AsRef<str>> DeserializeSeed<'de> for Pick<'_, S> {
     type Value = Vec<Option<&'de RawValue>>;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -105,7 +108,7 @@ impl<'de> DeserializeSeed<'de> for Pick<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Pick<'_> {
+impl<'de, S: AsRef<str>> Visitor<'de> for Pick<'_, S> {
     type Value = Vec<Option<&'de RawValue>>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -127,9 +130,9 @@ impl<'de> Visitor<'de> for Pick<'_> {
 }
 
 /// A key of `data`, as the index of the name it is among those picked.
-struct NameIndex<'n>(&'n [String]);
+struct NameIndex<'n, S>(&'n [S]);
 
-impl<'de> DeserializeSeed<'de> for NameIndex<'_> {
+impl<'de, S: AsRef<str>> DeserializeSeed<'de> for NameIndex<'_, S> {
     type Value = Option<usize>;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
@@ -137,7 +140,7 @@ impl<'de> DeserializeSeed<'de> for NameIndex<'_> {
     }
 }
 
-impl Visitor<'_> for NameIndex<'_> {
+impl<S: AsRef<str>> Visitor<'_> for NameIndex<'_, S> {
     type Value = Option<usize>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -145,7 +148,7 @@ impl Visitor<'_> for NameIndex<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.0.iter().position(|n| n == v))
+        Ok(self.0.iter().position(|n| n.as_ref() == v))
     }
 }
 
