@@ -636,3 +636,46 @@ actions = [{ invalidate_groups = ["{stream}:g:{channel[1]}"] }]"#,
     assert!(dead_letters(&mut conn, &stream).await.is_empty());
     worker.stop_cleanly().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_deleted_then_written_as_another_type_in_one_batch_applies_in_stream_order() {
+    let stream = unique("cache-order:");
+    // One lane, one batch: a key registered in the group, the group deleted as a plain key, then
+    // counted under the group's name. In stream order the group is gone and the counter is 1;
+    // registering the key after the deletion would make the INCRBY fail after the XACKs.
+    let cfg = config(
+        r#"handler_concurrency = 1
+[[route]]
+pattern = "flow.*.progress"
+actions = [{ latest = "{stream}:state:{channel[1]}", group = "{stream}:{data.group}" }]
+[[route]]
+pattern = "cache.*.drop"
+actions = [{ invalidate = ["{stream}:{channel[1]}"] }]
+[[route]]
+pattern = "tally.*.add"
+actions = [{ count = "{stream}:{channel[1]}" }]"#,
+    );
+    // One key for the three: one part of one lane, so one script call (after the first read,
+    // which takes one entry to learn their size: a warm-up event).
+    let lines: Vec<String> = [
+        event("flow", "warm-up", 0, json!({"group": "w"})),
+        event("flow", "a", 1, json!({"group": "g"})),
+        control("cache", "g", "drop"),
+        control("tally", "g", "add"),
+    ]
+    .iter()
+    .map(|line| {
+        let mut e: Value = serde_json::from_str(line).unwrap();
+        e["key"] = json!("one");
+        e.to_string()
+    })
+    .collect();
+    publish_lines(&stream, &lines).await;
+    let mut worker = projector(&stream, &cfg).start("projector").await;
+    let mut conn = redis().await;
+    wait_settled(&conn, &stream, GROUP).await;
+    assert_eq!(get_int(&mut conn, &format!("{stream}:g")).await, 1);
+    assert!(exists(&mut conn, &format!("{stream}:state:a")).await);
+    assert!(dead_letters(&mut conn, &stream).await.is_empty());
+    worker.stop_cleanly().await;
+}

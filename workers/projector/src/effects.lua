@@ -302,7 +302,10 @@ local function check(s, shape, d)
 end
 
 -- A key deleted by this call: what the call gathered for it is dropped, and it is known empty.
-local function forget(k)
+-- `at` is the deleting op's position: a group deleted there keeps no key written before it.
+local gone_at = {}
+local function forget(k, at)
+  gone_at[k] = at
   latest[k], latest_f[k], counts[k] = nil, nil, nil
   stored[k], strings[k] = nil, nil
   types[k], room[k] = 'none', HEADROOM_CAP
@@ -311,7 +314,7 @@ end
 -- invalidate_groups: every key of group `g` deleted (those registered, and those this call was
 -- to register), and the group.
 local key_index
-local function drop_group(g)
+local function drop_group(g, at)
   local doomed = call('ZRANGE', KEYS[g], 0, -1)
   for k, j in pairs(latest) do
     local l = latest_desc[k]
@@ -337,7 +340,7 @@ local function drop_group(g)
   end
   for _, name in ipairs(doomed) do
     local x = key_index[name]
-    if x then forget(x) end
+    if x then forget(x, at) end
   end
 end
 
@@ -419,9 +422,9 @@ for n, s in ipairs(starts) do
             end
           elseif op == 'I' then
             call('DEL', KEYS[k])
-            forget(k)
+            forget(k, j)
           elseif op == 'G' then
-            drop_group(k)
+            drop_group(k, j)
           elseif op == 'C' then
             counts[k] = (counts[k] or 0) + 1
             count_ttl[k] = tonumber(shape[o][2])
@@ -456,8 +459,8 @@ local function written(k, j, l)
     ttl = ARGV[j + l.ttl]
     if ttl == '' then call('PERSIST', KEYS[k]) else call('EXPIRE', KEYS[k], ttl) end
   end
-  if l.group then
-    local g = tonumber(ARGV[j + l.group])
+  local g = l.group and tonumber(ARGV[j + l.group])
+  if g and not (gone_at[g] and gone_at[g] > j) then
     local list = joins[g]
     if not list then list = {}; joins[g] = list end
     list[#list + 1] = (ttl and ttl ~= '') and (now_ms() + tonumber(ttl) * 1000) or 'inf'
