@@ -149,9 +149,9 @@ end
 
 -- Key types as the writes will find them ('integer': a string INCRBY can add to), the values of
 -- other strings (for the reason given), what each counter can still take (counter.lua), and the
--- versions stored under latest keys (per key, per hash field: `version`, `_version` or a member;
--- false for none).
-local types, strings, room, stored = {}, {}, {}, {}
+-- versions stored under latest keys (false for none): a whole state's per key, members' per key
+-- and member (no table per key for the usual whole state: one per key per call cost the drain).
+local types, strings, room, stored, stored_members = {}, {}, {}, {}, {}
 local function type_of(k)
   local t = types[k]
   if t then return t end
@@ -167,14 +167,17 @@ local function type_of(k)
   return t
 end
 -- The version stored under hash field `f` of latest key `k` (a member's: its value's first
--- property), read once per field; returns the key's type (an HGET refused: another type).
+-- property), read once; returns the key's type (an HGET refused: another type).
 local function latest_type(k, f, member)
   local v = try('HGET', KEYS[k], f)
   if type(v) == 'table' and v.err then return type_of(k) end
-  if v and member then v = string.match(v, '^{"_?version":"([^"]*)"') or false end
-  local versions = stored[k]
-  if not versions then versions = {}; stored[k] = versions end
-  versions[f] = v
+  if member then
+    local versions = stored_members[k]
+    if not versions then versions = {}; stored_members[k] = versions end
+    versions[f] = v and string.match(v, '^{"_?version":"([^"]*)"') or false
+  else
+    stored[k] = v
+  end
   types[k] = 'hash'
   return 'hash'
 end
@@ -228,21 +231,24 @@ end
 
 -- Why the entry starting at `s` cannot be applied, or nil and the types its new keys take (nil
 -- when it creates none). Writes nothing.
+-- Whether key `k` (of type `t` when known) can be a `want` for op `op`: the reason it cannot, or
+-- nil and `created` (the types the entry's new keys take, a table made on first need).
+local function fits(k, op, want, t, created)
+  t = t or (created and created[k]) or types[k] or type_of(k)
+  if t == 'none' then
+    created = created or {}
+    created[k] = want
+  elseif t ~= want then
+    return KEYS[k] .. ' holds a ' .. kind(t) .. ', not a ' .. kind(want) .. ' (' .. NAME[op] .. ')'
+  end
+  return nil, created
+end
+
 local function check(s, shape, d)
   if d > 0 and types[d] ~= 'set' then
     return KEYS[d] .. ' holds a ' .. type_of(d) .. ', not the dedup set'
   end
-  local created
-  -- Whether key `k` can be a `want` for op `op`: the reason it cannot, else nil.
-  local function fits(k, op, want, t)
-    t = t or (created and created[k]) or types[k] or type_of(k)
-    if t == 'none' then
-      created = created or {}
-      created[k] = want
-    elseif t ~= want then
-      return KEYS[k] .. ' holds a ' .. kind(t) .. ', not a ' .. kind(want) .. ' (' .. NAME[op] .. ')'
-    end
-  end
+  local created, why
   local j = s + 5
   for o = 1, #shape do
     local op, k = shape[o][1], tonumber(ARGV[j])
@@ -250,16 +256,22 @@ local function check(s, shape, d)
     if op == 'L' then
       local l = shape[o][4]
       local t = (created and created[k]) or types[k]
-      local f, versions = l.field and ARGV[j + 2] or l.vfield, stored[k]
-      if t ~= 'none' and not (versions and versions[f] ~= nil) then t = latest_type(k, f, l.field) end
-      local why = fits(k, op, want, t)
+      if t ~= 'none' then
+        if l.field then
+          local versions = stored_members[k]
+          if not (versions and versions[ARGV[j + 2]] ~= nil) then t = latest_type(k, ARGV[j + 2], true) end
+        elseif stored[k] == nil then
+          t = latest_type(k, l.vfield, false)
+        end
+      end
+      why, created = fits(k, op, want, t, created)
       if why then return why end
       if l.group then
-        why = fits(tonumber(ARGV[j + l.group]), 'G', 'zset')
+        why, created = fits(tonumber(ARGV[j + l.group]), 'G', 'zset', nil, created)
         if why then return (string.gsub(why, '%(invalidate_groups%)$', '(latest group)')) end
       end
     elseif op == 'G' then
-      local why = fits(k, op, want)
+      why, created = fits(k, op, want, nil, created)
       if why then return why end
     elseif want then
       local t = (created and created[k]) or types[k]
@@ -307,7 +319,7 @@ local gone_at = {}
 local function forget(k, at)
   gone_at[k] = at
   latest[k], latest_f[k], counts[k] = nil, nil, nil
-  stored[k], strings[k] = nil, nil
+  stored[k], stored_members[k], strings[k] = false, nil, nil
   types[k], room[k] = 'none', HEADROOM_CAP
 end
 
@@ -469,7 +481,7 @@ local function written(k, j, l)
 end
 for k, j in pairs(latest) do
   local version, s, l = ARGV[j + 1], latest_entry[k], latest_desc[k]
-  local was = stored[k] and stored[k][l.vfield]
+  local was = stored[k]
   if not was or version > was or newer(version, was) then
     if l.names then
       local set, gone = {}, {}
@@ -494,7 +506,7 @@ for k, j in pairs(latest) do
   end
 end
 for k, members in pairs(latest_f) do
-  local versions, set, last = stored[k] or {}, {}, nil
+  local versions, set, last = stored_members[k] or {}, {}, nil
   for m, j in pairs(members) do
     local was, version = versions[m], ARGV[j + 1]
     if not was or version > was or newer(version, was) then

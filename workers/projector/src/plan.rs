@@ -269,21 +269,26 @@ impl Call {
                     };
                     // A member and its value (which carries the version), else the projected
                     // fields: `=` and the value, or nothing for one the event lacks (removed).
-                    let mut values = Vec::with_capacity(2);
-                    if let Some(field) = &l.field {
-                        values.push(render(field, &mut scope, false)?);
-                        let fields = l.fields.as_deref().zip(picked.as_deref());
-                        values.push(projection::member_value(r, &version, fields));
+                    let member = match &l.field {
+                        Some(field) => {
+                            let fields = l.fields.as_deref().zip(picked.as_deref());
+                            let value = projection::member_value(r, &version, fields);
+                            Some((render(field, &mut scope, false)?, value))
+                        }
+                        None => None,
+                    };
+                    let mut args = Vec::with_capacity(4 + picked.as_ref().map_or(0, Vec::len));
+                    args.push(Arg::Text(version));
+                    if let Some((member, value)) = member {
+                        args.push(Arg::Text(member));
+                        args.push(Arg::Text(value));
                     } else if let Some(picked) = &picked {
-                        values.extend(picked.iter().map(|v| {
-                            v.map_or_else(String::new, |raw| {
+                        args.extend(picked.iter().map(|v| {
+                            Arg::Text(v.map_or_else(String::new, |raw| {
                                 format!("={}", projection::hash_value(raw))
-                            })
+                            }))
                         }));
                     }
-                    let mut args = Vec::with_capacity(values.len() + 3);
-                    args.push(Arg::Text(version));
-                    args.extend(values.into_iter().map(Arg::Text));
                     if let Some(ttl) = &l.ttl {
                         let value = ttl
                             .by
